@@ -1,0 +1,261 @@
+"""The ChemGPT training task: SELFIES corpus -> ChemGPT -> next-token loss in nats per token.
+
+`chemscale.train` calls `build(config, ...)` for runs with `"task": "chemgpt"`. A run config
+has three sections, each a dataclass validated on load: `model` (`LMModelConfig`), `data`
+(`LMDataConfig`) and `train` (`chemscale.train.TrainConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from chemscale import chemgpt, corpus, molecules, runs
+from chemscale.config import atomic_write_bytes, atomic_write_json, atomic_write_text, from_dict, require
+from chemscale.tokenizer import PAD_ID
+
+ATTENTION_LAYERS = ("global", "local", "global_local")
+
+
+@dataclass
+class LMModelConfig:
+    """ChemGPT shape; the vocabulary size comes from the corpus."""
+
+    width: int = 64  # embedding width d_model
+    depth: int = 2  # transformer blocks
+    n_heads: int = 0  # attention heads; 0 = chemgpt.preset_heads(width)
+    n_positions: int = 128  # longest sequence incl. [BOS]/[EOS]; longer molecules are dropped and counted
+    attention_layers: str = "global"  # global, local or global_local (GPT-Neo alternation)
+    window_size: int = 256  # local attention window (GPT-Neo default)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for key in ("width", "depth", "n_positions", "window_size"):
+            require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        require(self.n_heads >= 0, "n_heads", "must be >= 0 (0 = preset)")
+        require(self.attention_layers in ATTENTION_LAYERS, "attention_layers", f"must be one of {ATTENTION_LAYERS}")
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class LMDataConfig:
+    """Which molecules a run trains and validates on."""
+
+    source: str = "moses"  # 'moses' or a path to a PubChem CID-SMILES, .smi/.txt or .csv(.gz) file
+    n_train_molecules: int = 1000  # nested subsets: the first n of a fixed permutation
+    n_val_molecules: int = 1000  # fixed validation subset (MOSES: its test split)
+
+    def __post_init__(self):
+        require(self.n_train_molecules > 0, "n_train_molecules", "must be > 0")
+        require(self.n_val_molecules > 0, "n_val_molecules", "must be > 0")
+
+
+class Task:
+    """What the runner needs from a task: module, loaders, and end-of-run summaries."""
+
+    def __init__(self, module, train_loader, val_loader, train_corpus, data_cfg: LMDataConfig, dropped: int):
+        self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
+        self.train_corpus, self.data_cfg, self.dropped_too_long = train_corpus, data_cfg, dropped
+
+    def summary(self, book, train_seconds: float) -> dict:
+        m = self.module
+        return {
+            "best_val_loss_nats_per_token": book.best_val if math.isfinite(book.best_val) else None,
+            "n_params": m.model.n_params(non_embedding=False),
+            "n_params_non_embedding": m.model.n_params(non_embedding=True),
+            "flops_per_token": m.flops_per_token,
+            "n_train_molecules": len(self.train_corpus),
+            "dropped_too_long": self.dropped_too_long,
+            "vocab_size": m.model.config.vocab_size,
+            "tokens_seen": m.tokens_seen,
+            "tokens_at_best": m.tokens_at_best,
+            "flops_at_best": m.flops_per_token * m.tokens_at_best,
+            "flops_total": m.flops_per_token * m.tokens_seen,
+            "train_tokens_per_s": m.tokens_this_process / max(train_seconds, 1e-9),
+        }
+
+    def finish(self, run_dir: Path) -> dict:
+        return {}
+
+
+class ChemGPTModule(pl.LightningModule):
+    """Next-token cross-entropy (nats per token, padding masked) on SELFIES token ids."""
+
+    def __init__(self, model: chemgpt.ChemGPT, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                 seed: int):
+        super().__init__()
+        self.model, self.lr, self.weight_decay = model, lr, weight_decay
+        self.warmup_steps, self.max_steps, self.seed = warmup_steps, max_steps, seed
+        self.flops_per_token = model.flops_per_token()
+        self.tokens_seen = 0  # all ranks, restored from checkpoints
+        self.tokens_at_best = 0
+        self.tokens_this_process = 0
+        self._tokens = torch.zeros((), dtype=torch.long)  # this step's non-pad targets, kept on device
+        self.last_loss = torch.zeros(())
+        self.extra_val: dict = {}
+        self._val_sum = self._val_count = None
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        _, loss = self.model(inputs, targets)
+        # Counting tokens with .item() would sync the GPU every step; sum on device, read at validation.
+        self._tokens = self._tokens.to(batch.device) + (targets != PAD_ID).sum()
+        self.last_loss = loss.detach()
+        return loss
+
+    def _take_tokens(self) -> None:
+        n = self._tokens.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+        self.tokens_seen += int(n)
+        self.tokens_this_process += int(n)
+        self._tokens.zero_()
+
+    def on_validation_epoch_start(self):
+        self._take_tokens()
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        _, loss = self.model(inputs, targets)
+        count = (targets != PAD_ID).sum()
+        self._val_sum += loss.double() * count
+        self._val_count += count
+
+    def on_validation_epoch_end(self):
+        totals = torch.stack([self._val_sum, self._val_count])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        self.log("val_loss", (totals[0] / totals[1]).float(), prog_bar=True)
+
+    def on_new_best(self, run_dir: Path) -> None:
+        self.tokens_at_best = self.tokens_seen
+        if self.trainer.is_global_zero:
+            import io
+
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            atomic_write_bytes(run_dir / "best.pt", buf.getvalue())
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["chemscale"] = {"tokens_seen": self.tokens_seen, "tokens_at_best": self.tokens_at_best}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("chemscale", {})
+        self.tokens_seen, self.tokens_at_best = state.get("tokens_seen", 0), state.get("tokens_at_best", 0)
+
+    def configure_optimizers(self):
+        from chemscale.train import lr_lambda
+
+        opt = self.model.configure_optimizer(lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.warmup_steps, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _Molecules(torch.utils.data.Dataset):
+    """Token ids of the molecules at `index` of a TokenCorpus (the ones that fit the context)."""
+
+    def __init__(self, tokens: corpus.TokenCorpus, index: np.ndarray):
+        self.tokens, self.index = tokens, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.tokens[int(self.index[i])]
+
+
+def _fitting(tokens: corpus.TokenCorpus, n_positions: int) -> np.ndarray:
+    """Indices of molecules whose [BOS] ids [EOS] fits in n_positions."""
+    lengths = np.diff(np.asarray(tokens.offsets)) + 2
+    return np.flatnonzero(lengths <= n_positions)
+
+
+def make_model(model_cfg: LMModelConfig, vocab_size: int) -> chemgpt.ChemGPT:
+    """ChemGPT of the configured shape (heads from the preset when n_heads is 0)."""
+    fields = asdict(model_cfg)
+    fields["n_heads"] = fields["n_heads"] or chemgpt.preset_heads(model_cfg.width)
+    return chemgpt.ChemGPT(chemgpt.ChemGPTConfig(vocab_size=vocab_size, **fields))
+
+
+def load_data(data_cfg: LMDataConfig, seed: int, progress: bool = False):
+    """Training and validation corpora (validation mapped onto the training vocabulary)."""
+    train = corpus.load(data_cfg.source, "train", data_cfg.n_train_molecules, seed=seed, progress=progress)
+    val = corpus.load(data_cfg.source, "val", data_cfg.n_val_molecules, seed=seed, tokenizer=train.tokenizer,
+                      progress=progress)
+    return train, val
+
+
+def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
+    """Build the ChemGPT task of a run config (sections `model`, `data`)."""
+    model_cfg = from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
+    data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
+    seed = int(config.get("seed", 0))
+    train_corpus, val_corpus = load_data(data_cfg, seed=0)  # data seed fixed: nested subsets across seeds
+    train_idx = _fitting(train_corpus, model_cfg.n_positions)
+    val_idx = _fitting(val_corpus, model_cfg.n_positions)
+    model = make_model(model_cfg, len(train_corpus.tokenizer))
+    module = ChemGPTModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, seed)
+    gen = torch.Generator().manual_seed(seed)
+    train_loader = torch.utils.data.DataLoader(
+        _Molecules(train_corpus, train_idx), batch_size=tcfg.batch_size, shuffle=True, drop_last=True,
+        collate_fn=corpus.pad_batch, generator=gen,
+    )
+    if len(train_loader) == 0:  # fewer molecules than a batch: one short batch per epoch
+        train_loader = torch.utils.data.DataLoader(_Molecules(train_corpus, train_idx), batch_size=tcfg.batch_size,
+                                                   shuffle=True, collate_fn=corpus.pad_batch, generator=gen)
+    val_loader = torch.utils.data.DataLoader(_Molecules(val_corpus, val_idx), batch_size=max(256, tcfg.batch_size),
+                                             collate_fn=corpus.pad_batch)
+    dropped = (len(train_corpus) - len(train_idx)) + (len(val_corpus) - len(val_idx))
+    return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped)
+
+
+def validate(config: dict, source: str) -> None:
+    """Check the `model` and `data` sections of a ChemGPT run config."""
+    from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
+    from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
+
+
+def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]:
+    """The best-validation ChemGPT of a finished run, with its training corpus (for the tokenizer)."""
+    run_dir = Path(run_dir)
+    config = runs.read_config(run_dir)
+    source = str(run_dir / runs.CONFIG)
+    model_cfg = from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
+    data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
+    train_corpus = corpus.load(data_cfg.source, "train", data_cfg.n_train_molecules, seed=0, progress=False)
+    model = make_model(model_cfg, len(train_corpus.tokenizer))
+    best = run_dir / "best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"{best}: the run has no best weights (did it finish?)")
+    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    return model.eval(), train_corpus
+
+
+def generation_quality(run_dir: str | Path, n_samples: int = 1000, seed: int = 0) -> dict:
+    """Validity, uniqueness and novelty of `n_samples` molecules sampled from a run's best model.
+
+    Cached in the run folder (`samples_<n>_<seed>.smi` and `.json`), so re-running a notebook
+    samples nothing twice.
+    """
+    run_dir = Path(run_dir)
+    cached = run_dir / f"samples_{n_samples}_{seed}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    model, train_corpus = load_best(run_dir)
+    with torch.no_grad():
+        ids = model.sample(n_samples, generator=torch.Generator().manual_seed(seed))
+    tok = train_corpus.tokenizer
+    smiles = molecules.selfies_to_smiles([tok.decode(s) for s in ids])
+    atomic_write_text(cached.with_suffix(".smi"), "\n".join(s or "" for s in smiles) + "\n")
+    quality = molecules.quality(smiles, train_corpus.smiles())
+    atomic_write_json(cached, quality)
+    return quality

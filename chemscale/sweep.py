@@ -1,0 +1,208 @@
+"""Sweeps: generate run configs from a base and axes, run the unfinished ones, collect results.
+
+    configs = sweep.grid("chemgpt_scaling", base, width=[32, 64], n_train_molecules=[1000, 10000])
+    sweep.run(configs)                       # local processes; executor="slurm" submits with submitit
+    df = sweep.collect("chemgpt_scaling")    # one row per run: config columns + result columns
+
+Run ids are hashes of the config, so re-running a notebook finds the finished runs and skips
+them, and an interrupted sweep resumes where it stopped (an unfinished run resumes from its
+last checkpoint). Every run is `python -m chemscale.train RUN_DIR` in its own process.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from chemscale import paths, runs
+from chemscale.config import ConfigError
+
+SECTIONS = ("model", "data", "train")
+
+
+def _set_axis(config: dict, key: str, value) -> None:
+    """Set `key` ('width', 'model.width' or a top-level key like 'seed') in a run config."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        config.setdefault(section, {})[name] = value
+        return
+    if key in config and key not in SECTIONS:
+        config[key] = value
+        return
+    owners = [s for s in SECTIONS if key in config.get(s, {})]
+    if len(owners) != 1:
+        where = "no section" if not owners else f"sections {owners}"
+        raise ConfigError(f"sweep axis '{key}' is in {where} of the base config; write it as 'section.{key}'")
+    config[owners[0]][key] = value
+
+
+def validate(config: dict, source: str = "<sweep config>") -> None:
+    """Check every section of a run config now, before any run starts."""
+    from chemscale.train import _tasks, parse_train_config
+
+    tasks = _tasks()
+    if config.get("task") not in tasks:
+        raise ConfigError(f"{source}: key 'task' = {config.get('task')!r}; known tasks: {sorted(tasks)}")
+    unknown = set(config) - {"study", "task", "seed", "meta", *SECTIONS}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
+    parse_train_config(config, source)
+    tasks[config["task"]].validate(config, source)
+
+
+def grid(study: str, base: dict, **axes) -> list[dict]:
+    """One config per point of the Cartesian product of `axes` over `base`, validated."""
+    names = list(axes)
+    configs = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        config = copy.deepcopy(base)
+        config["study"] = study
+        for name, value in zip(names, values):
+            _set_axis(config, name, value)
+        validate(config, f"sweep {study} {dict(zip(names, values))}")
+        configs.append(config)
+    return configs
+
+
+def run_dirs(configs: list[dict], root: Path | None = None) -> list[Path]:
+    """Create (or find) the run folder of each config."""
+    return [runs.create(c["study"], c, root) for c in configs]
+
+
+def _train_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "chemscale.train", str(run_dir)]
+
+
+def _run_local(run_dir: Path, threads: int) -> int:
+    """Train one run in a child process, its output in RUN_DIR/train.log; returns the exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(run_dir / "train.log", "ab") as log:
+        return subprocess.run(_train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                              cwd=paths.ROOT).returncode
+
+
+def _default_parallel() -> tuple[int, int]:
+    """(runs at once, threads per run): one run using every core; oversubscribed threads collapse."""
+    return 1, max(1, os.cpu_count() or 1)
+
+
+def run(configs: list[dict], executor: str = "local", *, parallel: int | None = None, threads: int | None = None,
+        progress: bool = True, root: Path | None = None, slurm: dict | None = None) -> pd.DataFrame:
+    """Run every unfinished config; returns `collect`-style rows for these configs.
+
+    Args:
+        executor: "local" (child processes on this machine), "slurm" (one submitit job per run)
+            or "submitit-local" (submitit's local executor, for testing the Slurm path).
+        parallel, threads: local runs at once and torch threads each (default: 1 run, all cores).
+        slurm: submitit parameters for executor="slurm", e.g. {"slurm_partition": "gpu",
+            "gpus_per_node": 4, "tasks_per_node": 4, "nodes": 1, "timeout_min": 600}.
+    """
+    dirs = run_dirs(configs, root)
+    todo = [d for d in dirs if not runs.is_finished(d)]
+    if executor == "local":
+        default_parallel, default_threads = _default_parallel()
+        parallel, threads = parallel or default_parallel, threads or max(1, default_threads // (parallel or 1))
+        bar = tqdm(total=len(dirs), initial=len(dirs) - len(todo), desc="runs", disable=not progress)
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for _ in pool.map(lambda d: _run_local(d, threads), todo):
+                bar.update(1)
+        bar.close()
+    elif executor in ("slurm", "submitit-local"):
+        _run_submitit(todo, executor, slurm or {}, root)
+    else:
+        raise ConfigError(f"executor must be 'local', 'slurm' or 'submitit-local', got {executor!r}")
+    df = collect_dirs(dirs)
+    failed = df[df["status"].isin(["crashed", "pending"])]
+    if len(failed):
+        logs = "\n".join(f"  {d}/train.log" for d in failed["run_dir"])
+        print(f"{len(failed)} of {len(df)} runs did not finish; see:\n{logs}", file=sys.stderr)
+    return df
+
+
+def _run_submitit(todo: list[Path], executor: str, slurm: dict, root: Path | None) -> None:
+    """Submit one job per run folder with submitit and wait; Lightning reads Slurm's env for DDP."""
+    import submitit
+    from submitit.helpers import CommandFunction
+
+    if not todo:
+        return
+    folder = Path(root or paths.RUNS) / "_submitit"
+    ex = submitit.AutoExecutor(folder=folder, cluster="local" if executor == "submitit-local" else "slurm")
+    ex.update_parameters(**({"timeout_min": 60} | slurm))
+    jobs = [ex.submit(CommandFunction(_train_command(d), cwd=str(paths.ROOT))) for d in todo]
+    for job, d in zip(jobs, todo):
+        try:
+            job.result()
+        except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
+            (d / "train.log").open("a").write(f"submitit job {job.job_id} failed: {e}\n")
+
+
+def _flatten(config: dict) -> dict:
+    """Config columns: section keys unprefixed where unique ('width'), else 'section.key'."""
+    flat = {k: v for k, v in config.items() if k not in (*SECTIONS, "meta")}
+    seen: dict[str, int] = {}
+    for s in SECTIONS:
+        for k in config.get(s, {}):
+            seen[k] = seen.get(k, 0) + 1
+    for s in SECTIONS:
+        for k, v in config.get(s, {}).items():
+            flat[k if seen[k] == 1 and k not in flat else f"{s}.{k}"] = v
+    return flat
+
+
+def _status(run_dir: Path, result: dict | None) -> str:
+    if result is not None:
+        return result.get("status", "finished")
+    log = run_dir / "train.log"
+    if log.exists() and "Traceback" in log.read_text(errors="replace"):
+        return "crashed"
+    return "pending"
+
+
+def collect_dirs(dirs: list[Path]) -> pd.DataFrame:
+    """One row per run folder: config columns, result columns, run_id, run_dir, status."""
+    rows = []
+    for d in dirs:
+        config = runs.read_config(d)
+        result = runs.read_result(d)
+        row = {"run_id": d.name, "run_dir": str(d), **_flatten(config), "status": _status(d, result)}
+        if result:
+            row.update({k: v for k, v in result.items() if k not in ("meta", "train", "status")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def collect(study: str, root: Path | None = None) -> pd.DataFrame:
+    """Every run of a study (finished or not) as a DataFrame."""
+    folder = Path(root or paths.RUNS) / study
+    dirs = sorted(p for p in folder.glob("*/") if (p / runs.CONFIG).exists()) if folder.exists() else []
+    return collect_dirs(dirs)
+
+
+def curves(df: pd.DataFrame) -> pd.DataFrame:
+    """metrics.csv rows of the runs in `df` (one per step/validation), joined with their config columns."""
+    frames = []
+    for row in df.itertuples(index=False):
+        path = Path(row.run_dir) / runs.METRICS
+        if path.exists():
+            m = pd.read_csv(path)
+            m["run_id"] = row.run_id
+            frames.append(m)
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True).merge(df, on="run_id", how="left")
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a run config JSON (e.g. a run folder's config.json) for `grid`'s base."""
+    return json.loads(Path(path).read_text())
