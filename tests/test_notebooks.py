@@ -1,0 +1,67 @@
+"""Notebooks and params files agree; notebooks are committed stripped; bad params are caught early."""
+
+import ast
+import json
+
+import papermill
+import pytest
+
+from chemscale import paths, study
+from chemscale.config import ConfigError
+
+NOTEBOOKS = study.notebooks()
+PAIRS = [(nb, p) for nb in NOTEBOOKS for p in study.PROFILES]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds the study"
+
+
+@pytest.mark.parametrize("notebook,profile", PAIRS, ids=[f"{n.stem}-{p}" for n, p in PAIRS])
+def test_params_file_matches_notebook(notebook, profile):
+    path = study.params_path(notebook, profile)
+    assert path.exists(), f"missing {path}"
+    study.check_params(notebook, study.read_params(path), str(path))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_notebook_is_stripped_with_parameters_tag(notebook):
+    nb = json.loads(notebook.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "commit notebooks stripped"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert not any("def " in "".join(c["source"]) or "class " in "".join(c["source"]) for c in code), \
+        "notebooks hold no logic: functions live in chemscale/"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_smoke_params_equal_notebook_defaults(notebook):
+    declared = papermill.inspect_notebook(str(notebook))
+    smoke = study.read_params(study.params_path(notebook, "smoke"))
+    assert set(smoke) == set(declared), "smoke.yaml sets every parameter"
+    for key, value in smoke.items():
+        assert ast.literal_eval(declared[key]["default"]) == value, f"{key}: smoke.yaml and the parameters cell disagree"
+
+
+def test_unknown_and_mistyped_params_are_rejected(tmp_path):
+    nb = NOTEBOOKS[0]
+    with pytest.raises(ConfigError, match="unknown parameter.*'no_such_key'"):
+        study.check_params(nb, {"no_such_key": 1}, "x.yaml")
+    declared = papermill.inspect_notebook(str(nb))
+    int_key = next(k for k, v in declared.items() if v["inferred_type_name"] == "int")
+    with pytest.raises(ConfigError, match=f"'{int_key}'.*declares it int"):
+        study.check_params(nb, {int_key: "ten"}, "x.yaml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "cpu.yaml"
+    bad.write_text("seed: 1\nwidths: [16, 32\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"cpu.yaml: line \d+"):
+        study.read_params(bad)
+
+
+def test_every_notebook_has_three_profiles():
+    for nb in NOTEBOOKS:
+        assert {p.stem for p in (paths.PARAMS / nb.stem).glob("*.yaml")} >= set(study.PROFILES)
