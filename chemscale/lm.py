@@ -259,3 +259,16 @@ def generation_quality(run_dir: str | Path, n_samples: int = 1000, seed: int = 0
     quality = molecules.quality(smiles, train_corpus.smiles())
     atomic_write_json(cached, quality)
     return quality
+
+
+def generation_quality_table(df, n_samples: int = 1000, seed: int = 0):
+    """One row per finished run of `df`: its size and the quality of `n_samples` sampled molecules."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    rows = []
+    for row in tqdm(list(df.itertuples(index=False)), desc="sampling", leave=False):
+        quality = generation_quality(row.run_dir, n_samples, seed)
+        rows.append({"width": row.width, "n_params_non_embedding": row.n_params_non_embedding,
+                     "best_val_loss": row.best_val_loss, **quality})
+    return pd.DataFrame(rows).sort_values("n_params_non_embedding", ignore_index=True)

@@ -130,7 +130,11 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
 
 
 def _run_submitit(todo: list[Path], executor: str, slurm: dict, root: Path | None) -> None:
-    """Submit one job per run folder with submitit and wait; Lightning reads Slurm's env for DDP."""
+    """Submit one job per run folder with submitit and wait; Lightning reads Slurm's env for DDP.
+
+    Each job gets `nodes = num_nodes` and one task per device (what Lightning DDP expects under
+    Slurm), from the run's own train section; `slurm` adds or overrides submitit parameters.
+    """
     import submitit
     from submitit.helpers import CommandFunction
 
@@ -138,13 +142,23 @@ def _run_submitit(todo: list[Path], executor: str, slurm: dict, root: Path | Non
         return
     folder = Path(root or paths.RUNS) / "_submitit"
     ex = submitit.AutoExecutor(folder=folder, cluster="local" if executor == "submitit-local" else "slurm")
-    ex.update_parameters(**({"timeout_min": 60} | slurm))
-    jobs = [ex.submit(CommandFunction(_train_command(d), cwd=str(paths.ROOT))) for d in todo]
+    jobs = []
+    for d in todo:
+        t = runs.read_config(d).get("train", {})
+        devices, nodes = int(t.get("devices", 1)), int(t.get("num_nodes", 1))
+        params = {"timeout_min": 60, "nodes": nodes, "tasks_per_node": devices, "name": f"chemscale-{d.name}"}
+        if executor == "slurm" and t.get("accelerator") == "gpu":
+            params["gpus_per_node"] = devices
+        if executor == "submitit-local":
+            params.pop("nodes"), params.pop("tasks_per_node")
+        ex.update_parameters(**(params | slurm))
+        jobs.append(ex.submit(CommandFunction(_train_command(d), cwd=str(paths.ROOT))))
     for job, d in zip(jobs, todo):
         try:
             job.result()
         except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
-            (d / "train.log").open("a").write(f"submitit job {job.job_id} failed: {e}\n")
+            with (d / "train.log").open("a") as log:
+                log.write(f"submitit job {job.job_id} failed:\nTraceback: {e}\n")
 
 
 def _flatten(config: dict) -> dict:
