@@ -32,7 +32,7 @@ from chemscale import runs
 from chemscale.config import ConfigError, atomic_write_json, from_dict, require
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
-METRIC_COLUMNS = ("step", "epoch", "tokens", "flops", "train_loss", "val_loss", "lr")
+METRIC_COLUMNS = ("step", "epoch", "tokens", "flops", "train_loss", "val_loss", "current_lr")
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig):
         """Buffers per-step losses, writes metrics and an atomic checkpoint at each validation."""
 
         def __init__(self):
-            self.log = MetricsLog(run_dir / runs.METRICS)
+            self.metrics = MetricsLog(run_dir / runs.METRICS)
             self.pending: list[tuple[int, int, torch.Tensor, float]] = []
             self.best_val = math.inf
             self.best_step = -1
@@ -171,29 +171,32 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig):
         def on_validation_start(self, trainer, module):
             self._val_t0 = time.perf_counter()
 
-        def _flush_train_rows(self, module):
+        def _flush_train_rows(self) -> float | None:
+            """Move buffered step losses to the log; returns the first non-finite loss, if any."""
             if not self.pending:
-                return
+                return None
             losses = torch.stack([p[2] for p in self.pending]).float().cpu().tolist()
             for (step, epoch, _, lr), loss in zip(self.pending, losses):
-                self.log.add(step=step, epoch=epoch, train_loss=loss, lr=lr)
+                self.metrics.add(step=step, epoch=epoch, train_loss=loss, current_lr=lr)
             self.pending.clear()
-            bad = [loss for loss in losses if not math.isfinite(loss)]
-            if bad:
-                raise Diverged(f"training loss became {bad[0]} by step {module.global_step}")
+            return next((loss for loss in losses if not math.isfinite(loss)), None)
 
         def on_validation_end(self, trainer, module):
             self.val_seconds += time.perf_counter() - self._val_t0
             if trainer.sanity_checking:
                 return
             val = float(trainer.callback_metrics["val_loss"])
+            bad_train = None
             if trainer.is_global_zero:
-                self._flush_train_rows(module)
-                self.log.add(step=trainer.global_step, epoch=trainer.current_epoch, tokens=module.tokens_seen,
+                bad_train = self._flush_train_rows()
+                self.metrics.add(step=trainer.global_step, epoch=trainer.current_epoch, tokens=module.tokens_seen,
                              flops=module.flops_per_token * module.tokens_seen, val_loss=val, **module.extra_val)
-                self.log.flush()
-            if not math.isfinite(val):
-                raise Diverged(f"validation loss became {val} at step {trainer.global_step}")
+                self.metrics.flush()
+            # Every rank must agree to stop, or the others would wait forever in the next collective.
+            bad = (bad_train is not None) or not math.isfinite(val)
+            if trainer.strategy.reduce_boolean_decision(bad, all=False):
+                what = f"training loss became {bad_train}" if bad_train is not None else f"validation loss became {val}"
+                raise Diverged(f"{what} by step {trainer.global_step}")
             if val < self.best_val:
                 self.best_val, self.best_step = val, trainer.global_step
                 module.on_new_best(run_dir)
@@ -240,7 +243,7 @@ def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
     resume = ckpt if ckpt.exists() else None
     if resume is not None and trainer.is_global_zero:
         step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"]
-        book.log.truncate_after(step)
+        book.metrics.truncate_after(step)
 
     status, reason = "finished", None
     t0 = time.perf_counter()
@@ -249,7 +252,7 @@ def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
     except Diverged as e:
         status, reason = "diverged", str(e)
         if trainer.is_global_zero:
-            book.log.flush()  # keep the rows up to the divergence: they show how it happened
+            book.metrics.flush()  # keep the rows up to the divergence: they show how it happened
     wall = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}

@@ -26,7 +26,7 @@ def test_grid_rejects_unknown_axis_and_bad_values():
 
 def test_sweep_runs_skips_finished_and_survives_divergence(runs_root):
     base = tiny_lm_config(max_steps=10, val_every_steps=5)
-    configs = sweep.grid("s", base, lr=[3e-3, 1e9], grad_clip=[0.0])
+    configs = sweep.grid("s", base, lr=[3e-3, 1e9], **{"train.grad_clip": [0.0]})
     df = sweep.run(configs, progress=False, root=runs_root)
     assert sorted(df["status"]) == ["diverged", "finished"]
     before = {d: (runs_root / "s" / d / runs.RESULT).stat().st_mtime_ns for d in df["run_id"]}

@@ -23,7 +23,7 @@ def test_run_writes_config_metrics_and_result(runs_root):
     assert result["status"] == "finished" and result["steps"] == 20
     rows = _metrics(run_dir)
     steps = [int(r["step"]) for r in rows if r["train_loss"]]
-    assert steps == list(range(20)), "one training-loss row per step"
+    assert steps == list(range(1, 21)), "one training-loss row per optimizer step (counted from 1)"
     vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
     assert len(vals) == 2 and result["best_val_loss"] == pytest.approx(min(vals), rel=1e-5)
     saved = json.loads((run_dir / runs.RESULT).read_text())
@@ -64,7 +64,7 @@ def test_interrupted_run_resumes_without_duplicate_rows(runs_root, monkeypatch):
     result = train.train(run_dir)
     assert result["status"] == "finished" and result["resumed_from_step"] == 10 and result["steps"] == 20
     steps = [int(r["step"]) for r in _metrics(run_dir) if r["train_loss"]]
-    assert sorted(steps) == list(range(20)), "rows after the checkpoint are rewritten, not duplicated"
+    assert sorted(steps) == list(range(1, 21)), "rows after the checkpoint are rewritten, not duplicated"
 
 
 def test_diverging_learning_rate_is_recorded_not_raised(runs_root):
