@@ -1,0 +1,95 @@
+"""SELFIES tokenizer: one token per `[...]` symbol, plus `[PAD] [BOS] [EOS] [UNK]`.
+
+Ids are append-only: `extend` adds new symbols at the end, so a token id never changes
+meaning once a corpus has been encoded with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import selfies as sf
+
+from chemscale.config import atomic_write_json
+
+SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, malformed or inconsistent."""
+
+
+class Tokenizer:
+    """Maps SELFIES symbols to integer ids and back."""
+
+    def __init__(self, symbols: Iterable[str] = ()):
+        self.symbols: list[str] = list(SPECIALS)
+        self.index: dict[str, int] = {s: i for i, s in enumerate(self.symbols)}
+        self.extend(symbols)
+
+    @classmethod
+    def from_selfies(cls, strings: Iterable[str]) -> Tokenizer:
+        """A tokenizer whose vocabulary is every symbol in `strings`, sorted (deterministic ids)."""
+        found = set()
+        for s in strings:
+            found.update(sf.split_selfies(s))
+        return cls(sorted(found))
+
+    def extend(self, symbols: Iterable[str]) -> list[str]:
+        """Append symbols not yet known (in the order given); returns the ones added."""
+        added = []
+        for s in symbols:
+            if s not in self.index:
+                self.index[s] = len(self.symbols)
+                self.symbols.append(s)
+                added.append(s)
+        return added
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def encode(self, selfies_string: str, add_special: bool = True) -> list[int]:
+        """Token ids of a SELFIES string (unknown symbols -> [UNK]), framed by [BOS] ... [EOS]."""
+        ids = [self.index.get(s, UNK_ID) for s in sf.split_selfies(selfies_string)]
+        return [BOS_ID, *ids, EOS_ID] if add_special else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """SELFIES string of token ids: skips [PAD]/[BOS], stops at [EOS]."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID):
+                continue
+            out.append(self.symbols[i] if 0 <= i < len(self.symbols) else SPECIALS[UNK_ID])
+        return "".join(out)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, {"format": "chemscale-selfies-tokenizer", "version": 1, "symbols": self.symbols})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Read a tokenizer JSON written by `save`, with a clear error for a bad file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TokenizerError(f"{path}: tokenizer file not found") from None
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        symbols = data.get("symbols") if isinstance(data, dict) else None
+        if not isinstance(symbols, list) or list(symbols[:4]) != list(SPECIALS):
+            raise TokenizerError(f"{path}: not a chemscale tokenizer (needs 'symbols' starting with {SPECIALS})")
+        if len(set(symbols)) != len(symbols):
+            raise TokenizerError(f"{path}: duplicate symbols in the vocabulary")
+        return cls(symbols[4:])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tokenizer) and self.symbols == other.symbols
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({len(self)} tokens)"

@@ -1,0 +1,100 @@
+"""ChemGPT against Hugging Face GPT-Neo (golden parity), sizes, padding and local attention."""
+
+import pytest
+import torch
+
+from chemscale.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
+from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+transformers = pytest.importorskip("transformers")
+
+
+def _random_hf(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPTNeoConfig(
+        vocab_size=40, max_position_embeddings=64, hidden_size=32, num_layers=4, num_heads=4, window_size=8,
+        attention_types=[[["global", "local"], 2]], resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    hf = transformers.GPTNeoForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # larger than the 0.02 init so differences would show
+            p.normal_(0, 0.3)
+    return hf
+
+
+def _greedy_hf(hf, n_new):
+    ids = torch.full((2, 1), BOS_ID)
+    for _ in range(n_new):
+        nxt = hf(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    return ids[:, 1:]
+
+
+def test_hf_to_chemgpt_same_logits_and_greedy_samples():
+    hf = _random_hf()
+    model = ChemGPT.from_hf(hf)
+    x = torch.randint(4, 40, (3, 30))  # longer than the local window of 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], hf(x).logits, atol=1e-5, rtol=0)
+        ours = model.sample(2, max_len=21, temperature=0)
+        theirs = _greedy_hf(hf, 20).tolist()
+    for a, b in zip(ours, theirs):
+        assert a == (b[: b.index(EOS_ID)] if EOS_ID in b else b)
+
+
+def test_chemgpt_to_hf_same_logits():
+    torch.manual_seed(1)
+    model = ChemGPT(ChemGPTConfig(vocab_size=40, width=32, depth=3, n_heads=4, n_positions=64, window_size=8,
+                                  attention_layers="global_local"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    hf = model.to_hf()
+    x = torch.randint(4, 40, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-5, rtol=0)
+    assert ChemGPT.from_hf(hf).state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("width,expected", [(128, 4.75e6), (256, 18.9e6)])
+def test_published_chemgpt_sizes(width, expected):
+    model = ChemGPT(ChemGPTConfig(vocab_size=684, width=width, depth=24, n_heads=16))
+    assert model.n_params(non_embedding=True) == pytest.approx(expected, rel=0.005)
+    assert model.n_params(non_embedding=False) > model.n_params()
+
+
+def test_loss_ignores_padding():
+    torch.manual_seed(0)
+    model = ChemGPT(ChemGPTConfig(vocab_size=30, width=16, depth=1, n_heads=2))
+    seq = torch.randint(4, 30, (2, 12))
+    padded = torch.cat([seq, torch.full((2, 5), PAD_ID)], 1)
+    _, loss = model(seq[:, :-1], seq[:, 1:])
+    _, loss_padded = model(padded[:, :-1], padded[:, 1:])
+    torch.testing.assert_close(loss, loss_padded)
+
+
+def test_local_window_limits_attention():
+    torch.manual_seed(0)
+    model = ChemGPT(ChemGPTConfig(vocab_size=30, width=16, depth=1, n_heads=2, window_size=4,
+                                  attention_layers="local", n_positions=32)).eval()
+    x = torch.randint(4, 30, (1, 20))
+    y = x.clone()
+    y[0, 2] = (x[0, 2] + 1 - 4) % 26 + 4  # a token far outside the window of the last positions
+    with torch.no_grad():
+        a, b = model(x)[0], model(y)[0]
+    torch.testing.assert_close(a[0, 10:], b[0, 10:])  # out of reach of position 2
+    assert not torch.allclose(a[0, 2:6], b[0, 2:6])  # inside the window: changed
+
+
+def test_optimizer_decays_only_matrices():
+    model = ChemGPT(ChemGPTConfig(vocab_size=30, width=16, depth=2, n_heads=2))
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_preset_heads_divide_width():
+    for width in (16, 32, 48, 64, 128, 256, 512, 2048):
+        assert width % preset_heads(width) == 0
