@@ -89,11 +89,11 @@ class ChemGPTModule(pl.LightningModule):
     """Next-token cross-entropy (nats per token, padding masked) on SELFIES token ids."""
 
     def __init__(self, model: chemgpt.ChemGPT, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 seed: int):
+                 seed: int, context: int | None = None):
         super().__init__()
         self.model, self.lr, self.weight_decay = model, lr, weight_decay
         self.warmup_steps, self.max_steps, self.seed = warmup_steps, max_steps, seed
-        self.flops_per_token = model.flops_per_token()
+        self.flops_per_token = model.flops_per_token(context)  # attention term at the mean sequence length
         self.tokens_seen = 0  # all ranks, restored from checkpoints
         self.tokens_at_best = 0
         self.tokens_this_process = 0
@@ -203,7 +203,9 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     train_idx = _fitting(train_corpus, model_cfg.n_positions)
     val_idx = _fitting(val_corpus, model_cfg.n_positions)
     model = make_model(model_cfg, len(train_corpus.tokenizer))
-    module = ChemGPTModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, seed)
+    mean_len = float(np.diff(np.asarray(train_corpus.offsets))[train_idx].mean()) + 1  # + [BOS] or [EOS]
+    module = ChemGPTModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, seed,
+                           context=round(mean_len))
     gen = torch.Generator().manual_seed(seed)
     train_loader = torch.utils.data.DataLoader(
         _Molecules(train_corpus, train_idx), batch_size=tcfg.batch_size, shuffle=True, drop_last=True,

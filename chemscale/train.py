@@ -155,7 +155,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig):
             self.best_val = math.inf
             self.best_step = -1
             self.val_seconds = 0.0
-            self._val_t0 = 0.0
+            self._val_t0 = self.fit_t0 = self.fit_t1 = 0.0
 
         def state_dict(self):
             return {"best_val": self.best_val, "best_step": self.best_step}
@@ -167,6 +167,12 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig):
             # Keep the loss as a tensor: no .item() (a device sync on GPU) on the hot path.
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             self.pending.append((trainer.global_step, trainer.current_epoch, module.last_loss, lr))
+
+        def on_train_start(self, trainer, module):
+            self.fit_t0 = time.perf_counter()  # after Lightning's setup: the rate measures training
+
+        def on_train_end(self, trainer, module):
+            self.fit_t1 = time.perf_counter()
 
         def on_validation_start(self, trainer, module):
             self._val_t0 = time.perf_counter()
@@ -256,11 +262,13 @@ def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
     wall = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}
+    # Seconds spent training (data loading, steps, logging, checkpoints), without setup and validation.
+    train_seconds = (book.fit_t1 or time.perf_counter()) - (book.fit_t0 or t0) - book.val_seconds
     result = {
         "status": status, "reason": reason, "best_val_loss": book.best_val if math.isfinite(book.best_val) else None,
         "best_step": book.best_step, "steps": trainer.global_step, "wall_s": wall,
-        "train_seconds": wall - book.val_seconds, "stopped_early": bool(early and early[0].stopped_epoch),
-        "resumed_from_step": None if resume is None else step, **task.summary(book, wall - book.val_seconds),
+        "train_seconds": train_seconds, "stopped_early": bool(early and early[0].stopped_epoch),
+        "resumed_from_step": None if resume is None else step, **task.summary(book, train_seconds),
     }
     if status == "finished":
         result.update(task.finish(run_dir))
