@@ -1,17 +1,21 @@
-"""Power-law fits for scaling curves, with bootstrap confidence intervals.
+"""Power-law fits of loss against scale, with bootstrap confidence intervals.
 
-- `fit_power_law(x, L)`: `L = A·x^-α`, or with `offset=True` `L = E + A·x^-α`;
-- `fit_joint(N, D, L)`: the Chinchilla form `L(N, D) = E + A/N^α + B/D^β`;
-- `compute_optimal_frontier(curves)`: the lowest loss reached for each amount of compute.
+    fit = scaling.fit_power_law(df["n_params_non_embedding"], df["best_val_loss"])   # L = A·x^-α
+    fit = scaling.fit_power_law(x, y, offset=True)                                  # L = E + A·x^-α
+    joint = scaling.fit_joint(N, D, L)                                              # L = E + A/N^α + B/D^β
+    frontier = scaling.compute_optimal_frontier(curves, compute="flops", loss="val_loss")
 
-Method (Hoffmann et al. 2022, as re-analysed by Besiroglu et al. 2024): every form is written
-as a log-sum-exp of its terms (`log L = LSE(a - α log x, e)`), fitted by minimising a Huber
-loss (δ = 1e-3) of the residuals in log L with L-BFGS-B from a grid of starting points; the
-confidence intervals are percentiles over fits to bootstrap resamples of the points.
+The method is Hoffmann et al.'s (Chinchilla), as refitted by Besiroglu et al. (Epoch): every
+form is written as a log-sum-exp of its terms, `log L = LSE(a - α·log x, e)` with `A = exp(a)`,
+`E = exp(e)`, so each term stays positive without constraints; the loss is a Huber loss
+(δ = 1e-3) on the log-loss residuals, nearly an L1 loss, so one odd run does not pull the
+exponent; L-BFGS-B starts from a grid of starting points and the best fit is kept. Confidence
+intervals are percentiles of refits to resamples of the points drawn with replacement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 from dataclasses import dataclass, field
@@ -20,221 +24,373 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # optional: the fits are the same without it, only slower on a busy machine
+    threadpool_limits = None
+
 HUBER_DELTA = 1e-3
+N_STARTS = 20  # L-BFGS runs from the best grid points (the whole grid is only evaluated, not optimised)
+N_BOOTSTRAP_STARTS = 3  # distinct local optima of the full fit, each a warm start for every resample
+ALPHA_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)  # Hoffmann et al.'s starting exponents
+E_GRID = (-2.0, -1.5, -1.0, -0.5, 0.0)  # log E relative to log(min L): the floor is below every loss
+A_GRID = (-5.0, -4.0, -3.0, -2.0, -1.0, 0.0)  # log of a term at the centre of the data, relative to log(median L)
+LBFGS_OPTIONS = {"maxiter": 5000, "ftol": 1e-12, "gtol": 1e-9}
 
 
-def _huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
-    a = np.abs(r)
-    return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
+# --- the model: log L = LSE over terms (a_j - α_j·u_j) and optionally e, Huber loss on log L ---
 
+def _objective(theta: np.ndarray, U: np.ndarray, log_y: np.ndarray, weights: np.ndarray, offset: bool):
+    """Huber loss and its gradient for many parameter vectors at once.
 
-def _clean(*columns, min_points: int) -> tuple[list[np.ndarray], int]:
-    """Float arrays without rows holding NaN/inf (diverged runs); errors on too few or non-positive."""
-    arrays = [np.asarray(c, dtype=float) for c in columns]
-    if len({len(a) for a in arrays}) != 1:
-        raise ValueError(f"columns differ in length: {[len(a) for a in arrays]}")
-    finite = np.all([np.isfinite(a) for a in arrays], axis=0)
-    dropped = int((~finite).sum())
-    if dropped:
-        warnings.warn(f"dropped {dropped} row(s) with NaN/inf values (diverged runs?)", stacklevel=3)
-    arrays = [a[finite] for a in arrays]
-    if any((a <= 0).any() for a in arrays):
-        raise ValueError("power-law fits need positive x and loss values")
-    if len(arrays[0]) < min_points:
-        raise ValueError(f"need at least {min_points} finite points to fit, got {len(arrays[0])}")
-    return arrays, dropped
-
-
-def _objective(spec):
-    """Huber loss of log-residuals, and its gradient, for log L = LSE over terms.
-
-    `spec` lists the terms as (log-coefficient index, exponent index or None, row of logs):
-    term = theta[c] - theta[e] * logs[row], or theta[c] alone for a constant. An analytic
-    gradient makes the many L-BFGS starts and bootstrap refits ~5x faster than finite differences.
+    theta (S, P) = [a_1, α_1, ..., a_k, α_k, (e)]; U (n, k) centred log-scales; weights (S, n)
+    are bootstrap counts (ones for a plain fit). Returns loss (S,), grad (S, P).
     """
-
-    def f(theta, logs, log_y):
-        terms = np.stack([theta[c] - (theta[e] * logs[r] if e is not None else 0.0 * logs[r]) for c, e, r in spec])
-        top = terms.max(axis=0)
-        pred = top + np.log(np.exp(terms - top).sum(axis=0))  # logsumexp; scipy's costs 10x more here
-        resid = pred - log_y
-        weights = np.exp(terms - pred)  # d pred / d term_k (softmax)
-        dres = np.clip(resid, -HUBER_DELTA, HUBER_DELTA)  # d huber / d resid
-        grad = np.zeros_like(theta)
-        for k, (c, e, r) in enumerate(spec):
-            g = dres * weights[k]
-            grad[c] += g.sum()
-            if e is not None:
-                grad[e] -= (g * logs[r]).sum()
-        return _huber(resid).sum(), grad
-
-    return f
-
-
-def _best_fit(f, starts, args, bounds=None) -> np.ndarray:
-    best, best_val = None, np.inf
-    for x0 in starts:
-        res = minimize(f, np.asarray(x0, float), args=args, method="L-BFGS-B", jac=True, bounds=bounds)
-        if res.fun < best_val:
-            best, best_val = res.x, res.fun
-    return best
+    k = U.shape[1]
+    a, alpha = theta[:, 0:2 * k:2], theta[:, 1:2 * k:2]
+    terms = a[:, None, :] - alpha[:, None, :] * U[None]  # (S, n, k)
+    if offset:
+        e = np.broadcast_to(theta[:, None, -1:], (*terms.shape[:2], 1))
+        terms = np.concatenate([terms, e], axis=2)  # (S, n, k + 1)
+    top = terms.max(axis=2, keepdims=True)
+    exp = np.exp(terms - top)
+    total = exp.sum(axis=2, keepdims=True)
+    share = exp / total  # d log L / d term: the softmax of the terms
+    residual = (top + np.log(total))[..., 0] - log_y  # (S, n)
+    small = np.abs(residual) <= HUBER_DELTA
+    # Huber divided by δ: same minimiser, but values of order |r| so L-BFGS's tolerances mean something
+    huber = np.where(small, 0.5 * residual**2 / HUBER_DELTA, np.abs(residual) - 0.5 * HUBER_DELTA)
+    slope = weights * np.where(small, residual / HUBER_DELTA, np.sign(residual))  # (S, n)
+    grad = np.empty_like(theta)
+    grad[:, 0:2 * k:2] = (slope[..., None] * share[..., :k]).sum(axis=1)
+    grad[:, 1:2 * k:2] = -(slope[..., None] * share[..., :k] * U[None]).sum(axis=1)
+    if offset:
+        grad[:, -1] = (slope * share[..., -1]).sum(axis=1)
+    return (weights * huber).sum(axis=1), grad
 
 
-def _bootstrap(f, theta, args, n_bootstrap, seed, bounds=None) -> np.ndarray:
-    """Parameter vectors refitted on resampled points (warm-started from the best fit)."""
-    rng = np.random.default_rng(seed)
-    n = len(args[-1])
-    samples = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
-        sample_args = tuple(a[..., idx] for a in args)
-        res = minimize(f, theta, args=sample_args, method="L-BFGS-B", jac=True, bounds=bounds)
-        samples.append(res.x)
-    return np.array(samples).reshape(n_bootstrap, len(theta))
+def _one_blas_thread():
+    """Limit BLAS to one thread: L-BFGS-B's tiny BLAS calls otherwise wake idle threads, which made
+    each fit ~20x slower on a busy 2-core machine."""
+    return threadpool_limits(1, "blas") if threadpool_limits else contextlib.nullcontext()
 
 
-def _ci(values: np.ndarray, level: float) -> tuple[float, float]:
-    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
+def _lbfgs(theta0, U, log_y, weights, offset, bounds):
+    """One L-BFGS-B run from theta0; returns (loss, theta)."""
+    def f(theta):
+        loss, grad = _objective(theta[None], U, log_y, weights[None], offset)
+        return loss[0], grad[0]
 
+    result = minimize(f, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options=LBFGS_OPTIONS)
+    return result.fun, result.x
+
+
+def _start_grid(log_y: np.ndarray, k: int, offset: bool) -> np.ndarray:
+    """Starting points: Hoffmann et al.'s grid, with a and e shifted to the scale of the data."""
+    a_values = np.median(log_y) + np.array(A_GRID)
+    per_term = [a_values, ALPHA_GRID] * k
+    e_values = [np.min(log_y) + np.array(E_GRID)] if offset else []
+    return np.array(list(itertools.product(*per_term, *e_values)), dtype=float)
+
+
+def _bounds(k: int, offset: bool):
+    """Exponents ≥ 0 when there is a floor E (a rising term is meaningless there); else free."""
+    if not offset:
+        return None
+    return [(None, None), (0.0, None)] * k + [(None, None)]
+
+
+def _fit_theta(U, log_y, weights, offset, starts):
+    """Best (loss, theta) of L-BFGS from `starts`, plus every run's result (for warm starts)."""
+    bounds = _bounds(U.shape[1], offset)
+    runs = sorted((_lbfgs(s, U, log_y, weights, offset, bounds) for s in starts), key=lambda r: r[0])
+    return runs[0], runs
+
+
+def _best_starts(U, log_y, offset) -> np.ndarray:
+    """The N_STARTS grid points of lowest loss: evaluating the grid is cheap, optimising from all of it is not."""
+    grid = _start_grid(log_y, U.shape[1], offset)
+    loss, _ = _objective(grid, U, log_y, np.ones((1, len(log_y))), offset)
+    return grid[np.argsort(loss, kind="stable")[:N_STARTS]]
+
+
+def _distinct(runs, n: int) -> list[np.ndarray]:
+    """Up to n parameter vectors of the best distinct local optima, best first."""
+    kept = []
+    for _, theta in runs:
+        if not any(np.allclose(theta, other, atol=1e-3) for other in kept):
+            kept.append(theta)
+        if len(kept) == n:
+            break
+    return kept
+
+
+def _resample_weights(n: int, n_bootstrap: int, min_distinct: int, rng) -> np.ndarray:
+    """Bootstrap resamples as counts per point (n_bootstrap, n); resamples with too few distinct points are redrawn."""
+    weights = np.empty((0, n))
+    while len(weights) < n_bootstrap:
+        draw = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap)
+        weights = np.vstack([weights, draw[(draw > 0).sum(axis=1) >= min_distinct]])
+    return weights[:n_bootstrap]
+
+
+def _fit(U, log_y, offset, n_bootstrap, seed, min_distinct):
+    """Best theta and the bootstrap thetas (n_bootstrap, P) of a log-sum-exp fit."""
+    ones = np.ones(len(log_y))
+    with _one_blas_thread():
+        (_, theta), runs = _fit_theta(U, log_y, ones, offset, _best_starts(U, log_y, offset))
+        warm = _distinct(runs, N_BOOTSTRAP_STARTS)
+        weights = _resample_weights(len(log_y), n_bootstrap, min_distinct, np.random.default_rng(seed))
+        samples = [_fit_theta(U, log_y, w, offset, warm)[0][1] for w in weights]
+    return theta, np.array(samples).reshape(n_bootstrap, len(theta))
+
+
+# --- inputs ---
+
+def _name(values, default: str) -> str:
+    """The column name of a pandas Series, for error messages."""
+    return str(getattr(values, "name", None) or default)
+
+
+def _clean(columns: list[tuple[str, object]], min_points: int) -> tuple[list[np.ndarray], int]:
+    """Float arrays of the named columns without NaN rows; ValueError naming the column on bad values.
+
+    The last column is the loss: a NaN or +inf loss is a diverged run, dropped with a warning.
+    """
+    names = [name for name, _ in columns]
+    arrays = [np.asarray(values, dtype=float).ravel() for _, values in columns]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"columns {names} have different lengths {[len(a) for a in arrays]}")
+    drop = np.isnan(arrays[-1]) | (arrays[-1] == np.inf)
+    for a in arrays[:-1]:
+        drop |= np.isnan(a)
+    if drop.any():
+        warnings.warn(f"dropped {drop.sum()} row(s) of {drop.size} with a NaN (or an infinite loss): "
+                      "diverged runs?", stacklevel=3)
+    arrays = [a[~drop] for a in arrays]
+    for name, a in zip(names, arrays):
+        bad = ~np.isfinite(a) | (a <= 0)
+        if bad.any():
+            raise ValueError(f"{name} must be positive and finite for a log-log fit; "
+                             f"{bad.sum()} value(s) are not, e.g. {a[bad][0]!r}")
+    if len(arrays[0]) < min_points:
+        raise ValueError(f"need at least {min_points} points with a loss to fit, got {len(arrays[0])} "
+                         f"(after dropping {drop.sum()} NaN rows)")
+    return arrays, int(drop.sum())
+
+
+def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile interval of bootstrap values; NaNs when there was no bootstrap."""
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.percentile(values, [50 * (1 - ci), 50 * (1 + ci)])
+    return (float(lo), float(hi))
+
+
+# --- L = E + A·x^-α ---
 
 @dataclass
 class PowerLawFit:
-    """`L = E + A·x^-alpha` (E = 0 without offset) with bootstrap CIs."""
+    """L = E + A·x^-α fitted to n_points points over [x_min, x_max], with bootstrap CIs."""
 
     A: float
     alpha: float
-    E: float
-    ci: dict[str, tuple[float, float]]
+    E: float  # 0.0 without an offset
+    ci: dict[str, tuple[float, float]]  # parameter -> (lo, hi) at level ci_level
     n_points: int
     x_min: float
     x_max: float
+    samples: np.ndarray = field(repr=False)  # (n_bootstrap, 3): A, alpha, E of each resample
+    n_dropped: int = 0  # NaN rows (diverged runs) left out
     offset: bool = False
-    n_dropped: int = 0
-    samples: np.ndarray = field(default=None, repr=False)  # bootstrap (A, alpha, E) rows
+    ci_level: float = 0.95
 
     def predict(self, x) -> np.ndarray:
-        return self.E + self.A * np.asarray(x, float) ** -self.alpha
+        """The fitted loss at x."""
+        return self.E + self.A * np.asarray(x, dtype=float) ** -self.alpha
 
-    def band(self, x, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        """Pointwise CI of the prediction at x from the bootstrap fits."""
-        x = np.asarray(x, float)
-        preds = self.samples[:, 2:3] + self.samples[:, 0:1] * x[None, :] ** -self.samples[:, 1:2]
-        return np.percentile(preds, 50 * (1 - level), axis=0), np.percentile(preds, 50 * (1 + level), axis=0)
+    def band(self, x, ci: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pointwise percentile band of the resamples' predictions at x; None without a bootstrap."""
+        if len(self.samples) == 0:
+            return None
+        x = np.asarray(x, dtype=float)
+        A, alpha, E = (self.samples[:, [i]] for i in range(3))
+        predictions = E + A * x[None, :] ** -alpha  # (n_bootstrap, len(x))
+        ci = self.ci_level if ci is None else ci
+        lo, hi = np.percentile(predictions, [50 * (1 - ci), 50 * (1 + ci)], axis=0)
+        return lo, hi
 
     def summary(self) -> dict:
-        row = {"alpha": self.alpha, "alpha_lo": self.ci["alpha"][0], "alpha_hi": self.ci["alpha"][1], "A": self.A,
-               "n_points": self.n_points}
-        if self.offset:
-            row |= {"E": self.E, "E_lo": self.ci["E"][0], "E_hi": self.ci["E"][1]}
-        return row
+        """One table row: each parameter with its CI, and the data it was fitted to."""
+        row = {}
+        for name in ("alpha", "A", "E"):
+            lo, hi = self.ci.get(name, (float("nan"), float("nan")))
+            row.update({name: getattr(self, name), f"{name}_lo": lo, f"{name}_hi": hi})
+        return {**row, "n_points": self.n_points, "n_dropped": self.n_dropped,
+                "x_min": self.x_min, "x_max": self.x_max}
 
     def label(self) -> str:
-        lo, hi = self.ci["alpha"]
-        return f"α = {self.alpha:.3f} [{lo:.3f}, {hi:.3f}]"
+        """Short legend text, e.g. 'α = 0.17 [0.12, 0.22]'."""
+        return _label("α", self.alpha, self.ci.get("alpha"))
+
+
+def _label(symbol: str, value: float, interval) -> str:
+    """'α = 0.17 [0.12, 0.22]', or 'α = 0.17' without a CI."""
+    if interval is None or np.isnan(interval[0]):
+        return f"{symbol} = {value:.2f}"
+    return f"{symbol} = {value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def fit_power_law(x, y, *, offset: bool = False, n_bootstrap: int = 1000, seed: int = 0,
                   ci: float = 0.95) -> PowerLawFit:
-    """Fit `y = A·x^-α` (or `E + A·x^-α` with offset=True) to positive points; NaN rows are dropped."""
-    (x, y), dropped = _clean(x, y, min_points=4 if offset else 3)
-    logs, log_y = np.log(x)[None, :], np.log(y)
-    if offset:  # theta = (a, alpha, e)
-        f = _objective([(0, 1, 0), (2, None, 0)])
-        starts = itertools.product([0, 2, 5, 10], [0.05, 0.3, 1.0], [log_y.min() - 2, log_y.min() - 0.5])
-        bounds = [(None, None), (0, 5), (None, None)]
-    else:  # theta = (a, alpha)
-        f = _objective([(0, 1, 0)])
-        slope, intercept = np.polyfit(logs[0], log_y, 1)
-        starts, bounds = [(intercept, -slope), (0.0, 0.1)], [(None, None), (-5, 5)]
-    theta = _best_fit(f, starts, (logs, log_y), bounds)
-    boot = _bootstrap(f, theta, (logs, log_y), n_bootstrap, seed, bounds)
-    as_params = lambda t: np.stack([np.exp(t[:, 0]), t[:, 1], np.exp(t[:, 2]) if offset else 0 * t[:, 0]], 1)  # noqa: E731
-    best = as_params(theta[None, :])[0]
-    samples = as_params(boot)
-    cis = {name: _ci(samples[:, i], ci) for i, name in enumerate(("A", "alpha", "E"))}
-    return PowerLawFit(A=float(best[0]), alpha=float(best[1]), E=float(best[2]), ci=cis, n_points=len(x),
-                       x_min=float(x.min()), x_max=float(x.max()), offset=offset, n_dropped=dropped, samples=samples)
+    """Fit L = A·x^-α (or E + A·x^-α with offset=True) by Huber loss on log L, with bootstrap CIs."""
+    (x, y), n_dropped = _clean([(_name(x, "x"), x), (_name(y, "y"), y)], min_points=4 if offset else 3)
+    log_x = np.log(x)
+    centre = log_x.mean()  # fit a at the centre of the data: a and α are then nearly uncorrelated
+    U = (log_x - centre)[:, None]
+    theta, thetas = _fit(U, np.log(y), offset, n_bootstrap, seed, min_distinct=3 if offset else 2)
+    samples = _powerlaw_params(thetas, centre, offset)
+    A, alpha, E = map(float, _powerlaw_params(theta[None], centre, offset)[0])
+    names = ("A", "alpha", "E") if offset else ("A", "alpha")
+    intervals = {n: _interval(samples[:, i], ci) for i, n in enumerate(names)}
+    return PowerLawFit(A=A, alpha=alpha, E=E, ci=intervals, n_points=len(x), x_min=float(x.min()),
+                       x_max=float(x.max()), samples=samples, n_dropped=n_dropped, offset=offset, ci_level=ci)
+
+
+def _powerlaw_params(thetas: np.ndarray, centre: float, offset: bool) -> np.ndarray:
+    """(S, 3) columns A, alpha, E from centred log-space parameters [a, α, (e)]."""
+    a, alpha = thetas[:, 0], thetas[:, 1]
+    E = np.exp(thetas[:, 2]) if offset else np.zeros(len(thetas))
+    return np.column_stack([np.exp(a + alpha * centre), alpha, E])
+
+
+# --- L(N, D) = E + A/N^α + B/D^β ---
+
+JOINT_PARAMS = ("E", "A", "alpha", "B", "beta")
 
 
 @dataclass
 class JointFit:
-    """`L(N, D) = E + A/N^alpha + B/D^beta` with bootstrap CIs."""
+    """L(N, D) = E + A/N^α + B/D^β (Hoffmann et al.'s form) fitted to n_points runs, with bootstrap CIs."""
 
     E: float
     A: float
     alpha: float
     B: float
     beta: float
-    ci: dict[str, tuple[float, float]]
+    ci: dict[str, tuple[float, float]]  # parameter -> (lo, hi) at level ci_level
     n_points: int
+    samples: np.ndarray = field(repr=False)  # (n_bootstrap, 5): E, A, alpha, B, beta of each resample
+    n_dropped: int = 0
+    ci_level: float = 0.95
 
     def predict(self, N, D) -> np.ndarray:
-        N, D = np.asarray(N, float), np.asarray(D, float)
-        return self.E + self.A / N**self.alpha + self.B / D**self.beta
+        """The fitted loss of N parameters trained on D samples."""
+        N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+        return self.E + self.A * N**-self.alpha + self.B * D**-self.beta
 
     def summary(self) -> dict:
+        """One table row: each parameter with its CI."""
         row = {}
-        for k in ("E", "A", "alpha", "B", "beta"):
-            row |= {k: getattr(self, k), f"{k}_lo": self.ci[k][0], f"{k}_hi": self.ci[k][1]}
-        return row | {"n_points": self.n_points}
+        for name in JOINT_PARAMS:
+            lo, hi = self.ci[name]
+            row.update({name: getattr(self, name), f"{name}_lo": lo, f"{name}_hi": hi})
+        return {**row, "n_points": self.n_points, "n_dropped": self.n_dropped}
+
+    def label(self) -> str:
+        """Short legend text, e.g. 'α = 0.34 [0.30, 0.38], β = 0.28 [0.25, 0.31]'."""
+        return f"{_label('α', self.alpha, self.ci['alpha'])}, {_label('β', self.beta, self.ci['beta'])}"
 
 
-def fit_joint(N, D, L, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
-              grid: str = "coarse") -> JointFit:
-    """Fit the Chinchilla form to losses L of models with N parameters trained on D samples.
+def fit_joint(N, D, L, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> JointFit:
+    """Fit L(N, D) = E + A/N^α + B/D^β to runs of N parameters on D samples, with bootstrap CIs.
 
-    grid="full" is Hoffmann et al.'s grid of starts (α, β in 0..2 by 0.5, e in -1..1 by 0.5,
-    a, b in 0..25 by 5: 4,500 starts); "coarse" (default) 72 starts around it, enough for the
-    few dozen points of a laptop study and 60x faster."""
-    (N, D, L), _ = _clean(N, D, L, min_points=6)
-    logs, log_y = np.stack([np.log(N), np.log(D)]), np.log(L)
-    # theta = (a, alpha, b, beta, e)
-    f = _objective([(0, 1, 0), (2, 3, 1), (4, None, 0)])
-    if grid == "full":
-        exps, es, ab = np.arange(0, 2.01, 0.5), np.arange(-1, 1.01, 0.5), np.arange(0, 26, 5)
-    else:
-        exps, es, ab = [0.2, 0.8], [-1.0, 0.5], [0, 5, 10]
-    starts = [(a, al, b, be, e) for a, b in itertools.product(ab, ab) for al, be in itertools.product(exps, exps)
-              for e in es]
-    bounds = [(None, None), (0, 5), (None, None), (0, 5), (None, None)]
-    theta = _best_fit(f, starts, (logs, log_y), bounds)
-    boot = _bootstrap(f, theta, (logs, log_y), n_bootstrap, seed, bounds)
-    conv = lambda t: np.stack([np.exp(t[:, 4]), np.exp(t[:, 0]), t[:, 1], np.exp(t[:, 2]), t[:, 3]], 1)  # noqa: E731
-    best, samples = conv(theta[None, :])[0], conv(boot)
-    names = ("E", "A", "alpha", "B", "beta")
-    return JointFit(*map(float, best), ci={k: _ci(samples[:, i], ci) for i, k in enumerate(names)},
-                    n_points=len(L))
+    The starting grid is Hoffmann et al.'s (α, β in 0..2 by 0.5; six a, b and five e values,
+    4,500 starts) on the data's scale; L-BFGS runs from its N_STARTS best points.
+    """
+    (N, D, L), n_dropped = _clean([(_name(N, "N"), N), (_name(D, "D"), D), (_name(L, "L"), L)], min_points=6)
+    logs = np.column_stack([np.log(N), np.log(D)])
+    centres = logs.mean(axis=0)
+    theta, thetas = _fit(logs - centres, np.log(L), True, n_bootstrap, seed, min_distinct=5)
+    samples = _joint_params(thetas, centres)
+    best = map(float, _joint_params(theta[None], centres)[0])
+    intervals = {name: _interval(samples[:, i], ci) for i, name in enumerate(JOINT_PARAMS)}
+    return JointFit(*best, ci=intervals, n_points=len(L), samples=samples, n_dropped=n_dropped, ci_level=ci)
+
+
+def _joint_params(thetas: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(S, 5) columns E, A, alpha, B, beta from centred log-space parameters [a, α, b, β, e]."""
+    a, alpha, b, beta, e = thetas.T
+    return np.column_stack([np.exp(e), np.exp(a + alpha * centres[0]), alpha, np.exp(b + beta * centres[1]), beta])
+
+
+# --- many fits, and the compute-optimal frontier ---
+
+def _key(value):
+    """A plain Python scalar for a group key (numpy int64 -> int), so tables and legends print cleanly."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def fit_groups(df: pd.DataFrame, x: str, y: str, by: str, **kw) -> dict:
-    """One `fit_power_law` per value of column `by` (groups with too few points are skipped)."""
+    """One fit_power_law of y against x per value of column `by`, keyed by that value.
+
+    A group with too few points with a loss is skipped with a warning (a failed run should not
+    stop the notebook); every other bad input still raises.
+    """
+    min_points = 4 if kw.get("offset") else 3
     fits = {}
-    for key, group in df.groupby(by):
-        try:
-            fits[key] = fit_power_law(group[x], group[y], **kw)
-        except ValueError as e:
-            warnings.warn(f"{by} = {key}: not fitted ({e})", stacklevel=2)
+    for value, group in df.groupby(by, sort=True):
+        n_valid = int(np.isfinite(group[y].to_numpy(dtype=float)).sum())
+        if n_valid < min_points:
+            warnings.warn(f"{by} = {_key(value)}: {n_valid} point(s) with a finite loss, fewer than {min_points}: "
+                          "not fitted", stacklevel=2)
+            continue
+        fits[_key(value)] = fit_power_law(group[x], group[y], **kw)
     return fits
 
 
 def fits_table(fits: dict, name: str = "group") -> pd.DataFrame:
-    """The fits of `fit_groups` as a tidy table, one row per group."""
-    return pd.DataFrame([{name: k, **f.summary()} for k, f in fits.items()])
+    """The fits of fit_groups as a tidy table: one row per group with its exponent, CI, A and E."""
+    columns = [name, "alpha", "alpha_lo", "alpha_hi", "A", "E", "n_points", "x_min", "x_max"]
+    rows = [{name: value, **fit.summary()} for value, fit in fits.items()]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def compute_optimal_frontier(curves: pd.DataFrame, compute: str = "flops", loss: str = "val_loss") -> pd.DataFrame:
-    """Points (from any run) that reached a loss no run reached with less or equal compute.
+def fit_by_group(df: pd.DataFrame, x: str, y: str, by: str, **kw) -> pd.DataFrame:
+    """fits_table(fit_groups(...)): the per-group exponents as one table."""
+    return fits_table(fit_groups(df, x, y, by, **kw), by)
 
-    `curves` holds one row per evaluation of each run (e.g. `sweep.curves`); the result keeps
-    those rows, sorted by compute, each lower than every cheaper point.
+
+def compute_optimal_frontier(df: pd.DataFrame, compute: str = "flops", loss: str = "val_loss",
+                             n_bins: int | None = None) -> pd.DataFrame:
+    """The rows (of any run) whose loss no row reached with less or equal compute, by increasing compute.
+
+    `df` holds every evaluation of every run (e.g. sweep.curves), so the result keeps each
+    point's run_id and config columns. With n_bins, the frontier is thinned to its lowest
+    point in each of n_bins log-spaced compute bins, so densely logged runs do not outweigh
+    the others in a fit.
     """
-    pts = curves.dropna(subset=[compute, loss]).sort_values([compute, loss])
-    best = np.minimum.accumulate(pts[loss].to_numpy())
-    strictly_lower = np.concatenate([[True], pts[loss].to_numpy()[1:] < best[:-1]])
-    return pts[strictly_lower].reset_index(drop=True)
+    points = df.dropna(subset=[compute, loss])
+    points = points[points[compute] > 0].sort_values([compute, loss], kind="stable")
+    losses = points[loss].to_numpy(dtype=float)
+    best_before = np.concatenate([[np.inf], np.minimum.accumulate(losses)[:-1]])
+    frontier = points[losses < best_before]
+    if n_bins:
+        frontier = _thin(frontier, compute, n_bins)
+    return frontier.reset_index(drop=True)
 
 
-def fit_frontier(curves: pd.DataFrame, compute: str = "flops", loss: str = "val_loss", **kw) -> PowerLawFit:
-    frontier = compute_optimal_frontier(curves, compute, loss)
+def _thin(frontier: pd.DataFrame, compute: str, n_bins: int) -> pd.DataFrame:
+    """The last (lowest-loss) frontier row in each log-spaced compute bin."""
+    log_c = np.log(frontier[compute].to_numpy(dtype=float))
+    edges = np.linspace(log_c.min(), log_c.max(), n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, log_c, side="right") - 1, 0, n_bins - 1)
+    last_in_bin = np.append(bins[1:] != bins[:-1], True)
+    return frontier[last_in_bin]
+
+
+def fit_frontier(df: pd.DataFrame, compute: str = "flops", loss: str = "val_loss", n_bins: int | None = None,
+                 **kw) -> PowerLawFit:
+    """fit_power_law of loss against compute on the compute-optimal frontier."""
+    frontier = compute_optimal_frontier(df, compute, loss, n_bins)
     return fit_power_law(frontier[compute], frontier[loss], **kw)

@@ -1,4 +1,7 @@
-"""Fitters recover known constants from synthetic noisy data; the frontier has a known answer."""
+"""The fitters recover known constants from noisy synthetic data; the frontier has a known answer."""
+
+import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -7,71 +10,143 @@ import pytest
 from chemscale import scaling
 
 
-def test_plain_power_law_recovered_with_ci_covering_truth():
-    rng = np.random.default_rng(0)
-    x = np.logspace(2, 5, 8)
-    y = 3.0 * x**-0.17 * np.exp(rng.normal(0, 0.02, x.size))
+def plain_law(seed, noise=0.02, n=8):
+    """L = 3·x^-0.17 with multiplicative noise, n points over three decades."""
+    x = np.logspace(2, 5, n)
+    return x, 3.0 * x**-0.17 * np.exp(np.random.default_rng(seed).normal(0, noise, n))
+
+
+def test_plain_power_law_recovers_constants():
+    x, y = plain_law(seed=0)
     fit = scaling.fit_power_law(x, y, n_bootstrap=200, seed=0)
     assert fit.alpha == pytest.approx(0.17, abs=0.02)
-    lo, hi = fit.ci["alpha"]
-    assert lo < 0.17 < hi and lo < fit.alpha < hi
-    assert "α = " in fit.label()
+    assert fit.A == pytest.approx(3.0, rel=0.05)
+    assert fit.ci["alpha"][0] < 0.17 < fit.ci["alpha"][1]
+    assert fit.ci["alpha"][0] < fit.alpha < fit.ci["alpha"][1]
+    assert fit.E == 0.0 and "E" not in fit.ci and fit.samples.shape == (200, 3)
+    assert (fit.n_points, fit.x_min, fit.x_max) == (8, 100.0, 1e5)
+    assert re.fullmatch(r"α = 0\.\d\d \[0\.\d\d, 0\.\d\d\]", fit.label())
 
 
-def test_offset_power_law_recovered():
-    rng = np.random.default_rng(1)
+def test_offset_power_law_recovers_floor():
     x = np.logspace(1, 5, 12)
-    y = (0.8 + 5.0 * x**-0.35) * np.exp(rng.normal(0, 0.005, x.size))
-    fit = scaling.fit_power_law(x, y, offset=True, n_bootstrap=100, seed=0)
-    assert fit.alpha == pytest.approx(0.35, abs=0.05)
-    assert fit.E == pytest.approx(0.8, abs=0.05)
-    assert fit.ci["E"][0] < 0.8 < fit.ci["E"][1]
+    y = (0.8 + 5.0 * x**-0.35) * np.exp(np.random.default_rng(1).normal(0, 0.01, x.size))
+    fit = scaling.fit_power_law(x, y, offset=True, n_bootstrap=200, seed=0)
+    assert fit.alpha == pytest.approx(0.35, abs=0.03)
+    assert fit.E == pytest.approx(0.8, abs=0.03)
+    assert fit.A == pytest.approx(5.0, rel=0.1)
+    for name, truth in {"alpha": 0.35, "E": 0.8, "A": 5.0}.items():
+        assert fit.ci[name][0] < truth < fit.ci[name][1], name
 
 
-def test_joint_chinchilla_form_recovered():
-    rng = np.random.default_rng(2)
-    N, D = np.meshgrid(np.logspace(5, 9, 6), np.logspace(6, 10, 6))
-    N, D = N.ravel(), D.ravel()
-    L = (1.82 + 400 / N**0.34 + 410 / D**0.28) * np.exp(rng.normal(0, 0.01, N.size))
-    fit = scaling.fit_joint(N, D, L, n_bootstrap=20, seed=0)
+def test_joint_form_recovers_chinchilla_constants():
+    N, D = (a.ravel() for a in np.meshgrid(np.logspace(7, 10, 6), np.logspace(9, 12, 6)))
+    L = (1.82 + 400 / N**0.34 + 410 / D**0.28) * np.exp(np.random.default_rng(2).normal(0, 0.01, N.size))
+    fit = scaling.fit_joint(N, D, L, n_bootstrap=50, seed=0)
     assert fit.alpha == pytest.approx(0.34, abs=0.05)
     assert fit.beta == pytest.approx(0.28, abs=0.05)
     assert fit.E == pytest.approx(1.82, abs=0.1)
-    assert np.allclose(fit.predict(N, D), L, rtol=0.05)
+    assert fit.ci["E"][0] < 1.82 < fit.ci["E"][1]
+    assert np.allclose(fit.predict(N, D), L, rtol=0.03)
+    row = fit.summary()
+    assert row["n_points"] == 36 and row["alpha_lo"] < row["alpha"] < row["alpha_hi"]
+    assert fit.samples.shape == (50, 5) and "β = " in fit.label()
 
 
-def test_bad_input_is_named():
+def test_confidence_intervals_cover_the_truth_and_shrink_with_noise():
+    covered = 0
+    for seed in range(10):
+        lo, hi = scaling.fit_power_law(*plain_law(100 + seed), n_bootstrap=100, seed=seed).ci["alpha"]
+        covered += lo <= 0.17 <= hi
+    assert covered >= 8  # nominal 95%; the percentile bootstrap of 8 points under-covers a little
+    width = lambda noise: np.diff(scaling.fit_power_law(*plain_law(0, noise), n_bootstrap=100).ci["alpha"])[0]  # noqa: E731
+    assert width(0.005) < width(0.04)
+
+
+def test_same_seed_same_intervals():
+    x, y = plain_law(seed=3)
+    a, b = (scaling.fit_power_law(x, y, n_bootstrap=30, seed=7) for _ in range(2))
+    assert np.array_equal(a.samples, b.samples) and a.ci == b.ci
+
+
+def test_bad_input_raises_naming_the_problem():
     with pytest.raises(ValueError, match="at least 3"):
-        scaling.fit_power_law([1, 2], [1, 2], n_bootstrap=1)
-    with pytest.raises(ValueError, match="positive"):
-        scaling.fit_power_law([1, 2, 3], [1, -2, 3], n_bootstrap=1)
+        scaling.fit_power_law([1, 2], [1, 2], n_bootstrap=0)
+    with pytest.raises(ValueError, match="at least 4"):
+        scaling.fit_power_law([1, 2, 3], [3, 2, 1], offset=True, n_bootstrap=0)
+    with pytest.raises(ValueError, match="at least 6"):
+        scaling.fit_joint([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [5, 4, 3, 2, 1], n_bootstrap=0)
+    with pytest.raises(ValueError, match="flops must be positive"):
+        scaling.fit_power_law(pd.Series([1.0, -2, 3], name="flops"), [3, 2, 1], n_bootstrap=0)
+    with pytest.raises(ValueError, match="y must be positive"):
+        scaling.fit_power_law([1, 2, 3], [3, 0, 1], n_bootstrap=0)
+    with pytest.raises(ValueError, match="x must be positive and finite"):
+        scaling.fit_power_law([1, np.inf, 3], [3, 2, 1], n_bootstrap=0)
+    with pytest.raises(ValueError, match="different lengths"):
+        scaling.fit_power_law([1, 2, 3], [3, 2], n_bootstrap=0)
 
 
-def test_nan_rows_dropped_with_warning():
-    x = np.logspace(1, 4, 6)
+def test_nan_rows_are_dropped_with_a_warning():
+    x = np.logspace(1, 4, 9)
     y = 2 * x**-0.3
-    y[2] = np.nan
-    with pytest.warns(UserWarning, match="dropped 1 row"):
-        fit = scaling.fit_power_law(x, y, n_bootstrap=10)
-    assert fit.n_points == 5 and fit.n_dropped == 1
-    assert fit.alpha == pytest.approx(0.3, abs=1e-3)
+    y[[2, 5]] = np.nan  # diverged runs
+    y[7] = np.inf
+    with pytest.warns(UserWarning, match="dropped 3 row"):
+        fit = scaling.fit_power_law(x, y, n_bootstrap=20)
+    assert (fit.n_points, fit.n_dropped) == (6, 3)
+    assert fit.alpha == pytest.approx(0.3, abs=1e-3) and fit.A == pytest.approx(2, rel=1e-2)
 
 
-def test_compute_optimal_frontier_on_known_curves():
-    curves = pd.DataFrame({
-        "run_id": ["small"] * 3 + ["big"] * 3,
-        "flops": [1, 2, 4, 2, 4, 8],
-        "val_loss": [3.0, 2.5, 2.4, 2.8, 2.0, 1.5],
+def test_without_bootstrap_there_is_no_interval():
+    x, y = plain_law(seed=0)
+    fit = scaling.fit_power_law(x, y, n_bootstrap=0)
+    assert np.isnan(fit.ci["alpha"][0]) and fit.band(x) is None
+    assert re.fullmatch(r"α = 0\.\d\d", fit.label())
+
+
+def test_band_brackets_the_fit():
+    x, y = plain_law(seed=0)
+    fit = scaling.fit_power_law(x, y, n_bootstrap=100)
+    lo, hi = fit.band(x)
+    assert np.all(lo <= fit.predict(x) * 1.001) and np.all(fit.predict(x) <= hi * 1.001) and np.all(lo < hi)
+
+
+def hand_made_curves():
+    """Three runs; by hand, the frontier is small@1, small@2, mid@4, mid@8, big@16."""
+    return pd.DataFrame({
+        "run_id": ["small"] * 3 + ["mid"] * 3 + ["big"] * 4,
+        "flops": [1, 2, 4, 2, 4, 8, 4, 8, 16, 32],
+        "val_loss": [5.0, 4.0, 3.5, 4.5, 3.0, 2.5, 4.0, 2.8, 2.0, np.nan],
     })
-    frontier = scaling.compute_optimal_frontier(curves)
-    assert list(zip(frontier["flops"], frontier["val_loss"], frontier["run_id"])) == [
-        (1, 3.0, "small"), (2, 2.5, "small"), (4, 2.0, "big"), (8, 1.5, "big")]
 
 
-def test_fit_groups_and_table():
+def test_compute_optimal_frontier_on_hand_made_curves():
+    frontier = scaling.compute_optimal_frontier(hand_made_curves())
+    assert list(zip(frontier["run_id"], frontier["flops"], frontier["val_loss"])) == [
+        ("small", 1, 5.0), ("small", 2, 4.0), ("mid", 4, 3.0), ("mid", 8, 2.5), ("big", 16, 2.0)]
+    thinned = scaling.compute_optimal_frontier(hand_made_curves(), n_bins=2)
+    assert list(thinned["flops"]) == [2, 16]  # the lowest loss in [1, 4) and [4, 16]
+
+
+def test_fit_frontier_recovers_the_envelope_exponent():
+    # each run follows L = 10·C^-0.1 until it plateaus at its own floor: the envelope is the power law
+    rows = [{"run_id": f"r{floor}", "flops": c, "val_loss": max(10 * c**-0.1, floor)}
+            for floor in (6.0, 4.0, 2.5) for c in np.logspace(1, 8, 15)]
+    fit = scaling.fit_frontier(pd.DataFrame(rows), n_bootstrap=20)
+    assert fit.alpha == pytest.approx(0.1, abs=1e-3) and fit.A == pytest.approx(10, rel=1e-2)
+
+
+def test_fits_per_group_and_their_table():
     x = np.logspace(2, 4, 5)
-    df = pd.DataFrame({"x": np.tile(x, 2), "y": np.concatenate([x**-0.1, 2 * x**-0.3]), "g": [1] * 5 + [2] * 5})
-    fits = scaling.fit_groups(df, "x", "y", by="g", n_bootstrap=10)
+    df = pd.DataFrame({"x": np.concatenate([x, x, x[:2]]),
+                       "y": np.concatenate([x**-0.1, 2 * x**-0.3, x[:2] ** -0.2]),
+                       "g": [10] * 5 + [20] * 5 + [30] * 2})
+    with pytest.warns(UserWarning, match="g = 30: 2 point"):
+        fits = scaling.fit_groups(df, "x", "y", by="g", n_bootstrap=20)
+    assert list(fits) == [10, 20] and all(type(k) is int for k in fits)
     table = scaling.fits_table(fits, "g")
-    assert list(table["g"]) == [1, 2]
+    assert list(table.columns[:4]) == ["g", "alpha", "alpha_lo", "alpha_hi"]
     assert table["alpha"].round(3).tolist() == [0.1, 0.3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pd.testing.assert_frame_equal(scaling.fit_by_group(df, "x", "y", "g", n_bootstrap=20), table)

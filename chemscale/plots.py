@@ -1,0 +1,174 @@
+"""Seaborn-styled log-log plots of scaling studies, and deterministic saving into `figures/`.
+
+    plots.set_theme()
+    fig = plots.loglog(df, "n_params_non_embedding", "best_val_loss", hue="n_train_molecules", fits=fits)
+    plots.save(fig, "01_chemgpt_scaling", "loss_vs_params")   # figures/01_chemgpt_scaling/loss_vs_params.png
+
+Every plot function returns its Figure, so a notebook shows it inline and can save it. `save`
+writes a PNG with a fixed dpi and no software or time metadata, through a temp file and a
+rename, so regenerating an unchanged figure gives the same bytes and git sees no change.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib import ticker
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from chemscale import paths, scaling
+from chemscale.config import atomic_write_bytes
+
+DPI = 150
+FIGSIZE = (6.4, 4.4)
+FIT_COLOR = "crimson"  # a fit drawn over data of many colours
+
+
+def set_theme() -> None:
+    """One look for every figure: seaborn 'ticks' with a light grid (log axes need it), notebook context."""
+    sns.set_theme(style="ticks", context="notebook", rc={"axes.grid": True, "grid.alpha": 0.3})
+
+
+def _axes(ax, figsize=FIGSIZE):
+    """(figure, axes): the given axes, or a new figure with constrained layout."""
+    if ax is not None:
+        return ax.figure, ax
+    return plt.subplots(figsize=figsize, layout="constrained")
+
+
+def _fmt(value) -> str:
+    """A group value for a legend: 100000 -> '1e5', 0.5 -> '0.5', 'moses' -> 'moses'."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if value != 0 and not 1e-2 <= abs(value) < 1e4:
+            mantissa, exponent = f"{value:.2g}".split("e")
+            return f"{mantissa}e{int(exponent)}"
+        return f"{value:g}"
+    return str(value)
+
+
+def _colors(levels, palette: str) -> dict:
+    """One colour per level, in sorted order along the palette (small models light, large dark, or so)."""
+    return dict(zip(levels, sns.color_palette(palette, len(levels))))
+
+
+def _draw_fit(ax, fit: scaling.PowerLawFit, color, label: str | None = None) -> None:
+    """The fitted curve over the fitted range, dashed, with its bootstrap band."""
+    xs = np.geomspace(fit.x_min, fit.x_max, 100)
+    band = fit.band(xs)
+    if band is not None:
+        ax.fill_between(xs, *band, color=color, alpha=0.15, lw=0)
+    ax.plot(xs, fit.predict(xs), "--", color=color, lw=1.3, label=label)
+
+
+def _finish(ax, x, y, xlabel, ylabel, title, legend_title=None) -> None:
+    """Log-log axes, labels and a legend if anything is labelled."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel or x, ylabel=ylabel or y, title=title)
+    # losses often span less than a decade: label the minor ticks '3', not '3 × 10^0'
+    ax.yaxis.set_major_formatter(ticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(title=legend_title, fontsize="small", title_fontsize="small", frameon=False)
+
+
+def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=None, ax=None,
+           xlabel: str | None = None, ylabel: str | None = None, title: str | None = None,
+           palette: str = "viridis"):
+    """y against x on log-log axes, one line of points per `hue` group, with fitted power laws.
+
+    `fits` is a mapping hue value -> PowerLawFit (as `scaling.fit_groups` returns), each drawn in
+    its group's colour with its exponent in the legend, or a single PowerLawFit for all points.
+    """
+    fig, ax = _axes(ax)
+    groups = list(df.groupby(hue, sort=True)) if hue else [(None, df)]
+    colors = _colors([level for level, _ in groups], palette) if hue else {None: "C0"}
+    per_group = fits if isinstance(fits, dict) else {}
+    for level, group in groups:
+        group = group.sort_values(x)
+        fit = per_group.get(level)
+        label = _fmt(level) if hue else None
+        if fit is not None:
+            _draw_fit(ax, fit, colors[level])
+            label = f"{label}: {fit.label()}" if label else fit.label()
+        ax.plot(group[x], group[y], "o-", color=colors[level], ms=5, lw=0.9, label=label)
+    if isinstance(fits, scaling.PowerLawFit):
+        _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {fits.label()}")
+    _finish(ax, x, y, xlabel, ylabel, title, legend_title=hue)
+    return fig
+
+
+def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = None,
+                  frontier: pd.DataFrame | None = None, fit: scaling.PowerLawFit | None = None, *,
+                  run: str = "run_id", ax=None, xlabel: str | None = None, ylabel: str | None = None,
+                  title: str | None = "Loss vs compute", palette: str = "viridis"):
+    """Every run's loss-vs-compute curve (faint, coloured by `hue`), the frontier (bold) and its fit."""
+    fig, ax = _axes(ax)
+    if frontier is None:
+        frontier = scaling.compute_optimal_frontier(df, compute, loss)
+    levels = sorted(df[hue].dropna().unique()) if hue else [None]
+    colors = _colors(levels, palette) if hue else {None: "0.4"}
+    for _, curve in df.sort_values(compute).groupby(run, sort=True):
+        color = colors[curve[hue].iloc[0]] if hue else colors[None]
+        ax.plot(curve[compute], curve[loss], "-", color=color, alpha=0.35, lw=1)
+    for level in levels if hue else []:  # one legend entry per hue level, not per run
+        ax.plot([], [], "-", color=colors[level], label=f"{hue} = {_fmt(level)}")
+    ax.plot(frontier[compute], frontier[loss], "o", color="black", ms=5, zorder=3, label="compute-optimal frontier")
+    if fit is not None:
+        _draw_fit(ax, fit, FIT_COLOR, label=f"frontier fit: {fit.label()}")
+    _finish(ax, compute, loss, xlabel, ylabel, title)
+    return fig
+
+
+def exponent_plot(table: pd.DataFrame, *, label: str = "fit", value: str = "alpha", reference: float | None = None,
+                  reference_label: str | None = None, ax=None, xlabel: str = "exponent (95% CI)",
+                  title: str | None = "Fitted scaling exponents"):
+    """One row per fit: its exponent with the CI as an error bar (columns value, value_lo, value_hi),
+    and a dotted line at a reference value such as the paper's."""
+    fig, ax = _axes(ax, figsize=(FIGSIZE[0], 1.4 + 0.5 * len(table)))
+    t = table.reset_index(drop=True)
+    rows = np.arange(len(t))[::-1]  # first row at the top, as in the table
+    # a percentile CI may sit to one side of the point estimate, or be missing: no negative bars
+    below = np.nan_to_num(t[value] - t[f"{value}_lo"]).clip(min=0)
+    above = np.nan_to_num(t[f"{value}_hi"] - t[value]).clip(min=0)
+    ax.errorbar(t[value], rows, xerr=np.vstack([below, above]), fmt="o", color="C0", capsize=4)
+    if reference is not None:
+        ax.axvline(reference, color=FIT_COLOR, ls=":", label=reference_label)
+    ax.set(yticks=rows, yticklabels=t[label].astype(str), xlabel=xlabel, title=title)
+    ax.grid(False, axis="y")
+    if reference_label:
+        ax.legend(fontsize="small", frameon=False)
+    return fig
+
+
+def quality_plot(quality: pd.DataFrame, x: str = "n_params_non_embedding",
+                 metrics: tuple[str, ...] = ("validity", "uniqueness", "novelty"), *, ax=None,
+                 xlabel: str | None = None, title: str | None = "Generation quality by model size"):
+    """Fractions (validity, uniqueness, novelty of sampled molecules) against model size, log x."""
+    missing = [m for m in (x, *metrics) if m not in quality.columns]
+    if missing:
+        raise ValueError(f"quality table has no column(s) {missing}; it has {list(quality.columns)}")
+    fig, ax = _axes(ax)
+    q = quality.sort_values(x)
+    for metric, color in zip(metrics, sns.color_palette("colorblind", len(metrics))):
+        ax.plot(q[x], q[metric], "o-", color=color, label=metric)
+    ax.set(xscale="log", ylim=(0, 1.02), xlabel=xlabel or x, ylabel="fraction", title=title)
+    ax.legend(fontsize="small", frameon=False)
+    return fig
+
+
+def save(fig, notebook_stem: str, name: str, *, root: str | Path | None = None, dpi: int = DPI) -> Path:
+    """Write `fig` to <root or paths.FIGURES>/<notebook_stem>/<name>.png, byte-for-byte reproducibly.
+
+    PNGs are always rendered by Agg, whatever the interactive backend; dropping the 'Software'
+    entry leaves no matplotlib version in the file, and PNGs carry no time stamp.
+    """
+    if Path(name).name != name or name.endswith(".png"):
+        raise ValueError(f"figure name {name!r} must be a bare file name without '.png'")
+    path = Path(root or paths.FIGURES) / notebook_stem / f"{name}.png"
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
