@@ -47,16 +47,14 @@ def _set_axis(config: dict, key: str, value) -> None:
 
 def validate(config: dict, source: str = "<sweep config>") -> None:
     """Check every section of a run config now, before any run starts."""
-    from chemscale.train import _tasks, parse_train_config
+    from chemscale.train import parse_train_config, task_module
 
-    tasks = _tasks()
-    if config.get("task") not in tasks:
-        raise ConfigError(f"{source}: key 'task' = {config.get('task')!r}; known tasks: {sorted(tasks)}")
+    task = task_module(config.get("task"), source)
     unknown = set(config) - {"study", "task", "seed", "meta", *SECTIONS}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     parse_train_config(config, source)
-    tasks[config["task"]].validate(config, source)
+    task.validate(config, source)
 
 
 def grid(study: str, base: dict, **axes) -> list[dict]:

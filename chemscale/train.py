@@ -79,18 +79,16 @@ def lr_lambda(warmup_steps: int, max_steps: int):
     return f
 
 
-def _tasks():
-    """Task name -> module with `build(config, run_dir) -> Task`; imported lazily."""
-    from chemscale import lm
+TASKS = {"chemgpt": "chemscale.lm", "ff": "chemscale.ff.task"}  # task name -> module with build()/validate()
 
-    tasks = {"chemgpt": lm}
-    try:
-        from chemscale.ff import task as ff_task
 
-        tasks["ff"] = ff_task
-    except ImportError:
-        pass
-    return tasks
+def task_module(name, source: str = "<config>"):
+    """The module of a task, imported on demand (the force-field stack takes seconds to import)."""
+    import importlib
+
+    if name not in TASKS:
+        raise ConfigError(f"{source}: key 'task' = {name!r}; known tasks: {sorted(TASKS)}")
+    return importlib.import_module(TASKS[name])
 
 
 def parse_train_config(config: dict, source: str) -> TrainConfig:
@@ -100,8 +98,8 @@ def parse_train_config(config: dict, source: str) -> TrainConfig:
 class MetricsLog:
     """metrics.csv writer: appends buffered rows; after a restart drops rows past the checkpoint."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, columns: tuple[str, ...] = METRIC_COLUMNS):
+        self.path, self.columns = path, columns
         self.rows: list[dict] = []
 
     def truncate_after(self, step: int) -> None:
@@ -112,7 +110,7 @@ class MetricsLog:
             kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         from chemscale.config import atomic_write_text
 
-        lines = [",".join(METRIC_COLUMNS)] + [",".join(r.get(c, "") for c in METRIC_COLUMNS) for r in kept]
+        lines = [",".join(self.columns)] + [",".join(r.get(c) or "" for c in self.columns) for r in kept]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def add(self, **row) -> None:
@@ -124,11 +122,11 @@ class MetricsLog:
             return
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             if new:
                 writer.writeheader()
             for row in self.rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+                writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
             f.flush()
             os.fsync(f.fileno())
         self.rows.clear()
@@ -142,7 +140,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _callbacks(run_dir: Path, tcfg: TrainConfig):
+def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] = ()):
     """Lightning callbacks: metrics/checkpoint bookkeeping and early stopping."""
     import pytorch_lightning as pl
 
@@ -150,7 +148,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig):
         """Buffers per-step losses, writes metrics and an atomic checkpoint at each validation."""
 
         def __init__(self):
-            self.metrics = MetricsLog(run_dir / runs.METRICS)
+            self.metrics = MetricsLog(run_dir / runs.METRICS, METRIC_COLUMNS + tuple(extra_columns))
             self.pending: list[tuple[int, int, torch.Tensor, float]] = []
             self.best_val = math.inf
             self.best_step = -1
@@ -226,24 +224,22 @@ def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
     config = runs.read_config(run_dir)
     source = str(run_dir / runs.CONFIG)
     tcfg = parse_train_config(config, source)
-    task_name = config.get("task")
-    tasks = _tasks()
-    if task_name not in tasks:
-        raise ConfigError(f"{source}: key 'task' = {task_name!r}; known tasks: {sorted(tasks)}")
+    task = task_module(config.get("task"), source)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     pl.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
     torch.use_deterministic_algorithms(True, warn_only=True)
     _quiet_lightning()
 
-    task = tasks[task_name].build(config, tcfg, run_dir, source)
-    book, early = _callbacks(run_dir, tcfg)
+    book, early = _callbacks(run_dir, tcfg, getattr(task, "EXTRA_COLUMNS", ()))
+    task = task.build(config, tcfg, run_dir, source)
     trainer = pl.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=tcfg.strategy,
         precision=tcfg.precision, max_steps=tcfg.max_steps, max_epochs=-1, val_check_interval=tcfg.val_every_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=tcfg.grad_clip or None,
         callbacks=[book, *early], logger=False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, default_root_dir=str(run_dir), deterministic=False,
+        inference_mode=False,  # force fields differentiate the energy during validation too
     )
     ckpt = run_dir / runs.CHECKPOINT
     resume = ckpt if ckpt.exists() else None

@@ -1,0 +1,229 @@
+"""The force-field training task: structures -> GNN -> energy+force loss.
+
+`chemscale.train` calls `build(config, ...)` for runs with `"task": "ff"`. A run config has
+`model` (`FFModelConfig`), `data` (`FFDataConfig`) and `train` (`chemscale.train.TrainConfig`).
+The loss is the weighted MSE of energies (eV per structure, reference energies subtracted)
+and force components (eV/Å); validations also report `energy_mae_mev` and
+`force_mae_mev_per_a`, and at the end the best model is evaluated on the test split.
+Compute is measured: the FLOPs of one training step (torch's FlopCounterMode) per structure.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from chemscale.config import atomic_write_bytes, from_dict, require
+from chemscale.ff import data as ffdata
+from chemscale.ff import models
+from chemscale.ff.loader import ff_loader
+
+P = models.P  # schnetpack batch keys
+EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
+
+
+@dataclass
+class FFModelConfig:
+    """Which network, and its size."""
+
+    name: str = "schnet"  # schnet, painn, allegro, spookynet
+    width: int = 64  # features per atom (see chemscale.ff.models for each model's meaning)
+    depth: int = 3  # interaction layers
+    cutoff: float = 5.0  # neighbour cutoff, Å
+    n_rbf: int = 20  # radial basis functions
+
+    def __post_init__(self):
+        require(self.name in models.MODELS, "name", f"must be one of {models.MODELS}, got {self.name!r}")
+        require(self.width > 0 and self.depth > 0, "width/depth", "must be > 0")
+        require(self.cutoff > 0 and self.n_rbf > 0, "cutoff/n_rbf", "must be > 0")
+
+
+@dataclass
+class FFDataConfig:
+    """Which structures a run trains, validates and tests on."""
+
+    source: str = "md:ethanol"  # a recipe name (md:ethanol, conformers:moses) or a data file path
+    recipe: dict = field(default_factory=dict)  # recipe fields to override, e.g. {"n_train": 5000}
+    n_train: int = 1000  # training structures (nested subsets of a fixed permutation)
+    n_val: int = 0  # validation structures; 0 = the whole validation split
+    energy_weight: float = 0.01  # loss = energy_weight·MSE(E) + (1 - energy_weight)·MSE(F)
+
+    def __post_init__(self):
+        require(self.n_train > 0 and self.n_val >= 0, "n_train/n_val", "must be > 0 (n_val >= 0)")
+        require(0 <= self.energy_weight <= 1, "energy_weight", "must be in [0, 1]")
+
+
+class FFModule(pl.LightningModule):
+    """Energy+force regression with a `chemscale.ff.models.ForceField`."""
+
+    def __init__(self, model: models.ForceField, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                 energy_weight: float):
+        super().__init__()
+        self.model, self.lr, self.weight_decay = model, lr, weight_decay
+        self.warmup_steps, self.max_steps, self.energy_weight = warmup_steps, max_steps, energy_weight
+        self.flops_per_token = 0.0  # FLOPs per training structure, measured by `measure_flops`
+        self.tokens_seen = self.tokens_at_best = self.tokens_this_process = 0  # structures
+        self._seen = torch.zeros((), dtype=torch.long)
+        self.last_loss = torch.zeros(())
+        self.extra_val: dict = {}
+        self.best_val_metrics: dict = {}
+
+    def loss_terms(self, batch):
+        out = self.model(batch)
+        de = out["energy"] - batch["energy"]
+        df = out["forces"] - batch["forces"]
+        loss = self.energy_weight * de.pow(2).mean() + (1 - self.energy_weight) * df.pow(2).mean()
+        return loss, de, df
+
+    def training_step(self, batch, batch_idx):
+        loss, _, _ = self.loss_terms(batch)
+        self._seen = self._seen.to(loss.device) + batch[P.n_atoms].numel()
+        self.last_loss = loss.detach()
+        return loss
+
+    def on_train_epoch_start(self):
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.current_epoch)
+
+    def on_validation_epoch_start(self):
+        n = self._seen.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+        self.tokens_seen += int(n)
+        self.tokens_this_process += int(n)
+        self._seen.zero_()
+        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss·n, |dE|, n_E, |dF|, n_F
+
+    def validation_step(self, batch, batch_idx):
+        with torch.enable_grad():  # forces are energy gradients
+            loss, de, df = self.loss_terms(batch)
+        n = de.numel()
+        self._sums += torch.stack([loss.detach().double() * n, de.detach().abs().sum().double(), torch.tensor(
+            n, dtype=torch.float64, device=self.device), df.detach().abs().sum().double(),
+            torch.tensor(df.numel(), dtype=torch.float64, device=self.device)])
+
+    def on_validation_epoch_end(self):
+        s = self._sums
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(s)
+        self.extra_val = {"energy_mae_mev": float(1000 * s[1] / s[2]), "force_mae_mev_per_a": float(1000 * s[3] / s[4])}
+        self.log("val_loss", (s[0] / s[2]).float())
+
+    def on_new_best(self, run_dir: Path) -> None:
+        self.tokens_at_best = self.tokens_seen
+        self.best_val_metrics = dict(self.extra_val)
+        if self.trainer.is_global_zero:
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            atomic_write_bytes(run_dir / "best.pt", buf.getvalue())
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["chemscale"] = {"tokens_seen": self.tokens_seen, "tokens_at_best": self.tokens_at_best,
+                                   "flops_per_token": self.flops_per_token, "best_val_metrics": self.best_val_metrics}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("chemscale", {})
+        self.tokens_seen, self.tokens_at_best = state.get("tokens_seen", 0), state.get("tokens_at_best", 0)
+        self.best_val_metrics = state.get("best_val_metrics", {})
+
+    def configure_optimizers(self):
+        from chemscale.train import lr_lambda
+
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.warmup_steps, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def measure_flops(self, batch) -> None:
+        """FLOPs of one training step (forward, forces, backward) per structure, counted by torch."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss, _, _ = self.loss_terms(batch)
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        self.flops_per_token = counter.get_total_flops() / batch[P.n_atoms].numel()
+
+
+class _Ranked:
+    """The training batches of this DDP rank, built on first use (the rank is known only then)."""
+
+    def __init__(self, dataset, **kwargs):
+        self.dataset, self.kwargs, self._loader = dataset, kwargs, None
+
+    def _get(self):
+        if self._loader is None:
+            ddp = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+            self._loader = ff_loader(self.dataset, rank=rank, world_size=world, **self.kwargs)
+        return self._loader
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
+
+    def set_epoch(self, epoch: int) -> None:
+        self._get().set_epoch(epoch)
+
+
+class Task:
+    def __init__(self, module: FFModule, train_loader, val_loader, test_set, cutoff: float, n_train: int):
+        self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
+        self.test_set, self.cutoff, self.n_train = test_set, cutoff, n_train
+
+    def summary(self, book, train_seconds: float) -> dict:
+        m = self.module
+        return {"n_params": m.model.n_params(), "n_train_structures": self.n_train,
+                "flops_per_structure": m.flops_per_token, "structures_seen": m.tokens_seen,
+                "flops_at_best": m.flops_per_token * m.tokens_at_best, "flops_total": m.flops_per_token * m.tokens_seen,
+                "train_structures_per_s": m.tokens_this_process / max(train_seconds, 1e-9),
+                **{f"val_{k}": v for k, v in m.best_val_metrics.items()}}
+
+    def finish(self, run_dir: Path) -> dict:
+        """Energy and force MAE of the best model on the test split."""
+        model = self.module.model
+        if (run_dir / "best.pt").exists():
+            model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+        model.eval().cpu()
+        abs_e = abs_f = n_e = n_f = 0.0
+        for batch in ff_loader(self.test_set, batch_size=64, cutoff=self.cutoff):
+            out = model(batch)
+            abs_e += float((out["energy"].detach() - batch["energy"]).abs().sum())
+            abs_f += float((out["forces"].detach() - batch["forces"]).abs().sum())
+            n_e, n_f = n_e + batch["energy"].numel(), n_f + batch["forces"].numel()
+        return {"test_energy_mae_mev": 1000 * abs_e / max(n_e, 1), "test_force_mae_mev_per_a": 1000 * abs_f / max(n_f, 1),
+                "n_test_structures": len(self.test_set)}
+
+
+def validate(config: dict, source: str) -> None:
+    from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
+    from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
+
+
+def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
+    """Build the force-field task of a run config (sections `model`, `data`)."""
+    mcfg = from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
+    dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
+    seed = int(config.get("seed", 0))
+    recipe = ffdata.as_recipe(dcfg.source, **dcfg.recipe)
+    train_set = ffdata.load(recipe, "train", dcfg.n_train, seed=0, progress=False)
+    val_set = ffdata.load(recipe, "val", dcfg.n_val or None, seed=0, progress=False)
+    test_set = ffdata.load(recipe, "test", None, progress=False)
+    elements = sorted(set(train_set.elements) | set(val_set.elements) | set(test_set.elements))
+    model = models.build(mcfg.name, width=mcfg.width, depth=mcfg.depth, cutoff=mcfg.cutoff, elements=elements,
+                         n_rbf=mcfg.n_rbf)
+    module = FFModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, dcfg.energy_weight)
+    batch_size = min(tcfg.batch_size, len(train_set))
+    module.measure_flops(next(iter(ff_loader(train_set, batch_size=batch_size, cutoff=mcfg.cutoff))))
+    train_loader = _Ranked(train_set, batch_size=batch_size, shuffle=True, seed=seed, cutoff=mcfg.cutoff,
+                           drop_last=True)
+    val_loader = _Ranked(val_set, batch_size=max(64, tcfg.batch_size), cutoff=mcfg.cutoff)
+    return Task(module, train_loader, val_loader, test_set, mcfg.cutoff, len(train_set))
+
