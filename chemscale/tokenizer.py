@@ -16,14 +16,15 @@ from chemscale.config import atomic_write_json
 
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+FORMAT = "chemscale-selfies-tokenizer"
 
 
 class TokenizerError(ValueError):
-    """A tokenizer file is missing, malformed or inconsistent."""
+    """A tokenizer file is missing, malformed or inconsistent; the message names the file."""
 
 
 class Tokenizer:
-    """Maps SELFIES symbols to integer ids and back."""
+    """Maps SELFIES symbols to integer ids and back; ids 0-3 are the special tokens."""
 
     def __init__(self, symbols: Iterable[str] = ()):
         self.symbols: list[str] = list(SPECIALS)
@@ -32,14 +33,14 @@ class Tokenizer:
 
     @classmethod
     def from_selfies(cls, strings: Iterable[str]) -> Tokenizer:
-        """A tokenizer whose vocabulary is every symbol in `strings`, sorted (deterministic ids)."""
+        """A tokenizer of every symbol in `strings`, sorted so ids do not depend on the order."""
         found = set()
         for s in strings:
             found.update(sf.split_selfies(s))
         return cls(sorted(found))
 
     def extend(self, symbols: Iterable[str]) -> list[str]:
-        """Append symbols not yet known (in the order given); returns the ones added."""
+        """Append the symbols not yet known, in the order given; returns the ones added."""
         added = []
         for s in symbols:
             if s not in self.index:
@@ -57,7 +58,7 @@ class Tokenizer:
         return [BOS_ID, *ids, EOS_ID] if add_special else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """SELFIES string of token ids: skips [PAD]/[BOS], stops at [EOS]."""
+        """SELFIES string of token ids: skips [PAD] and [BOS], stops at [EOS]."""
         out = []
         for i in ids:
             i = int(i)
@@ -69,23 +70,27 @@ class Tokenizer:
         return "".join(out)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, {"format": "chemscale-selfies-tokenizer", "version": 1, "symbols": self.symbols})
+        """Write the vocabulary as JSON (atomically: a reader never sees half a file)."""
+        atomic_write_json(path, {"format": FORMAT, "version": 1, "symbols": self.symbols})
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Read a tokenizer JSON written by `save`, with a clear error for a bad file."""
+        """Read a tokenizer written by `save`; a missing or malformed file raises TokenizerError."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise TokenizerError(f"{path}: tokenizer file not found") from None
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path}: not a JSON file ({e})") from None
         symbols = data.get("symbols") if isinstance(data, dict) else None
-        if not isinstance(symbols, list) or list(symbols[:4]) != list(SPECIALS):
-            raise TokenizerError(f"{path}: not a chemscale tokenizer (needs 'symbols' starting with {SPECIALS})")
+        if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+            raise TokenizerError(f"{path}: expected a JSON object with a list of strings under 'symbols'")
+        if tuple(symbols[:4]) != SPECIALS:
+            raise TokenizerError(f"{path}: 'symbols' must start with {list(SPECIALS)}, got {symbols[:4]}")
         if len(set(symbols)) != len(symbols):
-            raise TokenizerError(f"{path}: duplicate symbols in the vocabulary")
+            duplicated = sorted({s for s in symbols if symbols.count(s) > 1})
+            raise TokenizerError(f"{path}: duplicate symbols {duplicated}")
         return cls(symbols[4:])
 
     def __eq__(self, other) -> bool:
