@@ -105,7 +105,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         slurm: submitit parameters for executor="slurm", e.g. {"slurm_partition": "gpu",
             "gpus_per_node": 4, "tasks_per_node": 4, "nodes": 1, "timeout_min": 600}.
     """
-    dirs = run_dirs(configs, root)
+    dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run
     todo = [d for d in dirs if not runs.is_finished(d)]
     if executor == "local":
         default_parallel, default_threads = _default_parallel()
