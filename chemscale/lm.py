@@ -57,6 +57,9 @@ class LMDataConfig:
         require(self.n_val_molecules > 0, "n_val_molecules", "must be > 0")
 
 
+SECTIONS = {"model": LMModelConfig, "data": LMDataConfig}  # config sections this task reads
+
+
 class Task:
     """What the runner needs from a task: module, loaders, and end-of-run summaries."""
 

@@ -29,20 +29,32 @@ from chemscale.config import ConfigError
 SECTIONS = ("model", "data", "train")
 
 
+def _section_fields(task: str) -> dict[str, set[str]]:
+    """Field names of each config section of a task, from its dataclasses."""
+    import dataclasses
+
+    from chemscale.train import TrainConfig, task_module
+
+    module = task_module(task)
+    return {"train": {f.name for f in dataclasses.fields(TrainConfig)},
+            **{s: {f.name for f in dataclasses.fields(cls)} for s, cls in module.SECTIONS.items()}}
+
+
 def _set_axis(config: dict, key: str, value) -> None:
     """Set `key` ('width', 'model.width' or a top-level key like 'seed') in a run config."""
     if "." in key:
         section, name = key.split(".", 1)
         config.setdefault(section, {})[name] = value
         return
-    if key in config and key not in SECTIONS:
+    if key in ("seed", "task"):
         config[key] = value
         return
-    owners = [s for s in SECTIONS if key in config.get(s, {})]
+    owners = [s for s, names in _section_fields(config.get("task")).items() if key in names]
     if len(owners) != 1:
         where = "no section" if not owners else f"sections {owners}"
-        raise ConfigError(f"sweep axis '{key}' is in {where} of the base config; write it as 'section.{key}'")
-    config[owners[0]][key] = value
+        raise ConfigError(f"sweep axis '{key}' is a key of {where} of a {config.get('task')!r} run config"
+                          + ("; write it as 'section.key'" if owners else ""))
+    config.setdefault(owners[0], {})[key] = value
 
 
 def validate(config: dict, source: str = "<sweep config>") -> None:

@@ -173,6 +173,9 @@ class _Ranked:
         self._get().set_epoch(epoch)
 
 
+SECTIONS = {"model": FFModelConfig, "data": FFDataConfig}  # config sections this task reads
+
+
 class Task:
     def __init__(self, module: FFModule, train_loader, val_loader, test_set, cutoff: float, n_train: int):
         self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
