@@ -394,3 +394,24 @@ def fit_frontier(df: pd.DataFrame, compute: str = "flops", loss: str = "val_loss
     """fit_power_law of loss against compute on the compute-optimal frontier."""
     frontier = compute_optimal_frontier(df, compute, loss, n_bins)
     return fit_power_law(frontier[compute], frontier[loss], **kw)
+
+
+def compare_exponents(table: pd.DataFrame, group: str, better: str, than: str, value: str = "alpha",
+                      name: str = "fit") -> str:
+    """One sentence: do the `better` rows' exponents exceed the `than` rows', judged by their CIs?
+
+    "Clearly" needs every `better` interval above every `than` interval; otherwise the
+    intervals overlap and the data cannot tell them apart.
+    """
+    a, b = table[table[group] == better], table[table[group] == than]
+    if a.empty or b.empty:
+        return f"no {better} or no {than} fits to compare"
+    fmt = lambda rows: ", ".join(f"{r[name]} {r[value]:.2f} [{r[value + '_lo']:.2f}, {r[value + '_hi']:.2f}]"  # noqa: E731
+                                 for _, r in rows.iterrows())
+    if a[f"{value}_lo"].min() > b[f"{value}_hi"].max():
+        verdict = f"yes: the {better} models' exponents are clearly larger"
+    elif a[value].mean() > b[value].mean():
+        verdict = f"only by the point estimates: the {better} exponents are larger, but the intervals overlap"
+    else:
+        verdict = f"no: the {better} exponents are not larger here"
+    return f"Do {better} models scale better with data than {than} ones? {verdict} ({better}: {fmt(a)}; {than}: {fmt(b)})"

@@ -150,3 +150,13 @@ def test_fits_per_group_and_their_table():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pd.testing.assert_frame_equal(scaling.fit_by_group(df, "x", "y", "g", n_bootstrap=20), table)
+
+
+def test_compare_exponents_reads_the_intervals():
+    table = pd.DataFrame({"fit": ["schnet", "painn", "allegro"], "kind": ["invariant", "equivariant", "equivariant"],
+                          "alpha": [0.1, 0.3, 0.35], "alpha_lo": [0.05, 0.2, 0.25], "alpha_hi": [0.15, 0.4, 0.45]})
+    assert "yes" in scaling.compare_exponents(table, "kind", "equivariant", "invariant")
+    table.loc[0, "alpha_hi"] = 0.3
+    assert "overlap" in scaling.compare_exponents(table, "kind", "equivariant", "invariant")
+    table.loc[0, "alpha"] = 0.5
+    assert "no:" in scaling.compare_exponents(table, "kind", "equivariant", "invariant")

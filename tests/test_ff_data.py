@@ -1,0 +1,512 @@
+"""Tests of the force-field data side: generation, readers, units, cache, reference energies, batches.
+
+One tiny xTB MD set (ethanol, 20 train + 10 test frames) is generated once per module into a
+private cache; every bad-input file is written into tmp_path (a truncated file is written, then
+cut). Nothing is downloaded.
+"""
+
+import json
+import subprocess
+from collections import Counter
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
+from ase.neighborlist import neighbor_list
+
+import chemscale.ff.data as data
+import chemscale.ff.generate as generate
+import chemscale.ff.store as store
+from chemscale.config import ConfigError
+from chemscale.ff import import_schnetpack
+from chemscale.ff.frames import EV_PER, FFDataError, Frames
+from chemscale.ff.readers import read
+
+TINY_MD = dict(n_train=20, n_val=0, n_test=10, stride=10, equilibration_steps=20)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache" / "ff")
+
+
+@pytest.fixture(scope="module")
+def md_dir(tmp_path_factory):
+    """The tiny ethanol MD dataset, generated once for the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "CACHE_DIR", tmp_path_factory.mktemp("md") / "ff")
+        return data.generate(data.as_recipe("md:ethanol", **TINY_MD), progress=False)
+
+
+def fake_build(n_train=6, n_test=3):
+    """A `build` stand-in: water frames with made-up labels, and a call counter."""
+    calls = []
+
+    def build(recipe, progress=True):
+        calls.append(recipe)
+        water = molecule("H2O")
+        splits = {}
+        for k, (split, n) in enumerate({"train": n_train, "val": 0, "test": n_test}.items()):
+            rng = np.random.default_rng(k)
+            splits[split] = Frames.from_trajectory(water.numbers, water.positions + rng.normal(0, .05, (n, 3, 3)),
+                                                   rng.normal(size=(n, 3, 3)), rng.normal(size=n))
+        return splits
+
+    build.calls = calls
+    return build
+
+
+# ---------------------------------------------------------------- units
+
+def test_unit_constants_are_pinned():
+    assert EV_PER["kcal/mol"] == pytest.approx(0.0433641, rel=1e-6)
+    assert EV_PER["Hartree"] == pytest.approx(27.211386, rel=1e-8)
+    assert EV_PER["kJ/mol"] == pytest.approx(0.01036427, rel=1e-6)
+
+
+def test_import_schnetpack_shim():
+    spk = import_schnetpack()
+    assert spk.properties.idx_i == "_idx_i" and spk.data.ASEAtomsData
+
+
+# ---------------------------------------------------------------- MD generation
+
+def test_md_set_shapes_units_and_metadata(md_dir):
+    train, test = data.load(md_dir, "train"), data.load(md_dir, "test")
+    assert (len(train), len(test)) == (20, 10) and len(data.load(md_dir, "val")) == 0
+    assert train.elements == (1, 6, 8) and train.positions.shape == train.forces.shape == (180, 3)
+    assert train.total_energy.shape == train.energy.shape == (20,)
+    # xTB ethanol is about -310 eV; 500 K makes forces of about 1 eV/Å (kcal/mol or Hartree would be off by 20x)
+    assert -320 < train.total_energy.mean() < -300 and 0.3 < np.sqrt((train.forces ** 2).mean()) < 3
+    meta = json.loads((md_dir / "meta.json").read_text())
+    assert meta["units"] == {"energy": "eV", "forces": "eV/Ang", "positions": "Ang"}
+    spk = import_schnetpack()
+    db = spk.data.ASEAtomsData(str(md_dir / "train.db"))
+    assert db.units == {"energy": "eV", "forces": "eV/Ang"} and db.metadata["_distance_unit"] == "Ang"
+    first = db[0]
+    np.testing.assert_allclose(first[spk.properties.R].numpy(), train.positions[:9])
+    np.testing.assert_allclose(first["forces"].numpy(), train.forces[:9])
+    assert float(first["energy"]) == pytest.approx(train.total_energy[0])
+
+
+def test_forces_are_minus_energy_gradient(md_dir):
+    atoms = data.load(md_dir, "test").atoms(3)
+    stored = atoms.get_forces()
+    atoms.calc = generate.xtb_calculator()
+    h = 2e-3
+    for atom, axis in [(0, 0), (2, 1), (5, 2)]:
+        energies = []
+        for sign in (1, -1):
+            displaced = atoms.copy()
+            displaced.calc = atoms.calc
+            displaced.positions[atom, axis] += sign * h
+            with generate.single_threaded_openmp():
+                energies.append(displaced.get_potential_energy())
+        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(stored[atom, axis], abs=0.05)
+
+
+def test_train_and_test_are_separate_trajectories(md_dir):
+    train, test = data.load(md_dir, "train"), data.load(md_dir, "test")
+    assert set(train.frames.group) == {0} and set(test.frames.group) == {2}
+    distances = np.linalg.norm(train.positions.reshape(20, 1, -1) - test.positions.reshape(1, 10, -1), axis=-1)
+    assert distances.min() > 0.05  # no test frame is (a near copy of) a training frame
+    assert not np.isin(test.total_energy, train.total_energy).any()
+
+
+def test_reference_energies_are_fitted_on_train_and_shared(md_dir):
+    train, test = data.load(md_dir, "train"), data.load(md_dir, "test")
+    assert train.reference_energies == test.reference_energies
+    assert abs(train.energy.mean()) < 1e-6  # one composition: the fit removes the training mean
+    offset = sum(train.reference_energies[z] for z in train.numbers[:9])
+    np.testing.assert_allclose(test.energy, test.total_energy - offset)
+
+
+def test_nested_subsets(md_dir):
+    small, large = data.load(md_dir, n=5, seed=1), data.load(md_dir, n=12, seed=1)
+    np.testing.assert_array_equal(large.indices[:5], small.indices)
+    np.testing.assert_array_equal(large.energy[:5], small.energy)
+    with pytest.raises(FFDataError, match="n=21 structures, the split has 20"):
+        data.load(md_dir, n=21)
+
+
+def test_cached_dataset_is_reused(md_dir, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_DIR", md_dir.parent)
+    monkeypatch.setattr(data, "build", lambda *a, **k: pytest.fail("rebuilt a complete cache"))
+    assert data.generate(data.as_recipe("md:ethanol", **TINY_MD)) == md_dir
+    data.main(["md:ethanol", *(f"{k}={v}" for k, v in TINY_MD.items())])  # the CLI finds it too
+    assert len(data.load(generate.MDRecipe(**TINY_MD), "test")) == 10
+
+
+def test_cli_prints_statistics_in_ev(md_dir, capsys):
+    data.main([str(md_dir)])
+    out = capsys.readouterr().out
+    assert "[train] 20 structures, 180 atoms" in out and "[test] 10 structures" in out
+    assert "force component RMS" in out and "eV/Å" in out and "H -" in out
+
+
+# ---------------------------------------------------------------- cache integrity
+
+@pytest.mark.parametrize("damage", ["no manifest", "incomplete manifest", "truncated file"])
+def test_interrupted_or_damaged_cache_is_rebuilt(monkeypatch, damage):
+    build = fake_build()
+    monkeypatch.setattr(data, "build", build)
+    recipe = generate.MDRecipe(**TINY_MD)
+    folder = data.generate(recipe)
+    if damage == "no manifest":  # as if the build died before its last write
+        (folder / "manifest.json").unlink()
+    elif damage == "incomplete manifest":
+        (folder / "manifest.json").write_text('{"meta.json": {"bytes": 1')
+    else:
+        path = folder / "train.npz"
+        path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(FFDataError, match="rebuilt|manifest|size"):
+        data.load(folder)  # a damaged folder is refused when given directly...
+    assert data.generate(recipe) == folder and len(build.calls) == 2  # ...and rebuilt when asked by recipe
+    assert store.verify(folder) is None and len(data.load(recipe)) == 6
+
+
+def test_stale_temporary_build_is_removed_not_used(monkeypatch):
+    monkeypatch.setattr(data, "build", fake_build())
+    recipe = generate.MDRecipe(**TINY_MD)
+    final = data.dataset_dir(recipe)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = final.parent / f".{final.name}.{store.socket.gethostname()}.{dead.pid}.tmp"
+    stale.mkdir(parents=True)
+    (stale / "train.npz").write_bytes(b"half a file")
+    assert data.generate(recipe) == final and not stale.exists()
+    assert not list(final.parent.glob("*.tmp"))
+
+
+def test_stored_units_other_than_ev_are_refused(monkeypatch):
+    monkeypatch.setattr(data, "build", fake_build())
+    folder = data.generate(generate.MDRecipe(**TINY_MD))
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["units"]["energy"] = "kcal/mol"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    store.write_manifest(folder)  # a consistent folder that says kcal/mol
+    with pytest.raises(FFDataError, match="kcal/mol"):
+        data.load(folder)
+
+
+# ---------------------------------------------------------------- recipes
+
+def test_recipe_validation():
+    with pytest.raises(ConfigError, match="stride"):
+        generate.MDRecipe(stride=5)
+    with pytest.raises(ConfigError, match="molecule"):
+        data.as_recipe("md:not_a_molecule(")
+    with pytest.raises(ConfigError, match="unknown key.*n_frames"):
+        data.as_recipe("md:ethanol", n_frames=3)
+    with pytest.raises(FFDataError, match="not a recipe"):
+        data.as_recipe("nothing:here")
+    recipe = data.as_recipe({"kind": "md", "molecule": "aspirin", "n_train": 7})
+    assert recipe == generate.MDRecipe(molecule="aspirin", n_train=7)
+    assert data.dataset_dir(recipe) != data.dataset_dir(data.as_recipe(recipe, seed=1))
+
+
+# ---------------------------------------------------------------- conformers (ANI-1x-like)
+
+def test_small_molecules_from_moses_are_small_chno():
+    from rdkit import Chem
+
+    recipe = generate.ConformerRecipe(n_train_molecules=20, n_val_molecules=2, n_test_molecules=3, max_heavy_atoms=8)
+    molecules = generate.small_molecules(recipe)
+    assert len(molecules) == len(set(molecules)) == 25
+    for text in molecules:
+        mol = Chem.AddHs(Chem.MolFromSmiles(text))
+        assert {a.GetSymbol() for a in mol.GetAtoms()} <= set("CHNO") and mol.GetNumHeavyAtoms() <= 8
+
+
+class FlakyXTB(Calculator):
+    """Fails every other call as tblite does when the SCF does not converge; else harmonic labels."""
+
+    implemented_properties = ["energy", "forces"]
+    calls = 0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        FlakyXTB.calls += 1
+        if FlakyXTB.calls % 2 == 0:
+            raise CalculationFailed("SCF not converged in 250 cycles")
+        self.results = {"energy": float((self.atoms.positions ** 2).sum()), "forces": -2 * self.atoms.positions}
+
+
+def test_conformers_split_by_molecule_and_count_failures(monkeypatch):
+    monkeypatch.setattr(generate, "xtb_calculator", lambda *a, **k: FlakyXTB())
+    recipe = generate.ConformerRecipe(n_train_molecules=3, n_val_molecules=1, n_test_molecules=2,
+                                      conformers_per_molecule=4, sigma_a=0.1, max_heavy_atoms=8)
+    splits = generate.build(recipe, progress=False)
+    groups = {s: set(f.group) for s, f in splits.items()}
+    assert groups == {"test": {0, 1}, "val": {2}, "train": {3, 4, 5}}
+    for split, frames in splits.items():
+        n = len(groups[split]) * 4
+        assert len(frames) + frames.dropped["xtb_not_converged"] + frames.dropped["embedding_failed"] == n
+        assert frames.dropped["xtb_not_converged"] > 0
+        np.testing.assert_allclose(frames.forces, -2 * frames.positions)  # labels belong to the perturbed geometry
+
+
+def test_conformers_with_xtb_labels():
+    folder = data.generate(generate.ConformerRecipe(n_train_molecules=2, n_val_molecules=0, n_test_molecules=1,
+                                                    conformers_per_molecule=2, max_heavy_atoms=6), progress=False)
+    train = data.load(folder)
+    assert len(train) == 4 and set(train.elements) <= {1, 6, 7, 8}
+    assert np.isfinite(train.forces).all() and 0.1 < np.abs(train.forces).max() < 50
+
+
+# ---------------------------------------------------------------- readers: good files
+
+def ethanol_arrays(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    atoms = molecule("CH3CH2OH")
+    return (atoms.numbers, atoms.positions + rng.normal(0, 0.05, (n, 9, 3)), -97000 + rng.normal(size=n),
+            rng.normal(size=(n, 9, 3)))
+
+
+def write_rmd17(path, numbers, coords, energies, forces, **extra):
+    np.savez(path, nuclear_charges=numbers, coords=coords, energies=energies, forces=forces, **extra)
+    return path
+
+
+def test_rmd17_is_read_in_kcal_per_mol(tmp_path):
+    z, r, e, f = ethanol_arrays()
+    frames = read(write_rmd17(tmp_path / "rmd17_ethanol.npz", z, r, e, f, old_indices=np.arange(4)))
+    np.testing.assert_allclose(frames.energy, e * 0.0433641, rtol=1e-6)
+    np.testing.assert_allclose(frames.forces, f.reshape(-1, 3) * 0.0433641, rtol=1e-6)
+    np.testing.assert_allclose(frames.positions, r.reshape(-1, 3))
+    as_ev = read(tmp_path / "rmd17_ethanol.npz", energy_unit="eV")  # a user's own npz in eV
+    np.testing.assert_allclose(as_ev.energy, e)
+
+
+def test_sgdml_respects_its_declared_unit(tmp_path):
+    z, r, e, f = ethanol_arrays()
+    np.savez(tmp_path / "md17.npz", z=z, R=r, E=e[:, None], F=f)
+    np.testing.assert_allclose(read(tmp_path / "md17.npz").energy, e * EV_PER["kcal/mol"])
+    np.savez(tmp_path / "md17_ev.npz", z=z, R=r, E=e[:, None], F=f, e_unit="eV", r_unit="Ang")
+    np.testing.assert_allclose(read(tmp_path / "md17_ev.npz").energy, e)
+    with pytest.raises(FFDataError, match=r"md17_ev.npz: the file declares energies in 'eV' but energy_unit='kcal/mol'"):
+        read(tmp_path / "md17_ev.npz", energy_unit="kcal/mol")
+
+
+def write_ani1x(path, groups):
+    with h5py.File(path, "w") as h5:
+        for name, (z, r, e, f) in groups.items():
+            g = h5.create_group(name)
+            g["atomic_numbers"], g["coordinates"], g["wb97x_dz.energy"], g["wb97x_dz.forces"] = z, r, e, f
+            g["ccsd(t)_cbs.energy"] = np.full(len(e), np.nan)  # other levels are NaN for most conformers
+    return path
+
+
+def test_ani1x_is_read_in_hartree_and_nans_are_dropped_and_counted(tmp_path):
+    z, r, e, f = ethanol_arrays(n=5)
+    e, f = e / 627.5, f / 627.5
+    e[1] = np.nan
+    f[3, 2, 0] = np.nan
+    water = molecule("H2O")
+    path = write_ani1x(tmp_path / "ani1x.h5", {"C2H6O": (z, r, e, f), "H2O": (
+        water.numbers, water.positions[None].repeat(2, 0), np.array([-76.4, -76.3]), np.zeros((2, 3, 3)))})
+    frames = read(path)
+    assert frames.dropped == Counter(nan_energy=1, nan_forces=1) and len(frames) == 5
+    np.testing.assert_allclose(frames.energy[:3], e[[0, 2, 4]] * 27.211386, rtol=1e-6)
+    assert sorted(set(frames.group)) == [0, 1]
+    folder = data.generate(str(path))  # a user's file becomes a cached dataset, drops recorded
+    assert json.loads((folder / "meta.json").read_text())["dropped"] == {"nan_energy": 1, "nan_forces": 1}
+
+
+def test_extxyz_in_ev_or_its_declared_unit(tmp_path):
+    path = tmp_path / "frames.extxyz"
+    lines = []
+    for k, energy in enumerate([-10.0, -11.0]):
+        lines += ["2", f'energy={energy} energy_unit=kcal/mol Properties=species:S:1:pos:R:3:forces:R:3 pbc="F F F"',
+                  f"H 0 0 0 0 0 {k}.5", "H 0 0 0.74 0 0 -0.5"]
+    path.write_text("\n".join(lines) + "\n")
+    frames = read(path)
+    np.testing.assert_allclose(frames.energy, [-10 * EV_PER["kcal/mol"], -11 * EV_PER["kcal/mol"]])
+    np.testing.assert_allclose(frames.forces[2], [0, 0, 1.5 * EV_PER["kcal/mol"]])  # frame 1, atom 0
+    with pytest.raises(FFDataError, match="declares energies in 'kcal/mol' but energy_unit='eV'"):
+        read(path, energy_unit="eV")
+    path.write_text(path.read_text().replace(" energy_unit=kcal/mol", ""))
+    np.testing.assert_allclose(read(path).energy, [-10, -11])
+
+
+def test_schnetpack_db_in_kcal_per_mol_is_converted_or_refused(tmp_path):
+    spk = import_schnetpack()
+    db = spk.data.ASEAtomsData.create(str(tmp_path / "kcal.db"), distance_unit="Ang",
+                                      property_unit_dict={"energy": "kcal/mol", "forces": "kcal/mol/Ang"})
+    water = molecule("H2O")
+    db.add_systems([{"energy": np.array([-100.0]), "forces": np.ones((3, 3))}], [water])
+    frames = read(tmp_path / "kcal.db")
+    assert frames.energy[0] == pytest.approx(-100 * 0.0433641, rel=1e-6)
+    np.testing.assert_allclose(frames.forces, 0.0433641, rtol=1e-6)
+    with pytest.raises(FFDataError, match="kcal.db: the file declares energies in 'kcal/mol' but energy_unit='eV'"):
+        data.load(str(tmp_path / "kcal.db"), energy_unit="eV")
+
+
+def test_user_file_is_split_and_loaded(tmp_path):
+    z, r, e, f = ethanol_arrays(n=40)
+    path = write_rmd17(tmp_path / "rmd17_ethanol.npz", z, r, e, f)
+    splits = [data.load(str(path), s) for s in ("train", "val", "test")]
+    assert [len(s) for s in splits] == [34, 2, 4]
+    np.testing.assert_allclose(np.sort(np.concatenate([s.total_energy for s in splits])),
+                               np.sort(e * EV_PER["kcal/mol"]))
+
+
+# ---------------------------------------------------------------- readers: bad files
+
+def test_truncated_and_corrupt_files_name_the_file(tmp_path):
+    z, r, e, f = ethanol_arrays(n=50)
+    good = write_rmd17(tmp_path / "good.npz", z, r, e, f)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(FFDataError, match=r"cut.npz: not a readable .npz file \(truncated or corrupt\?\)"):
+        read(cut)
+    (tmp_path / "noise.npz").write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(FFDataError, match="noise.npz: not a readable .npz"):
+        read(tmp_path / "noise.npz")
+    h5 = write_ani1x(tmp_path / "good.h5", {"C2H6O": (z, r, e, f)})
+    (tmp_path / "cut.h5").write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    with pytest.raises(FFDataError, match=r"cut.h5: not a readable HDF5 file \(truncated or corrupt\?\)"):
+        read(tmp_path / "cut.h5")
+    (tmp_path / "bad.extxyz").write_text("3\nProperties=species:S:1:pos:R:3\nH 0 0\n")
+    with pytest.raises(FFDataError, match="bad.extxyz: not a readable extxyz"):
+        read(tmp_path / "bad.extxyz")
+    with pytest.raises(FFDataError, match="missing.npz: no such file"):
+        read(tmp_path / "missing.npz")
+
+
+def test_missing_keys_are_named_with_the_keys_found(tmp_path):
+    z, r, e, f = ethanol_arrays()
+    np.savez(tmp_path / "partial.npz", nuclear_charges=z, coords=r, forces=f)
+    with pytest.raises(FFDataError, match=r"partial.npz: missing key\(s\) \['energies'\] for an rMD17 .npz; "
+                                          r"found keys: \['coords', 'forces', 'nuclear_charges'\]"):
+        read(tmp_path / "partial.npz")
+    np.savez(tmp_path / "other.npz", x=z)
+    with pytest.raises(FFDataError, match=r"other.npz: not an rMD17 npz.*found keys: \['x'\]"):
+        read(tmp_path / "other.npz")
+    with h5py.File(tmp_path / "ani.h5", "w") as h5:
+        h5.create_group("CH4")["coordinates"] = np.zeros((1, 5, 3))
+    with pytest.raises(FFDataError, match=r"ani.h5 \[group 'CH4'\]: missing key\(s\) \['atomic_numbers', "
+                                          r"'wb97x_dz.energy', 'wb97x_dz.forces'\]; found keys: \['coordinates'\]"):
+        read(tmp_path / "ani.h5")
+    (tmp_path / "noforces.xyz").write_text("1\nenergy=-1.0 Properties=species:S:1:pos:R:3\nH 0 0 0\n")
+    with pytest.raises(FFDataError, match="noforces.xyz: frame 0 has no forces"):
+        read(tmp_path / "noforces.xyz")
+
+
+def test_nan_energies_or_forces_name_the_frame(tmp_path):
+    z, r, e, f = ethanol_arrays(n=6)
+    e[4] = np.nan
+    with pytest.raises(FFDataError, match="nan_e.npz: energy of frame 4 is NaN"):
+        read(write_rmd17(tmp_path / "nan_e.npz", z, r, e, f))
+    z, r, e, f = ethanol_arrays(n=6)
+    f[2, 1, 1] = np.nan
+    with pytest.raises(FFDataError, match="nan_f.npz: forces of frame 2 is NaN"):
+        read(write_rmd17(tmp_path / "nan_f.npz", z, r, e, f))
+    (tmp_path / "nan.xyz").write_text("1\nenergy=-1.0 Properties=species:S:1:pos:R:3:forces:R:3\nH 0 0 0 0 0 0\n"
+                                      "1\nenergy=nan Properties=species:S:1:pos:R:3:forces:R:3\nH 0 0 0 0 0 0\n")
+    with pytest.raises(FFDataError, match="nan.xyz: energy of frame 1 is NaN"):
+        read(tmp_path / "nan.xyz")
+
+
+def test_atom_counts_that_do_not_match_coordinates(tmp_path):
+    z, r, e, f = ethanol_arrays()
+    with pytest.raises(FFDataError, match=r"short.npz: atom counts do not match: 8 atomic numbers but coordinates "
+                                          r"of shape \(4, 9, 3\)"):
+        read(write_rmd17(tmp_path / "short.npz", z[:8], r, e, f))
+    with pytest.raises(FFDataError, match=r"forces.npz: forces of shape \(4, 8, 3\) do not match"):
+        read(write_rmd17(tmp_path / "forces.npz", z, r, e, f[:, :8]))
+    write_ani1x(tmp_path / "ani.h5", {"C2H6O": (z[:8], r, e, f)})
+    with pytest.raises(FFDataError, match=r"ani.h5 \[group 'C2H6O'\]: atom counts do not match"):
+        read(tmp_path / "ani.h5")
+
+
+# ---------------------------------------------------------------- reference energies
+
+def test_reference_energy_fit_recovers_known_per_element_energies():
+    rng = np.random.default_rng(0)
+    truth = {1: -13.6, 6: -1029.5, 7: -1484.2, 8: -2041.3}
+    sizes = rng.integers(2, 15, 60)
+    molecules = [Atoms(rng.choice(list(truth), n), rng.normal(size=(n, 3))) for n in sizes]
+    energy = [sum(truth[z] for z in m.numbers) + rng.normal(0, 1e-3) for m in molecules]
+    frames = Frames.from_structures([m.numbers for m in molecules], [m.positions for m in molecules],
+                                    [np.zeros((len(m), 3)) for m in molecules], energy, range(60))
+    fitted = data.fit_reference_energies([frames.take(range(30)), frames.take(range(30, 60))])
+    assert fitted.keys() == truth.keys()
+    for z in truth:
+        assert fitted[z] == pytest.approx(truth[z], abs=2e-3)
+    dataset = data.FFDataset(frames, fitted)
+    assert np.abs(dataset.energy).max() < 5e-3
+
+
+# ---------------------------------------------------------------- batches
+
+def random_frames(n=23, seed=0):
+    """Molecules of 1-12 atoms spread over a few Å, so a 2.5 Å cutoff keeps some pairs and drops others."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 13, n)
+    return Frames.from_structures([rng.choice([1, 6, 7, 8], s) for s in sizes],
+                                  [rng.uniform(0, 4, (s, 3)) for s in sizes], [rng.normal(size=(s, 3)) for s in sizes],
+                                  rng.normal(size=n), range(n))
+
+
+def test_batches_have_schnetpack_keys_and_consistent_indices():
+    P = import_schnetpack().properties
+    frames = random_frames()
+    dataset = data.FFDataset(frames, data.fit_reference_energies(frames))
+    loader = data.ff_loader(dataset, batch_size=5, shuffle=True, seed=3, cutoff=2.5)
+    seen, n_pairs = [], 0
+    for batch in loader:
+        mols = batch[P.idx].numpy()
+        seen += list(mols)
+        n_atoms = batch[P.n_atoms]
+        assert batch[P.R].dtype == batch["energy"].dtype == batch["forces"].dtype == torch.float32
+        np.testing.assert_array_equal(batch[P.idx_m], np.repeat(np.arange(len(mols)), n_atoms))
+        np.testing.assert_allclose(batch["energy"], dataset.energy[mols], rtol=1e-6)
+        pairs = set()
+        for m, k in enumerate(mols):  # brute force with ase, molecule by molecule
+            atoms = dataset.atoms(k)
+            i, j = neighbor_list("ij", atoms, 2.5)
+            first = int(n_atoms[:m].sum())
+            pairs |= set(zip((i + first).tolist(), (j + first).tolist()))
+            np.testing.assert_allclose(batch[P.R][first:first + len(atoms)], atoms.positions, rtol=1e-6)
+            np.testing.assert_allclose(batch["forces"][first:first + len(atoms)], atoms.get_forces(), rtol=1e-6)
+            np.testing.assert_array_equal(batch[P.Z][first:first + len(atoms)], atoms.numbers)
+        assert set(zip(batch[P.idx_i].tolist(), batch[P.idx_j].tolist())) == pairs
+        assert len(batch[P.idx_i]) == len(pairs) and (batch[P.offsets] == 0).all()
+        n_pairs += len(pairs)
+    assert sorted(seen) == list(range(len(dataset))) and len(loader) == 5 and n_pairs > 0
+    second = [b[P.idx].tolist() for b in loader]
+    assert sum(second, []) != seen  # reshuffled each epoch...
+    loader.set_epoch(0)
+    assert sum([b[P.idx].tolist() for b in loader], []) == seen  # ...reproducibly
+
+
+def test_batches_feed_a_schnetpack_model(md_dir):
+    spk = import_schnetpack()
+    P = spk.properties
+    cutoff = 5.0
+    model = spk.model.NeuralNetworkPotential(
+        representation=spk.representation.SchNet(n_atom_basis=8, n_interactions=1,
+                                                 radial_basis=spk.nn.GaussianRBF(10, cutoff),
+                                                 cutoff_fn=spk.nn.CosineCutoff(cutoff)),
+        input_modules=[spk.atomistic.PairwiseDistances()],
+        output_modules=[spk.atomistic.Atomwise(n_in=8, output_key="energy"),
+                        spk.atomistic.Forces(energy_key="energy", force_key="forces")])
+    batch = next(iter(data.ff_loader(data.load(md_dir), batch_size=4, cutoff=cutoff)))
+    out = model(dict(batch))
+    assert out["energy"].shape == (4,) and out["forces"].shape == batch[P.R].shape
+
+
+def test_sharded_batches_partition_an_epoch():
+    P = import_schnetpack().properties
+    frames = random_frames(n=21)
+    dataset = data.FFDataset(frames, data.fit_reference_energies(frames))
+    shards = [sum((b[P.idx].tolist() for b in data.ff_loader(dataset, 4, shuffle=True, rank=r, world_size=2)), [])
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 10 and not set(shards[0]) & set(shards[1])
+    batch = next(iter(data.ff_loader(dataset, 4, dtype=torch.float64, device="cpu")))
+    assert batch[P.R].dtype == batch["energy"].dtype == torch.float64 and batch[P.idx_i].dtype == torch.long
