@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,15 +324,9 @@ def _source_smiles(source: str) -> list[str]:
     """SMILES strings of the MOSES training set or of a file (first comma/space separated column)."""
     import gzip
 
-    path = _moses_train_path() if source == "moses" else Path(source)
+    from chemscale.corpus import moses_path
+
+    path = moses_path("train") if source == "moses" else Path(source)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         return [line.replace(",", " ").split()[0] for line in f if line.strip()]
-
-
-def _moses_train_path() -> Path:
-    """MOSES train.csv.gz inside the molsets wheel, found without importing `moses` (it is slow and noisy)."""
-    spec = importlib.util.find_spec("moses")
-    if spec is None or spec.origin is None:
-        raise FFDataError("the MOSES corpus needs the molsets wheel: pip install --no-deps molsets==0.3.1")
-    return Path(spec.origin).parent / "dataset" / "data" / "train.csv.gz"
