@@ -133,7 +133,16 @@ def exponent_plot(table: pd.DataFrame, *, label: str = "fit", value: str = "alph
     # a percentile CI may sit to one side of the point estimate, or be missing: no negative bars
     below = np.nan_to_num(t[value] - t[f"{value}_lo"]).clip(min=0)
     above = np.nan_to_num(t[f"{value}_hi"] - t[value]).clip(min=0)
+    # An unconstrained fit can have a CI of [0, 20]: clip the axis near the estimates and print the clipped end.
+    points = [v for v in [*t[value], reference] if v is not None and np.isfinite(v)]
+    right = max(0.5, 2.5 * max(points, default=0.5))
+    clipped = (t[value] + above) > right
+    above = np.where(clipped, np.clip(right - t[value].to_numpy(), 0, None), above)
     ax.errorbar(t[value], rows, xerr=np.vstack([below, above]), fmt="o", color="C0", capsize=4)
+    for row, hi in zip(rows[clipped.to_numpy()], t[f"{value}_hi"][clipped]):
+        ax.annotate(f"CI to {hi:.3g} →", (right, row), xytext=(-4, 6), textcoords="offset points", ha="right",
+                    fontsize="small", color="C0")
+    ax.set_xlim(min(0.0, float(np.nanmin(t[value] - below))) - 0.02 * right, right)
     if reference is not None:
         ax.axvline(reference, color=FIT_COLOR, ls=":", label=reference_label)
     ax.set(yticks=rows, yticklabels=t[label].astype(str), xlabel=xlabel, title=title)
