@@ -201,16 +201,11 @@ def chemgpt_bench(quick: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chemscale.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["chemgpt", "ff"])
+    parser.add_argument("what", choices=["chemgpt"], help="what to benchmark (the force-field pipeline: not yet)")
     parser.add_argument("--quick", action="store_true", help="few steps: checks that it runs, not a measurement")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args = parser.parse_args(argv)
-    if args.what == "ff":
-        from chemscale.ff.bench import ff_bench
-
-        result = ff_bench(args.quick)
-    else:
-        result = chemgpt_bench(args.quick)
+    result = chemgpt_bench(args.quick)
     line = json.dumps(result, default=float)
     if args.json:
         args.json.write_text(line + "\n")
