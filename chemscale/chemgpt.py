@@ -75,8 +75,8 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop, scale=1.0)
         else:  # a window at least as long as the sequence is plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=1.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return F.dropout(self.proj(y), drop, self.training)
+        y = self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return F.dropout(y, drop) if drop else y  # p=0 dropout still draws a mask: skip it
 
 
 class MLP(nn.Module):
@@ -87,7 +87,8 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")), self.dropout, self.training)
+        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return F.dropout(y, self.dropout) if self.dropout and self.training else y
 
 
 class Block(nn.Module):
@@ -131,7 +132,9 @@ class ChemGPT(nn.Module):
         if T > self.config.n_positions:
             raise ValueError(f"sequence of {T} tokens exceeds n_positions={self.config.n_positions}")
         pos = torch.arange(T, device=input_ids.device)
-        x = F.dropout(self.wte(input_ids) + self.wpe(pos), self.config.dropout, self.training)
+        x = self.wte(input_ids) + self.wpe(pos)
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout)
         for block in self.blocks:
             x = block(x)
         return x
@@ -143,8 +146,12 @@ class ChemGPT(nn.Module):
         if targets is None:
             return self.ln_f(h) @ self.wte.weight.T, None  # (B, T, V)
         keep = targets != PAD_ID
-        logits = self.ln_f(h[keep]) @ self.wte.weight.T  # (n_tokens, V)
-        return None, F.cross_entropy(logits.float(), targets[keep])
+        if keep.all():  # no padding: a view, not a gather (and no scatter in the backward pass)
+            h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        else:
+            h, targets = h[keep], targets[keep]
+        logits = self.ln_f(h) @ self.wte.weight.T  # (n_tokens, V)
+        return None, F.cross_entropy(logits.float(), targets)
 
     def n_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non-embedding excludes token and position embeddings (Kaplan et al.)."""
