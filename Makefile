@@ -25,7 +25,8 @@ study: setup  ## every notebook with the cpu profile (PROFILE=gpu on a GPU serve
 smoke: setup
 	$(BIN)/python -m chemscale.study --profile smoke
 
-test: setup  ## unit tests, then every notebook under nbmake (defaults = smoke profile)
+test: setup  ## notebooks stripped, unit tests, then every notebook under nbmake (defaults = smoke profile)
+	$(BIN)/nbstripout --verify --keep-id notebooks/*.ipynb
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=900 notebooks
 
