@@ -35,6 +35,7 @@ lab: setup
 
 bench: setup
 	$(BIN)/python -m chemscale.bench chemgpt
+	$(BIN)/python -m chemscale.bench ff
 
 lint: setup
 	$(BIN)/nbstripout --verify --keep-id notebooks/*.ipynb

@@ -1,4 +1,6 @@
-"""`python -m chemscale.bench chemgpt`: how fast ChemGPT trains, measured against baselines in the same run.
+"""`python -m chemscale.bench chemgpt|ff`: how fast chemscale trains, measured against baselines in the same run.
+
+`ff` is described in `chemscale.ff.bench`; `chemgpt` here.
 
 Figures (the last line printed is one JSON object with all of them):
 
@@ -201,11 +203,17 @@ def chemgpt_bench(quick: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chemscale.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["chemgpt"], help="what to benchmark (the force-field pipeline: not yet)")
+    parser.add_argument("what", choices=["chemgpt", "ff"],
+                        help="chemgpt: language-model training and data; ff: force-field training and xTB labelling")
     parser.add_argument("--quick", action="store_true", help="few steps: checks that it runs, not a measurement")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args = parser.parse_args(argv)
-    result = chemgpt_bench(args.quick)
+    if args.what == "ff":
+        from chemscale.ff.bench import ff_bench
+
+        result = ff_bench(args.quick)
+    else:
+        result = chemgpt_bench(args.quick)
     line = json.dumps(result, default=float)
     if args.json:
         args.json.write_text(line + "\n")

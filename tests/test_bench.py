@@ -17,3 +17,17 @@ def test_chemgpt_bench_quick_reports_every_figure(capsys):
             assert result[key] is None
         else:
             assert result[key] > 0, key
+
+
+FF_KEYS = ("speedup_vs_schnetpack", "train_mol_per_s", "schnetpack_mol_per_s", "runner_mol_per_s",
+           "xtb_structures_per_s")
+
+
+def test_ff_bench_quick_reports_every_figure(capsys):
+    """Both pipelines (chemscale's and stock schnetpack's) train, the runner runs, xTB labels."""
+    assert bench.main(["ff", "--quick"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in FF_KEYS:
+        assert result[key] > 0, key
+    assert result["speedup_vs_schnetpack"] == result["train_mol_per_s"] / result["schnetpack_mol_per_s"]
+    assert result["schnetpack_setting"] in result["schnetpack_settings_mol_per_s"]
