@@ -270,6 +270,7 @@ def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
         result.update(task.finish(run_dir))
     result["meta"] = runs.describe()
     result["train"] = asdict(tcfg)
+    result["torch_threads"] = torch.get_num_threads()  # floating-point sums depend on it: part of "same machine"
     atomic_write_json(run_dir / runs.RESULT, result)
     return result
 
