@@ -400,16 +400,22 @@ def compare_exponents(table: pd.DataFrame, group: str, better: str, than: str, v
                       name: str = "fit") -> str:
     """One sentence: do the `better` rows' exponents exceed the `than` rows', judged by their CIs?
 
-    "Clearly" needs every `better` interval above every `than` interval; otherwise the
-    intervals overlap and the data cannot tell them apart.
+    "Clearly" needs every `better` interval above every `than` interval; "partly" names the
+    `better` rows whose interval is above and those whose interval overlaps; otherwise the
+    intervals overlap and the data cannot tell the groups apart.
     """
     a, b = table[table[group] == better], table[table[group] == than]
     if a.empty or b.empty:
         return f"no {better} or no {than} fits to compare"
     fmt = lambda rows: ", ".join(f"{r[name]} {r[value]:.2f} [{r[value + '_lo']:.2f}, {r[value + '_hi']:.2f}]"  # noqa: E731
                                  for _, r in rows.iterrows())
-    if a[f"{value}_lo"].min() > b[f"{value}_hi"].max():
+    above = a[a[f"{value}_lo"] > b[f"{value}_hi"].max()]
+    if len(above) == len(a):
         verdict = f"yes: the {better} models' exponents are clearly larger"
+    elif len(above):
+        rest = a.drop(above.index)
+        verdict = (f"partly: {', '.join(above[name])} clearly (its interval lies above every {than} one), "
+                   f"{', '.join(rest[name])} not (the intervals overlap)")
     elif a[value].mean() > b[value].mean():
         verdict = f"only by the point estimates: the {better} exponents are larger, but the intervals overlap"
     else:
