@@ -6,7 +6,8 @@ scaled by 1/sqrt(head_dim), q/k/v without bias, optional local attention (each p
 the last `window_size` positions) alternating with global layers, tied input/output embeddings.
 
 Speed (measured by `python -m chemscale.bench chemgpt`): one fused QKV projection, PyTorch's
-`scaled_dot_product_attention`, fused AdamW, and with targets the vocabulary projection is
+`scaled_dot_product_attention` (explicit batched matmuls for narrow heads on CPU), fused
+AdamW, a sigmoid form of the tanh-GELU on CPU, and with targets the vocabulary projection is
 computed only at non-padding positions.
 """
 
@@ -66,22 +67,51 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        nh, hs = self.n_heads, C // self.n_heads
         drop = self.dropout if self.training else 0.0
+        # (3, B, nh, T, hs): one copy into head-major order (three views otherwise, copied one by one later)
+        q, k, v = self.qkv(x).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         if self.local and T > self.window:
             i = torch.arange(T, device=x.device)
             allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < self.window)  # (T, T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop, scale=1.0)
-        elif C // self.n_heads <= 32 and not drop:
-            # Narrow heads: explicit matmuls beat the flash kernel on CPU (measured ~18% on 16-wide heads).
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
-            att = (q @ k.transpose(-2, -1)).masked_fill_(causal, float("-inf")).softmax(-1)  # (B, nh, T, T)
-            y = att @ v
+        elif hs <= 32 and not drop and x.device.type == "cpu":
+            # Narrow heads on CPU: explicit batched matmuls beat the flash kernel (~18% on 16-wide
+            # heads), and adding the causal mask inside baddbmm saves a pass (+6% per step at width 128).
+            q, k, v = (t.view(B * nh, T, hs) for t in (q, k, v))
+            mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu_(1)
+            y = torch.bmm(torch.baddbmm(mask, q, k.transpose(1, 2)).softmax(-1), v).view(B, nh, T, hs)
         else:  # a window at least as long as the sequence is plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=1.0)
         y = self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
         return F.dropout(y, drop) if drop else y  # p=0 dropout still draws a mask: skip it
+
+
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+class TanhGELU(torch.autograd.Function):
+    """GPT-Neo's tanh-approximated GELU, written with a sigmoid for CPUs.
+
+    gelu_tanh(x) = x·(1 + tanh(a))/2 = x·sigmoid(2a), a = sqrt(2/π)·(x + 0.044715·x³). PyTorch's
+    CPU kernels evaluate tanh about 3x slower than sigmoid; in this form forward + backward of a
+    (2016, 1024) activation take 5.5 ms against 7.6 ms for `F.gelu(approximate="tanh")` on the
+    2-core machine. Same values to float rounding (tested against F.gelu and by gradcheck).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        s = torch.addcmul(x.new_tensor(_GELU_C1), x, x, value=_GELU_C3).mul_(x).sigmoid_()  # sigmoid(2a)
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        # d/dx x·s(z) = s + x·s·(1 - s)·dz/dx = s·(1 + x·dz/dx·(1 - s)), z = C1·x + C3·x³
+        xdz = torch.addcmul(x.new_tensor(_GELU_C1), x, x, value=3 * _GELU_C3).mul_(x)
+        return xdz.mul_(1 - s).add_(1).mul_(s).mul_(grad)
 
 
 class MLP(nn.Module):
@@ -92,7 +122,9 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        h = self.fc(x)
+        h = TanhGELU.apply(h) if h.device.type == "cpu" and torch.is_grad_enabled() else F.gelu(h, approximate="tanh")
+        y = self.proj(h)
         return F.dropout(y, self.dropout) if self.dropout and self.training else y
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from chemscale import runs
+from chemscale import memory, runs
 from chemscale.config import ConfigError, atomic_write_json, from_dict, require
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="run folder holding config.json")
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     args = parser.parse_args(argv)
+    memory.keep_freed_memory()  # this process only trains: reuse activation buffers between steps
     try:
         result = train(args.run_dir, progress=args.progress)
     except ConfigError as e:

@@ -98,3 +98,29 @@ def test_optimizer_decays_only_matrices():
 def test_preset_heads_divide_width():
     for width in (16, 32, 48, 64, 128, 256, 512, 2048):
         assert width % preset_heads(width) == 0
+
+
+def test_training_loss_and_gradients_match_hf():
+    """The training path (CPU attention for narrow heads, the sigmoid-form GELU, padding masked)."""
+    from chemscale.chemgpt import _to_hf_state
+
+    hf = _random_hf().train()  # dropout probabilities are 0
+    model = ChemGPT.from_hf(hf).train()
+    batch = torch.randint(4, 40, (3, 30))
+    batch[0, 20:] = PAD_ID
+    _, loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    theirs = hf(batch, labels=batch.masked_fill(batch == PAD_ID, -100))
+    theirs.loss.backward()
+    torch.testing.assert_close(loss, theirs.loss, atol=1e-5, rtol=1e-5)
+    ours = _to_hf_state({name: p.grad for name, p in model.named_parameters()}, model.config)
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_tanh_gelu_matches_torch_and_gradcheck():
+    from chemscale.chemgpt import TanhGELU
+
+    x = torch.randn(1000) * 4
+    torch.testing.assert_close(TanhGELU.apply(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    assert torch.autograd.gradcheck(TanhGELU.apply, (torch.randn(64, dtype=torch.double, requires_grad=True),))

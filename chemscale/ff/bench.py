@@ -36,7 +36,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from chemscale import paths
+from chemscale import memory, paths
 from chemscale.ff import data as ffdata
 from chemscale.ff import import_schnetpack
 
@@ -163,6 +163,7 @@ def ff_bench(quick: bool = False) -> dict:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):  # a banner per fit otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)
+    memory.keep_freed_memory()  # as `python -m chemscale.train` does; stock schnetpack, in this process, gains alike
     data_config = {**RECIPES[quick], "n_train": RECIPES[quick]["recipe"]["n_train"], "n_val": 0}
     recipe = ffdata.as_recipe(data_config["source"], **data_config["recipe"])
     directory = ffdata.generate(recipe, progress=not quick)
