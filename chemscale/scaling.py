@@ -321,7 +321,8 @@ def fit_joint(N, D, L, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.
 def _joint_params(thetas: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """(S, 5) columns E, A, alpha, B, beta from centred log-space parameters [a, α, b, β, e]."""
     a, alpha, b, beta, e = thetas.T
-    return np.column_stack([np.exp(e), np.exp(a + alpha * centres[0]), alpha, np.exp(b + beta * centres[1]), beta])
+    with np.errstate(over="ignore"):  # a degenerate bootstrap sample may send A or B to inf: an unbounded CI
+        return np.column_stack([np.exp(e), np.exp(a + alpha * centres[0]), alpha, np.exp(b + beta * centres[1]), beta])
 
 
 # --- many fits, and the compute-optimal frontier ---

@@ -23,9 +23,11 @@ FF_KEYS = ("speedup_vs_schnetpack", "train_mol_per_s", "schnetpack_mol_per_s", "
            "xtb_structures_per_s")
 
 
-def test_ff_bench_quick_reports_every_figure(capsys):
+def test_ff_bench_quick_reports_every_figure(capsys, tmp_path, monkeypatch):
     """Both pipelines (chemscale's and stock schnetpack's) train, the runner runs, xTB labels."""
+    monkeypatch.chdir(tmp_path)
     assert bench.main(["ff", "--quick"]) == 0
+    assert list(tmp_path.iterdir()) == []  # nothing left in the working directory (schnetpack's lock file)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in FF_KEYS:
         assert result[key] > 0, key

@@ -122,7 +122,12 @@ def schnetpack_run(train_db: Path, n_train: int, steps: int, warmup: int, neighb
                    for key, weight in (("energy", ENERGY_WEIGHT), ("forces", 1 - ENERGY_WEIGHT))]
         atomistic = spk.task.AtomisticTask(model, outputs, optimizer_cls=torch.optim.AdamW,
                                            optimizer_args={"lr": LR, "weight_decay": 0.0})
-        return _fit(atomistic, MoleculeClock(warmup), steps, datamodule=dm)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # AtomsDataModule leaves a `splitting.lock` file in the working directory
+        try:
+            return _fit(atomistic, MoleculeClock(warmup), steps, datamodule=dm)
+        finally:
+            os.chdir(cwd)
 
 
 def runner_run(data_config: dict, steps: int) -> float:
