@@ -178,26 +178,27 @@ def ff_bench(quick: bool = False) -> dict:
     steps, warmup, rounds = (4, 2, 1) if quick else (60, 5, 3)
     settings = [("ase", 0)] if quick else [("ase", 0), ("ase", 2), ("matscipy", 0), ("matscipy", 2)]
 
+    label = lambda setting: f"{setting[0]}, {setting[1]} workers"  # noqa: E731
     stock = {}
-    for nl, workers in settings:
-        stock[f"{nl}, {workers} workers"] = rate = schnetpack_run(directory / "train.db", len(train_set), steps,
-                                                                  warmup, nl, workers)
-        print(f"stock schnetpack ({nl} neighbour list, {workers} workers): {rate:,.0f} mol/s", flush=True)
+    for setting in settings:  # (neighbour list, data-loader workers)
+        stock[setting] = rate = schnetpack_run(directory / "train.db", len(train_set), steps, warmup, *setting)
+        print(f"stock schnetpack ({label(setting)}): {rate:,.0f} mol/s", flush=True)
     best = max(stock, key=stock.get)
-    nl, workers = best.split(", ")[0], int(best.split(", ")[1].split()[0])
     ours, theirs = [], [stock[best]]
     for r in range(rounds):
         ours.append(chemscale_run(data_config, steps, warmup))
         if r:
-            theirs.append(schnetpack_run(directory / "train.db", len(train_set), steps, warmup, nl, workers))
-        print(f"round {r + 1}: chemscale {ours[-1]:,.0f} mol/s, stock ({best}) {theirs[-1]:,.0f} mol/s", flush=True)
+            theirs.append(schnetpack_run(directory / "train.db", len(train_set), steps, warmup, *best))
+        print(f"round {r + 1}: chemscale {ours[-1]:,.0f} mol/s, stock ({label(best)}) {theirs[-1]:,.0f} mol/s",
+              flush=True)
     train, base = statistics.median(ours), statistics.median(theirs)
     runner = runner_run(data_config, 10 if quick else 200)
     print(f"through python -m chemscale.train: {runner:,.0f} mol/s", flush=True)
     xtb = xtb_rate(train_set, 5 if quick else 100)
     print(f"xTB labelling: {xtb:,.1f} structures/s", flush=True)
     return {"speedup_vs_schnetpack": train / base, "train_mol_per_s": train, "schnetpack_mol_per_s": base,
-            "schnetpack_setting": best, "schnetpack_settings_mol_per_s": stock, "runner_mol_per_s": runner,
+            "schnetpack_setting": label(best),
+            "schnetpack_settings_mol_per_s": {label(k): v for k, v in stock.items()}, "runner_mol_per_s": runner,
             "xtb_structures_per_s": xtb, "n_train_structures": len(train_set),
             "model": f"SchNet {WIDTH} features, {DEPTH} interactions, {CUTOFF:g} A, batch {BATCH}",
             "threads": torch.get_num_threads()}
