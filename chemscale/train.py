@@ -10,16 +10,20 @@ data loaders; this module owns everything around them:
   validation; after a restart, rows past the checkpoint are dropped so nothing is counted twice;
 - `last.ckpt`: written atomically at each validation; a restarted run resumes from it;
 - divergence: a NaN/inf loss stops the run and `result.json` records why, so a sweep goes on;
-- `result.json`: written atomically last; its presence means "finished".
+- `result.json`: written atomically last; its presence means "finished";
+- `train.lock`: held (flock) while a process trains the run, so a second sweep or notebook that
+  reaches the same run fails at once with the holder's pid instead of writing into its files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -65,6 +69,46 @@ class TrainConfig:
 
 class Diverged(RuntimeError):
     """The training or validation loss became NaN or infinite."""
+
+
+class RunInProgress(RuntimeError):
+    """Another process is training this run folder."""
+
+
+LOCK = "train.lock"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Hold RUN_DIR/train.lock while training; raise `RunInProgress` if another process holds it.
+
+    Only the launching process locks (global rank 0): DDP ranks that Lightning, torchrun or
+    srun start for the same run carry RANK/LOCAL_RANK/SLURM_PROCID and share its lock. The lock
+    dies with its process, so a killed run never leaves a stale one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no guard
+        yield
+        return
+    if any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
+        yield
+        return
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInProgress(f"{run_dir} is being trained by another process ({f.read().strip() or 'unknown'}); "
+                                f"wait for it to finish or stop it, then run again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def lr_lambda(warmup_steps: int, max_steps: int):
@@ -218,10 +262,15 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
 
 def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
     """Train the run in `run_dir` (resuming from last.ckpt if present); returns result.json's content."""
-    import pytorch_lightning as pl
-
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
+    with exclusive(run_dir):
+        return _train(run_dir, config, progress)
+
+
+def _train(run_dir: Path, config: dict, progress: bool) -> dict:
+    import pytorch_lightning as pl
+
     source = str(run_dir / runs.CONFIG)
     tcfg = parse_train_config(config, source)
     task = task_module(config.get("task"), source)
@@ -291,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     memory.keep_freed_memory()  # this process only trains: reuse activation buffers between steps
     try:
         result = train(args.run_dir, progress=args.progress)
-    except ConfigError as e:
+    except (ConfigError, RunInProgress) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result:

@@ -108,3 +108,19 @@ def test_ddp_two_cpu_processes(runs_root):
     result = json.loads((run_dir / runs.RESULT).read_text())
     assert result["status"] == "finished" and result["steps"] == 10
     assert result["train"]["devices"] == 2
+
+
+def test_a_run_being_trained_elsewhere_is_refused_and_left_alone(runs_root):
+    fcntl = pytest.importorskip("fcntl")
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    with open(run_dir / train.LOCK, "a+") as held:  # another trainer of this run, as far as flock can tell
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        with pytest.raises(train.RunInProgress, match="pid 4242 on elsewhere"):
+            train.train(run_dir)
+        out = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
+                             cwd=paths.ROOT)
+        assert out.returncode == 2 and "being trained by another process" in out.stderr
+    assert not (run_dir / runs.RESULT).exists() and not (run_dir / runs.METRICS).exists()
+    assert train.train(run_dir)["status"] == "finished"  # free again once the holder is gone
