@@ -1,9 +1,47 @@
-"""Shared fixtures: every test writes runs and caches under its own temporary folder."""
+"""Shared fixtures: no test reads or writes the user's runs/, caches or figures.
 
-import pytest
-import torch
+Before chemscale is imported, `CHEMSCALE_RUNS` and `CHEMSCALE_FIGURES` point at a temporary
+folder made for this pytest session (environment variables, so the child processes of sweeps,
+the train CLI and benchmarks inherit them). Caches under it are shared by the tests of one
+session (the MOSES subsets are encoded once) and deleted at its end; every run folder a test
+makes goes under its own `runs_root`. Process-wide state that a test may change (torch
+threads, deterministic algorithms, the cache folders) is restored after each test.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_SESSION_RUNS = Path(tempfile.mkdtemp(prefix="chemscale-tests-"))
+os.environ["CHEMSCALE_RUNS"] = str(_SESSION_RUNS / "runs")
+os.environ["CHEMSCALE_FIGURES"] = str(_SESSION_RUNS / "figures")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_RUNS, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """Undo what a test (or the code it calls) changed process-wide, so results never depend on order."""
+    from chemscale import corpus
+    from chemscale.ff import data as ff_data
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_default_dtype(),
+             corpus.CACHE_DIR, ff_data.CACHE_DIR)
+    yield
+    threads, deterministic, warn_only, dtype, corpus_cache, ff_cache = saved
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_default_dtype(dtype)
+    corpus.CACHE_DIR, ff_data.CACHE_DIR = corpus_cache, ff_cache
 
 
 @pytest.fixture
