@@ -290,6 +290,9 @@ def _train(run_dir: Path, config: dict, progress: bool) -> dict:
         enable_model_summary=False, default_root_dir=str(run_dir), deterministic=False,
         inference_mode=False,  # force fields differentiate the energy during validation too
     )
+    from chemscale.precision import allow_fused_clipping
+
+    allow_fused_clipping(trainer)  # mixed precision + grad clipping + ChemGPT's fused AdamW (issue 8)
     ckpt = run_dir / runs.CHECKPOINT
     resume = ckpt if ckpt.exists() else None
     if resume is not None and trainer.is_global_zero:
