@@ -2,6 +2,7 @@
 
 import ast
 import json
+import subprocess
 
 import papermill
 import pytest
@@ -31,7 +32,7 @@ def test_notebook_is_stripped_with_parameters_tag(notebook):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "commit notebooks stripped"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
-    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert nb["metadata"]["kernelspec"]["name"] == study.KERNEL, "the project's kernel, not whatever python3 is"
     assert not any("def " in "".join(c["source"]) or "class " in "".join(c["source"]) for c in code), \
         "notebooks hold no logic: functions live in chemscale/"
 
@@ -65,3 +66,23 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
 def test_every_notebook_has_three_profiles():
     for nb in NOTEBOOKS:
         assert {p.stem for p in (paths.PARAMS / nb.stem).glob("*.yaml")} >= set(study.PROFILES)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_notebook_says_how_to_run_a_profile_from_lab(notebook):
+    nb = json.loads(notebook.read_text())
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert f"python -m chemscale.study --profile cpu {notebook.stem}" in text
+    assert f"runs/notebooks/{notebook.stem}.cpu.ipynb" in text
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.stem for n in NOTEBOOKS])
+def test_notebook_ends_with_the_checks(notebook):
+    code = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+    assert "checks.verify(results," in "".join(code[-1]["source"]), "the last cell fails the notebook on bad results"
+
+
+def test_make_test_runs_notebooks_on_a_fresh_runs_folder():
+    out = subprocess.run(["make", "-n", "test"], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout
+    nbmake = next(line for line in out.replace("\\\n", " ").splitlines() if "--nbmake" in line)
+    assert "CHEMSCALE_RUNS=$tmp/runs" in nbmake and "tmp=$(mktemp -d)" in nbmake

@@ -1,0 +1,67 @@
+"""The closing checks of a study notebook: every run finished, every fit is a finite number.
+
+A sweep keeps going when a run crashes (its folder says why) and `scaling.fit_groups` skips a
+group left with too few points, so a notebook could end with plots and tables while a model's
+runs all failed. `verify` turns that into an error that fails the notebook (and `make test`),
+naming each unfinished run's log and each fit that is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from chemscale.scaling import JOINT_PARAMS, JointFit, PowerLawFit
+
+
+class StudyCheckError(AssertionError):
+    """A study notebook's results are incomplete: a run did not finish or a fit is not finite."""
+
+
+def unfinished_runs(results: pd.DataFrame) -> list[str]:
+    """One line per run of `results` (rows of `sweep.run`) whose status is not 'finished'."""
+    if results is None or len(results) == 0:
+        return ["no runs at all"]
+    bad = results[results["status"] != "finished"]
+    return [f"{row.run_id}: {row.status}, see {Path(row.run_dir) / 'train.log'}" for row in bad.itertuples()]
+
+
+def _fit_problems(name: str, fit) -> list[str]:
+    """What is wrong with one fit: a parameter that is not finite, or runs left out for a non-finite loss."""
+    params = ("A", "alpha", "E") if isinstance(fit, PowerLawFit) else JOINT_PARAMS
+    problems = [f"{name}: {p} = {getattr(fit, p)}" for p in params if not math.isfinite(getattr(fit, p))]
+    if fit.n_dropped:
+        problems.append(f"{name}: {fit.n_dropped} run(s) left out for a loss that is not finite")
+    return problems
+
+
+def _flatten_fits(fits: dict) -> dict[str, PowerLawFit | JointFit]:
+    """{'loss vs data': {64: fit, ...}, 'frontier': fit} -> {'loss vs data [64]': fit, 'frontier': fit}."""
+    flat = {}
+    for name, value in fits.items():
+        if isinstance(value, (PowerLawFit, JointFit)):
+            flat[name] = value
+        elif isinstance(value, dict):
+            flat.update({f"{name} [{key}]": fit for key, fit in value.items()})
+        else:
+            raise TypeError(f"{name}: expected a fit or a dict of fits, got {type(value).__name__}")
+    return flat
+
+
+def verify(results: pd.DataFrame, fits: dict) -> str:
+    """Raise StudyCheckError unless every run finished and every fit is finite; else a one-line summary.
+
+    Args:
+        results: the DataFrame `sweep.run` returned (one row per run, with `status`).
+        fits: name -> a PowerLawFit/JointFit, or name -> the dict `scaling.fit_groups` returned.
+            An empty dict (every group had fewer than 3 points by the grid's design) is allowed.
+    """
+    flat = _flatten_fits(fits)
+    problems = [f"run {line}" for line in unfinished_runs(results)]
+    for name, fit in flat.items():
+        problems += _fit_problems(name, fit)
+    if problems:
+        raise StudyCheckError("study incomplete:\n  " + "\n  ".join(problems))
+    return f"checks passed: {len(results)} of {len(results)} runs finished; {len(flat)} fits, all finite"

@@ -1,0 +1,239 @@
+"""`python -m chemscale.study`: params checked before anything runs, --params route, one-paragraph
+failures, the chemscale kernel and Lab settings, and the notebooks' closing checks."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+from chemscale import checks, paths, scaling, study
+from chemscale.config import ConfigError
+
+NB01 = paths.NOTEBOOKS / "01_chemgpt_scaling.ipynb"
+
+
+def _study(*args, cwd=None):
+    """Run the CLI in a child process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "chemscale.study", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or paths.ROOT, timeout=600)
+
+
+def _one_error_line(proc) -> str:
+    """The one `error:` line (papermill's progress bar and the kernel's own log may share stderr)."""
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Error" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def _params(tmp_path, text, name="mine.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- params errors: one line, exit 2, nothing executed ---
+
+def test_malformed_params_file_names_file_and_line(tmp_path):
+    bad = _params(tmp_path, "seed: 1\nwidths: [16, 32\nlr: 0.1\n")
+    proc = _study("--params", bad, "01_chemgpt_scaling", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "mine.yaml: line" in _one_error_line(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_params_file(tmp_path):
+    proc = _study("--params", tmp_path / "nope.yaml", "01_chemgpt_scaling")
+    assert proc.returncode == 2 and "params file not found" in _one_error_line(proc)
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path):
+    typo = _params(tmp_path, "max_step: 10\n")
+    proc = _study("--params", typo, "01_chemgpt_scaling", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "'max_step'" in line and "did you mean 'max_steps'" in line and "mine.yaml" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    bad = _params(tmp_path, "max_steps: ten\n")
+    proc = _study("--params", bad, "01_chemgpt_scaling")
+    assert proc.returncode == 2
+    assert "'max_steps' = 'ten' is str" in _one_error_line(proc) and "declares it int" in proc.stderr
+
+
+def test_params_needs_exactly_one_notebook(tmp_path):
+    ok = _params(tmp_path, "seed: 1\n")
+    proc = _study("--params", ok)
+    assert proc.returncode == 2 and "exactly one NOTEBOOK" in _one_error_line(proc)
+
+
+def test_missing_data_path_is_refused_before_the_notebook_starts(tmp_path):
+    gpu = _params(tmp_path, "data_source: /no/such/pubchem/CID-SMILES.gz\n")
+    proc = _study("--params", gpu, "01_chemgpt_scaling", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "'data_source'" in line and "no such file" in line and "mine.yaml" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_named_sources_are_not_paths(tmp_path):
+    params = {"data_source": "md:ethanol", "run_name": "x", "precision": "bf16-mixed"}
+    assert study.resolve_paths(params, "x.yaml", tmp_path) == params
+
+
+def test_relative_data_path_is_made_absolute(tmp_path):
+    (tmp_path / "mine.smi").write_text("CCO\n")
+    resolved = study.resolve_paths({"data_source": "mine.smi"}, "x.yaml", tmp_path)
+    assert resolved["data_source"] == str(tmp_path / "mine.smi")
+
+
+# --- YAML 1.1 floats ---
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    params = study.read_params(_params(tmp_path, "lr: 3e-4\nmax_steps: 100\nrun_name: '3e-4'\n"))
+    assert params == {"lr": 3e-4, "max_steps": 100, "run_name": "3e-4"}
+    assert isinstance(params["lr"], float)
+    study.check_params(NB01, {"lr": params["lr"]}, "x.yaml")
+
+
+def test_float_where_an_int_is_declared_suggests_the_integer():
+    with pytest.raises(ConfigError, match=r"'max_steps' = 10000.0 is float.*write it as an integer, e.g. 10000"):
+        study.check_params(NB01, study.read_params.__globals__["yaml"].load(
+            "max_steps: 1e4", Loader=study._Yaml12Loader), "x.yaml")
+
+
+# --- running a notebook: --params route, failures in one paragraph ---
+
+def _tiny_notebook(folder):
+    """A two-cell notebook with a parameters cell, run on the real chemscale kernel."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": study.KERNEL, "display_name": study.KERNEL, "language": "python"}
+    params = nbformat.v4.new_code_cell('lr: float = 0.1\ndata_source: str = "moses"\nn_molecules: int = 2\n')
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import json, pathlib\n"
+        "assert n_molecules <= 4, f'n_molecules = {n_molecules} is more than the 4 molecules in {data_source}'\n"
+        "pathlib.Path('seen.json').write_text(json.dumps({'lr': lr, 'data_source': data_source}))\n")
+    path = folder / "00_tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[params, body], metadata=nb.metadata), path)
+    return path
+
+
+def test_params_route_runs_the_notebook_and_reports_failures_in_one_paragraph(tmp_path):
+    nb = _tiny_notebook(tmp_path)
+    (tmp_path / "four.smi").write_text("C\nCC\nCCO\nCCN\n")
+    good = _params(tmp_path, "lr: 3e-4\ndata_source: four.smi\nn_molecules: 3\n", "good.yaml")
+    proc = _study("--params", good, nb, "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "seen.json").read_text()) == {"lr": 3e-4, "data_source": str(tmp_path / "four.smi")}
+    assert (tmp_path / "out" / "00_tiny.good.ipynb").exists()
+
+    too_many = _params(tmp_path, "data_source: four.smi\nn_molecules: 10\n", "big.yaml")
+    proc = _study("--params", too_many, nb, "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "Check 'data_source', 'n_molecules' in big.yaml." in line
+    assert "AssertionError: n_molecules = 10 is more than the 4 molecules" in line
+    log = tmp_path / "out" / "00_tiny.big.log"
+    assert str(log.relative_to(tmp_path)) in line and "Traceback" not in proc.stderr
+    assert "AssertionError" in log.read_text() and "assert n_molecules <= 4" in log.read_text()
+    assert "00_tiny.big.ipynb" in line
+
+
+def test_unknown_notebook_is_an_error():
+    proc = _study("--profile", "smoke", "99_nothing")
+    assert proc.returncode == 2 and "no notebook '99_nothing'" in _one_error_line(proc)
+
+
+# --- the chemscale kernel and JupyterLab settings ---
+
+def test_missing_kernel_says_how_to_register_it(monkeypatch):
+    monkeypatch.setattr(study, "KERNEL", "chemscale-not-registered")
+    with pytest.raises(ConfigError, match="no Jupyter kernel 'chemscale-not-registered'.*--setup-jupyter"):
+        study.check_kernel()
+
+
+def test_setup_jupyter_registers_this_python_and_turns_autosave_off(tmp_path):
+    from jupyterlab_server.settings_utils import get_settings
+
+    overrides = tmp_path / "share/jupyter/lab/settings/overrides.json"
+    overrides.parent.mkdir(parents=True)
+    overrides.write_text(json.dumps({"@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"}}))
+    spec_dir = study.install_jupyter(tmp_path)
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    assert spec_dir.name == "chemscale" and spec["argv"][0] == sys.executable
+    lab = paths.Path(sys.prefix) / "share/jupyter/lab"
+    settings, _ = get_settings(str(overrides.parent), str(lab / "schemas"), str(tmp_path / "user"),
+                               schema_name="@jupyterlab/docmanager-extension:plugin")
+    assert settings["schema"]["properties"]["autosave"]["default"] is False
+    assert "@jupyterlab/apputils-extension:themes" in json.loads(overrides.read_text()), "other overrides kept"
+
+
+def test_notebook_metadata_is_what_lab_writes_for_the_chemscale_kernel():
+    """Lab sets kernelspec and language_info on open; equal values leave the notebook unmodified."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import start_new_kernel
+
+    spec = KernelSpecManager().get_kernel_spec(study.KERNEL)
+    km, kc = start_new_kernel(kernel_name=study.KERNEL)
+    try:
+        language_info = kc.kernel_info(reply=True, timeout=120)["content"]["language_info"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    for nb in study.notebooks():
+        meta = json.loads(nb.read_text())["metadata"]
+        assert meta["kernelspec"] == {"name": study.KERNEL, "display_name": spec.display_name,
+                                      "language": spec.language}
+        # Lab writes the kernel's full version; on another 3.11 patch release only that field differs
+        assert {**meta["language_info"], "version": language_info["version"]} == language_info
+        assert meta["language_info"]["version"].rsplit(".", 1)[0] == language_info["version"].rsplit(".", 1)[0]
+
+
+# --- checks at the end of each notebook ---
+
+def _fit(seed=0):
+    x = np.array([100.0, 300, 1000, 3000])
+    return scaling.fit_power_law(x, 3 * x ** -0.2, n_bootstrap=20, seed=seed)
+
+
+def _results(*statuses):
+    return pd.DataFrame([{"run_id": f"r{i}", "run_dir": f"/runs/s/r{i}", "status": s} for i, s in enumerate(statuses)])
+
+
+def test_checks_pass_when_every_run_finished_and_every_fit_is_finite():
+    summary = checks.verify(_results("finished", "finished"), {"data": {16: _fit(), 32: _fit(1)}, "frontier": _fit(),
+                                                                "width": {}})
+    assert summary == "checks passed: 2 of 2 runs finished; 3 fits, all finite"
+
+
+def test_checks_fail_for_an_unfinished_run_naming_its_log():
+    with pytest.raises(checks.StudyCheckError, match=r"r1: crashed, see /runs/s/r1/train.log"):
+        checks.verify(_results("finished", "crashed", "diverged"), {"data": {16: _fit()}})
+
+
+def test_checks_fail_without_runs():
+    with pytest.raises(checks.StudyCheckError, match="no runs at all"):
+        checks.verify(pd.DataFrame(), {})
+
+
+def test_checks_fail_for_a_fit_that_is_not_finite():
+    broken = dataclasses.replace(_fit(), alpha=float("nan"))
+    with pytest.raises(checks.StudyCheckError, match=r"data \[64\]: alpha = nan"):
+        checks.verify(_results("finished"), {"data": {16: _fit(), 64: broken}})
+
+
+def test_checks_fail_for_a_fit_that_left_runs_out():
+    x = np.array([100.0, 300, 1000, 3000, 10000])
+    y = 3 * x ** -0.2
+    y[2] = np.nan  # a run whose loss is NaN is dropped from the fit, with a count
+    fit = scaling.fit_power_law(x, y, n_bootstrap=20)
+    with pytest.raises(checks.StudyCheckError, match=r"frontier: 1 run\(s\) left out"):
+        checks.verify(_results("finished"), {"frontier": fit})
