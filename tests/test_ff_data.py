@@ -5,8 +5,11 @@ private cache; every bad-input file is written into tmp_path (a truncated file i
 cut). Nothing is downloaded.
 """
 
+import contextlib
 import json
 import subprocess
+import sys
+import warnings
 from collections import Counter
 
 import h5py
@@ -24,7 +27,7 @@ import chemscale.ff.store as store
 from chemscale.config import ConfigError
 from chemscale.ff import import_schnetpack
 from chemscale.ff.frames import EV_PER, FFDataError, Frames
-from chemscale.ff.readers import read
+from chemscale.ff.readers import FFUnitWarning, read
 
 TINY_MD = dict(n_train=20, n_val=0, n_test=10, stride=10, equilibration_steps=20)
 
@@ -261,10 +264,11 @@ def test_conformers_with_xtb_labels():
 # ---------------------------------------------------------------- readers: good files
 
 def ethanol_arrays(n=4, seed=0):
+    """Ethanol frames in kcal/mol with rMD17's magnitudes (forces ~20 kcal/mol/Å, energies spread ~4 kcal/mol)."""
     rng = np.random.default_rng(seed)
     atoms = molecule("CH3CH2OH")
-    return (atoms.numbers, atoms.positions + rng.normal(0, 0.05, (n, 9, 3)), -97000 + rng.normal(size=n),
-            rng.normal(size=(n, 9, 3)))
+    return (atoms.numbers, atoms.positions + rng.normal(0, 0.05, (n, 9, 3)), -97000 + rng.normal(0, 4, n),
+            rng.normal(0, 20, (n, 9, 3)))
 
 
 def write_rmd17(path, numbers, coords, energies, forces, **extra):
@@ -278,7 +282,8 @@ def test_rmd17_is_read_in_kcal_per_mol(tmp_path):
     np.testing.assert_allclose(frames.energy, e * 0.0433641, rtol=1e-6)
     np.testing.assert_allclose(frames.forces, f.reshape(-1, 3) * 0.0433641, rtol=1e-6)
     np.testing.assert_allclose(frames.positions, r.reshape(-1, 3))
-    as_ev = read(tmp_path / "rmd17_ethanol.npz", energy_unit="eV")  # a user's own npz in eV
+    with pytest.warns(FFUnitWarning, match="most likely in kcal/mol"):  # asked for: read, with a word
+        as_ev = read(tmp_path / "rmd17_ethanol.npz", energy_unit="eV")
     np.testing.assert_allclose(as_ev.energy, e)
 
 
@@ -286,8 +291,9 @@ def test_sgdml_respects_its_declared_unit(tmp_path):
     z, r, e, f = ethanol_arrays()
     np.savez(tmp_path / "md17.npz", z=z, R=r, E=e[:, None], F=f)
     np.testing.assert_allclose(read(tmp_path / "md17.npz").energy, e * EV_PER["kcal/mol"])
-    np.savez(tmp_path / "md17_ev.npz", z=z, R=r, E=e[:, None], F=f, e_unit="eV", r_unit="Ang")
-    np.testing.assert_allclose(read(tmp_path / "md17_ev.npz").energy, e)
+    ev = EV_PER["kcal/mol"]
+    np.savez(tmp_path / "md17_ev.npz", z=z, R=r, E=e[:, None] * ev, F=f * ev, e_unit="eV", r_unit="Ang")
+    np.testing.assert_allclose(read(tmp_path / "md17_ev.npz").energy, e * ev)
     with pytest.raises(FFDataError, match=r"md17_ev.npz: the file declares energies in 'eV' but energy_unit='kcal/mol'"):
         read(tmp_path / "md17_ev.npz", energy_unit="kcal/mol")
 
@@ -317,19 +323,25 @@ def test_ani1x_is_read_in_hartree_and_nans_are_dropped_and_counted(tmp_path):
     assert json.loads((folder / "meta.json").read_text())["dropped"] == {"nan_energy": 1, "nan_forces": 1}
 
 
-def test_extxyz_in_ev_or_its_declared_unit(tmp_path):
-    path = tmp_path / "frames.extxyz"
+def write_extxyz(path, energies, force, unit=None):
+    """H2 frames: frame k has forces (0, 0, force + k) and (0, 0, -force), declared in `unit` if given."""
     lines = []
-    for k, energy in enumerate([-10.0, -11.0]):
-        lines += ["2", f'energy={energy} energy_unit=kcal/mol Properties=species:S:1:pos:R:3:forces:R:3 pbc="F F F"',
-                  f"H 0 0 0 0 0 {k}.5", "H 0 0 0.74 0 0 -0.5"]
+    for k, energy in enumerate(energies):
+        declared = f" energy_unit={unit}" if unit else ""
+        lines += ["2", f'energy={energy}{declared} Properties=species:S:1:pos:R:3:forces:R:3 pbc="F F F"',
+                  f"H 0 0 0 0 0 {force + k}", f"H 0 0 0.74 0 0 {-force}"]
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_extxyz_in_ev_or_its_declared_unit(tmp_path):
+    path = write_extxyz(tmp_path / "frames.extxyz", [-10.0, -11.0], 20.0, "kcal/mol")
     frames = read(path)
     np.testing.assert_allclose(frames.energy, [-10 * EV_PER["kcal/mol"], -11 * EV_PER["kcal/mol"]])
-    np.testing.assert_allclose(frames.forces[2], [0, 0, 1.5 * EV_PER["kcal/mol"]])  # frame 1, atom 0
+    np.testing.assert_allclose(frames.forces[2], [0, 0, 21 * EV_PER["kcal/mol"]])  # frame 1, atom 0
     with pytest.raises(FFDataError, match="declares energies in 'kcal/mol' but energy_unit='eV'"):
         read(path, energy_unit="eV")
-    path.write_text(path.read_text().replace(" energy_unit=kcal/mol", ""))
+    path = write_extxyz(tmp_path / "frames_ev.extxyz", [-10.0, -11.0], 1.0)
     np.testing.assert_allclose(read(path).energy, [-10, -11])
 
 
@@ -338,10 +350,10 @@ def test_schnetpack_db_in_kcal_per_mol_is_converted_or_refused(tmp_path):
     db = spk.data.ASEAtomsData.create(str(tmp_path / "kcal.db"), distance_unit="Ang",
                                       property_unit_dict={"energy": "kcal/mol", "forces": "kcal/mol/Ang"})
     water = molecule("H2O")
-    db.add_systems([{"energy": np.array([-100.0]), "forces": np.ones((3, 3))}], [water])
+    db.add_systems([{"energy": np.array([-100.0]), "forces": np.full((3, 3), 20.0)}], [water])
     frames = read(tmp_path / "kcal.db")
     assert frames.energy[0] == pytest.approx(-100 * 0.0433641, rel=1e-6)
-    np.testing.assert_allclose(frames.forces, 0.0433641, rtol=1e-6)
+    np.testing.assert_allclose(frames.forces, 20 * 0.0433641, rtol=1e-6)
     with pytest.raises(FFDataError, match="kcal.db: the file declares energies in 'kcal/mol' but energy_unit='eV'"):
         data.load(str(tmp_path / "kcal.db"), energy_unit="eV")
 
@@ -510,3 +522,154 @@ def test_sharded_batches_partition_an_epoch():
     assert len(shards[0]) == len(shards[1]) == 10 and not set(shards[0]) & set(shards[1])
     batch = next(iter(data.ff_loader(dataset, 4, dtype=torch.float64, device="cpu")))
     assert batch[P.R].dtype == batch["energy"].dtype == torch.float64 and batch[P.idx_i].dtype == torch.long
+
+
+# ---------------------------------------------------------------- units the numbers contradict (item 9)
+
+def write_in_unit(path, frames, unit, fmt="rmd17", **extra):
+    """Real xTB ethanol frames (eV) written in `unit`: as rMD17, as sGDML (extra fields) or as a flat ANI-1x h5."""
+    n = int(frames.n_atoms[0])
+    per = 1 / EV_PER[unit]
+    z, r = frames.numbers[:n], frames.positions.reshape(-1, n, 3)
+    e, f = frames.energy * per, frames.forces.reshape(-1, n, 3) * per
+    if fmt == "rmd17":
+        return write_rmd17(path, z, r, e, f)
+    if fmt == "sgdml":
+        np.savez(path, z=z, R=r, E=e[:, None], F=f, **extra)
+        return path
+    with h5py.File(path, "w") as h5:  # a single molecule's datasets at the top level
+        h5["atomic_numbers"], h5["coordinates"], h5["wb97x_dz.energy"], h5["wb97x_dz.forces"] = z, r, e, f
+    return path
+
+
+@contextlib.contextmanager
+def no_unit_warning():
+    """A context in which an FFUnitWarning fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FFUnitWarning)
+        yield
+
+
+def test_hartree_or_ev_read_as_kcal_per_mol_is_refused_naming_the_likely_unit(md_dir, tmp_path):
+    xtb = data.load(md_dir, "train").frames
+    hartree = write_in_unit(tmp_path / "ethanol_hartree.npz", xtb, "Hartree")
+    with pytest.raises(FFDataError, match=r"ethanol_hartree.npz: the numbers do not look like kcal/mol .*"
+                                          r"force RMS 0.00\d+ eV/Å.*most likely in Hartree: pass energy_unit='Hartree'"):
+        read(hartree)
+    ev = write_in_unit(tmp_path / "ethanol_ev.npz", xtb, "eV")
+    with pytest.raises(FFDataError, match="ethanol_ev.npz: .*most likely in eV: pass energy_unit='eV'"):
+        read(ev)
+    with pytest.raises(FFDataError, match="most likely in Hartree"):  # through a recipe, nothing is cached
+        data.load(str(hartree))
+    assert not list(data.CACHE_DIR.glob("file-*"))
+    with no_unit_warning():  # the way out: say the unit; the right unit reads the same numbers back
+        np.testing.assert_allclose(read(hartree, energy_unit="Hartree").forces, xtb.forces, rtol=1e-9)
+        loaded = [data.load(str(ev), split, energy_unit="eV").total_energy for split in ("train", "val", "test")]
+        np.testing.assert_allclose(np.sort(np.concatenate(loaded)), np.sort(xtb.energy), rtol=1e-9)
+        kcal = read(write_in_unit(tmp_path / "ethanol_kcal.npz", xtb, "kcal/mol"))  # the right unit: silent
+    np.testing.assert_allclose(kcal.energy, xtb.energy, rtol=1e-9)
+    with pytest.warns(FFUnitWarning, match="most likely in Hartree"):  # insisting reads it, with a warning
+        read(hartree, energy_unit="kcal/mol")
+
+
+def test_declared_units_the_numbers_contradict_warn_and_ani1x_in_kcal_is_refused(md_dir, tmp_path):
+    xtb = data.load(md_dir, "train").frames
+    declared = write_in_unit(tmp_path / "sgdml.npz", xtb, "Hartree", fmt="sgdml", e_unit="kcal/mol")
+    with pytest.warns(FFUnitWarning, match="sgdml.npz: the numbers do not look like kcal/mol \\(the unit the file "
+                                           "declares\\).*most likely in Hartree: correct the file's declared unit"):
+        read(declared)
+    ani = write_in_unit(tmp_path / "ani_kcal.h5", xtb, "kcal/mol", fmt="h5")
+    with pytest.raises(FFDataError, match="ani_kcal.h5: the numbers do not look like Hartree.*most likely in kcal/mol"):
+        read(ani)
+
+
+def test_a_cold_trajectory_is_a_close_call_read_with_a_warning(md_dir, tmp_path):
+    xtb = data.load(md_dir, "train").frames
+    cold = xtb.take(range(len(xtb)))  # forces and energy fluctuations 5x smaller, as at a much lower temperature
+    cold.forces *= 0.2
+    cold.energy = cold.energy.mean() + 0.2 * (cold.energy - cold.energy.mean())
+    path = write_in_unit(tmp_path / "cold.npz", cold, "kcal/mol")
+    with pytest.warns(FFUnitWarning, match="cold.npz: the numbers do not look like kcal/mol .*most likely in eV"):
+        frames = read(path)
+    np.testing.assert_allclose(frames.forces, cold.forces, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- ANI-1x .h5 layouts (item 10)
+
+def test_h5_with_datasets_at_its_top_level(md_dir, tmp_path):
+    xtb = data.load(md_dir, "train").frames
+    flat = write_in_unit(tmp_path / "flat.h5", xtb, "Hartree", fmt="h5")  # one molecule, no group: read
+    frames = read(flat)
+    np.testing.assert_allclose(frames.forces, xtb.forces, rtol=1e-9)
+    assert len(frames) == len(xtb) and set(frames.group) == {0}
+    z, r, e, f = ethanol_arrays()
+    mixed = write_ani1x(tmp_path / "mixed.h5", {"C2H6O": (z, r, e / 627.5, f / 627.5)})
+    with h5py.File(mixed, "a") as h5:
+        h5["energies"] = e  # a stray dataset beside the formula groups: AttributeError before
+    with pytest.raises(FFDataError, match=r"mixed.h5: dataset\(s\) \['energies'\] at the top level, but an ANI-1x "
+                                          r"file holds one group per formula"):
+        read(mixed)
+    h5py.File(tmp_path / "empty.h5", "w").close()
+    with pytest.raises(FFDataError, match="empty.h5: no structures"):
+        read(tmp_path / "empty.h5")
+
+
+# ---------------------------------------------------------------- CLI errors (item 8)
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", r"missing.npz: no such file"),
+    ("bare name", r"ethanol: no such file \(nor a recipe: 'md:<name or SMILES>'"),
+    ("directory", r"is a directory but not a complete chemscale dataset folder: no readable manifest.json"),
+    ("not key=value", r"recipe field 'n_train' must be key=value"),
+    ("unknown field", r"unknown key.*n_frames"),
+    ("unknown unit", r"unknown unit 'furlong'"),
+    ("wrong unit", r"hartree.npz: the numbers do not look like kcal/mol.*--energy-unit Hartree"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(md_dir, tmp_path, capsys, case, expected):
+    hartree = write_in_unit(tmp_path / "hartree.npz", data.load(md_dir, "train").frames, "Hartree")
+    argv = {"missing": [str(tmp_path / "missing.npz")], "bare name": ["ethanol"], "directory": [str(tmp_path)],
+            "not key=value": ["md:ethanol", "n_train"], "unknown field": ["md:ethanol", "n_frames=3"],
+            "unknown unit": [str(hartree), "--energy-unit", "furlong"], "wrong unit": [str(hartree)]}[case]
+    assert data.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert __import__("re").search(expected, err), err
+
+
+def test_cli_as_a_module_exits_2_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "chemscale.ff.data", str(tmp_path / "nothing.npz")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"error: {tmp_path / 'nothing.npz'}: no such file (nor a recipe: 'md:<name or SMILES>', " \
+                            f"'conformers:moses', 'conformers:<SMILES file>')\n"
+
+
+def test_recipes_name_missing_files_and_directories(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        data.as_recipe({"kind": "file", "path": str(tmp_path / "gone.npz")})
+    with pytest.raises(ConfigError, match="is a directory, not a data file"):
+        data.as_recipe({"kind": "file", "path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="no such file"):
+        data.as_recipe(f"conformers:{tmp_path / 'gone.smi'}")
+    with pytest.raises(FFDataError, match="is a directory, not a data file"):
+        read(tmp_path)
+
+
+# ---------------------------------------------------------------- cache key includes the code (item 28)
+
+def test_cache_dir_changes_with_the_generating_code_and_versions(tmp_path, monkeypatch):
+    build = fake_build()
+    monkeypatch.setattr(data, "build", build)
+    recipe = generate.MDRecipe(**TINY_MD)
+    before = data.generate(recipe, progress=False)
+    changed = tmp_path / "generate.py"  # the same module with one more line: a fix or a regression
+    changed.write_text(open(generate.__file__).read() + "\nFRICTION_FIX = True\n")
+    with monkeypatch.context() as mp:
+        mp.setattr(generate, "__file__", str(changed))
+        after = data.generate(recipe, progress=False)
+        assert after != before and len(build.calls) == 2  # rebuilt, not served from the warm cache
+        assert json.loads((after / "meta.json").read_text())["code"] == data.code_digest()
+    with monkeypatch.context() as mp:
+        mp.setattr(data, "_versions", lambda: {"tblite": "0.0.1"})
+        assert data.dataset_dir(recipe) not in (before, after)
+    assert data.dataset_dir(recipe) == before and data.generate(recipe) == before and len(build.calls) == 2

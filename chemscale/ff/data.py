@@ -2,7 +2,8 @@
 
 A recipe says where structures come from: `MDRecipe` and `ConformerRecipe` (GFN2-xTB, see
 `generate`) or `FileRecipe` (a user's rMD17/sGDML `.npz`, ANI-1x `.h5`, extxyz or ASE `.db`,
-see `readers`). `generate(recipe)` builds the dataset once into `CACHE_DIR/<label>-<hash>/`, a
+see `readers`). `generate(recipe)` builds the dataset once into `CACHE_DIR/<label>-<hash>/` (the hash covers
+the recipe, the source file, the code that shapes the numbers and the package versions), a
 folder laid out and verified as `store` describes (schnetpack ASEAtomsData per split, units in
 its metadata, plus contiguous arrays), written under a temporary name and renamed into place
 when complete: an interrupted or damaged build is rebuilt, never reused.
@@ -10,17 +11,22 @@ when complete: an interrupted or damaged build is rebuilt, never reused.
 energies (least squares on the training split) subtracted, the same ones for every split.
 Batches for training: `ff_loader` (in `chemscale.ff.loader`).
 
-CLI: `python -m chemscale.ff.data md:ethanol [n_train=5000 ...]` prints statistics in eV units.
+CLI: `python -m chemscale.ff.data md:ethanol [n_train=5000 ...]` prints statistics in eV units;
+a user error (no such file, a bad recipe field, a file whose numbers contradict its unit) is
+one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import shutil
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +56,8 @@ class FileRecipe:
     seed: int = 0
 
     def __post_init__(self):
-        require(Path(self.path).is_file(), "path", f"is not a file: {self.path}")
+        require(not Path(self.path).is_dir(), "path", f"is a directory, not a data file: {self.path}")
+        require(Path(self.path).is_file(), "path", f"no such file: {self.path}")
         require(0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1,
                 "val_fraction/test_fraction", "must be >= 0 and sum to < 1")
         if self.energy_unit is not None:
@@ -84,23 +91,46 @@ def as_recipe(source, **overrides):
         return from_dict(MDRecipe, {"molecule": rest, **overrides}, text)
     if kind == "conformers" and rest:
         return from_dict(ConformerRecipe, {"source": rest, **overrides}, text)
-    if Path(text).is_file():
-        return from_dict(FileRecipe, {"path": str(Path(text).resolve()), **overrides}, text)
-    raise FFDataError(f"{text!r} is not a recipe ('md:<name or SMILES>', 'conformers:moses', "
-                      f"'conformers:<SMILES file>'), a data file or a dataset folder")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return from_dict(FileRecipe, {"path": str(path.resolve()), **overrides}, text)
+    if path.is_dir():
+        raise FFDataError(f"{text}: is a directory, not a data file (a dataset folder is read with load())")
+    recipes = "'md:<name or SMILES>', 'conformers:moses', 'conformers:<SMILES file>'"
+    if kind not in ("md", "conformers") and (not rest or "/" in text or os.sep in text or path.suffix):
+        raise FFDataError(f"{text}: no such file (nor a recipe: {recipes})")
+    raise FFDataError(f"{text!r} is not a recipe ({recipes}), a data file or a dataset folder")
 
 
 def dataset_dir(recipe) -> Path:
-    """Where `recipe`'s dataset is cached: CACHE_DIR/<label>-<hash of everything that shapes it>."""
-    key = {"kind": recipe.kind, "format": FORMAT_VERSION, **dataclasses.asdict(recipe)}
+    """Where `recipe`'s dataset is cached: CACHE_DIR/<label>-<hash of everything that shapes it>.
+
+    That is the recipe, the source file, the code that makes the numbers (`code_digest`) and the
+    packages that do (`_versions`): a warm cache can hide neither a regression nor a fix.
+    """
+    key = {"kind": recipe.kind, "format": FORMAT_VERSION, **dataclasses.asdict(recipe),
+           "code": code_digest(), "versions": _versions()}
     source = recipe.path if isinstance(recipe, FileRecipe) else getattr(recipe, "source", "moses")
     if source != "moses":  # a changed file is a different dataset
         stat = Path(source).stat()
         key["file"] = [str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns]
-    if not isinstance(recipe, FileRecipe):  # another xTB build may give other labels
-        key["versions"] = _versions()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return CACHE_DIR / f"{recipe.label()}-{digest}"
+
+
+# Modules whose every line may shape a dataset's numbers (generation, reading, units, storage);
+# of this module only the functions that do (a changed CLI or docstring keeps the caches).
+SHAPING_MODULES = ("chemscale.ff.generate", "chemscale.ff.readers", "chemscale.ff.frames", "chemscale.ff.store")
+
+
+def code_digest() -> str:
+    """SHA-256 (16 hex digits) of the source of the code that turns a recipe into stored numbers."""
+    h = hashlib.sha256()
+    for name in SHAPING_MODULES:
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    for function in (_frames, split_frames, fit_reference_energies, composition):
+        h.update(inspect.getsource(function).encode())
+    return h.hexdigest()[:16]
 
 
 # --- build and cache ----------------------------------------------------------------------------
@@ -122,7 +152,7 @@ def generate(recipe, progress: bool = True) -> Path:
         if len(splits["train"]) == 0:
             raise FFDataError(f"{recipe}: no training structures (dropped: {dict(splits['train'].dropped)})")
         meta = {"recipe": {"kind": recipe.kind, **dataclasses.asdict(recipe)}, "format": FORMAT_VERSION,
-                "versions": _versions()}
+                "code": code_digest(), "versions": _versions()}
         store.write(tmp, splits, fit_reference_energies(splits["train"]), meta)
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished the same build first
@@ -154,9 +184,10 @@ def split_frames(frames: Frames, val_fraction: float, test_fraction: float, seed
 
 
 def _versions() -> dict[str, str]:
+    """Versions of the packages that compute, read or write the numbers (xTB, ASE, RDKit, MOSES, ...)."""
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("tblite", "ase", "rdkit")}
+    return {name: version(name) for name in ("tblite", "ase", "rdkit", "numpy", "h5py", "schnetpack", "molsets")}
 
 
 # --- in memory ----------------------------------------------------------------------------------
@@ -234,7 +265,7 @@ def _directory(source, energy_unit: str | None, progress: bool) -> Path:
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         problem = store.verify(Path(source))
         if problem:
-            raise FFDataError(f"{source}: {problem}")
+            raise FFDataError(f"{source}: is a directory but not a complete chemscale dataset folder: {problem}")
         return Path(source)
     overrides = {"energy_unit": energy_unit} if energy_unit is not None else {}
     return generate(as_recipe(source, **overrides), progress)
@@ -282,21 +313,38 @@ def describe(dataset: FFDataset) -> dict:
             "force_component_rms_ev_per_a": float(np.sqrt((dataset.forces ** 2).mean())) if len(dataset) else None}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Build (if needed) and describe a dataset: counts, elements, energy and force statistics, drops."""
+def main(argv: list[str] | None = None) -> int:
+    """Build (if needed) and describe a dataset; a user error is one `error:` line and exit status 2."""
     import argparse
-
-    from ase.data import chemical_symbols
 
     parser = argparse.ArgumentParser(prog="python -m chemscale.ff.data", description=__doc__.split("\n")[0])
     parser.add_argument("source", help="md:<molecule or SMILES>, conformers:moses, a data file or a dataset folder")
     parser.add_argument("overrides", nargs="*", help="recipe fields as key=value, e.g. n_train=5000")
     parser.add_argument("--energy-unit", help="energy unit of a data file (default: its declared or documented one)")
     args = parser.parse_args(argv)
-    overrides = dict(_parse_override(o) for o in args.overrides)
-    if args.energy_unit:
-        overrides["energy_unit"] = args.energy_unit
-    directory = Path(args.source) if Path(args.source).is_dir() else generate(as_recipe(args.source, **overrides))
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        try:
+            _describe_source(args.source, args.overrides, args.energy_unit)
+        except (FFDataError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _describe_source(source: str, override_texts: list[str], energy_unit: str | None) -> None:
+    """Print what `main` prints: the dataset folder, its recipe, reference energies and per-split statistics."""
+    from ase.data import chemical_symbols
+
+    overrides = dict(_parse_override(o) for o in override_texts)
+    if energy_unit:
+        overrides["energy_unit"] = energy_unit
+    if Path(source).is_dir():
+        if overrides:
+            raise ConfigError(f"{source}: a dataset folder takes no recipe fields, got {sorted(overrides)}")
+        directory = _directory(source, None, True)
+    else:
+        directory = generate(as_recipe(source, **overrides))
     meta = store.read_meta(directory)
     print(f"dataset {directory}\nrecipe  {json.dumps(meta.get('recipe'))}")
     print("reference energies (eV): " + ", ".join(f"{chemical_symbols[int(z)]} {e:.4f}"
@@ -316,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
 def _parse_override(text: str) -> tuple[str, object]:
     """'n_train=500' -> ('n_train', 500): values are JSON where they parse, else strings."""
     key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"override {text!r} must be key=value")
+    if not sep or not key:
+        raise ConfigError(f"recipe field {text!r} must be key=value, e.g. n_train=5000")
     try:
         return key, json.loads(value)
     except ValueError:
@@ -325,4 +373,4 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -95,8 +95,10 @@ class ConformerRecipe:
     seed: int = 0
 
     def __post_init__(self):
-        require(self.source == "moses" or Path(self.source).is_file(), "source",
-                f"must be 'moses' or an existing SMILES file, got {self.source!r}")
+        if self.source != "moses":
+            require(not Path(self.source).is_dir(), "source", f"is a directory, not a SMILES file: {self.source}")
+            require(Path(self.source).is_file(), "source", f"must be 'moses' or a SMILES file; no such file: "
+                                                           f"{self.source}")
         require(self.n_train_molecules > 0 and min(self.n_val_molecules, self.n_test_molecules) >= 0,
                 "n_*_molecules", "must be >= 0, n_train_molecules > 0")
         require(self.conformers_per_molecule > 0, "conformers_per_molecule", "must be > 0")

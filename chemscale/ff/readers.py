@@ -13,17 +13,25 @@ Forces are in energy unit per distance unit (Å unless the file says Bohr). `ene
 reads a file in its declared unit, else the format's documented one; an explicit unit that
 contradicts the file's declaration raises (`frames.resolve_unit`). Every error is an
 `FFDataError` naming the file.
+
+The numbers are then checked against the unit (`check_unit`): molecular data has forces of
+about 1 eV/Å, so a Hartree file read as kcal/mol (forces 627x too small) or an eV file read as
+kcal/mol (23x) stands out. A unit only assumed from the format is refused when another unit
+fits clearly better; a unit the file declares, or the caller asks for, only draws a warning, so
+`energy_unit=` is the way to insist. kcal/mol and kJ/mol (4.2x apart) cannot be told apart.
 """
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from chemscale.ff.frames import FFDataError, Frames, distance_factor, energy_factor, resolve_unit, unit_name
+from chemscale.ff.frames import (EV_PER, FFDataError, Frames, distance_factor, energy_factor, resolve_unit,
+                                  unit_name)
 
 RMD17_KEYS = ("nuclear_charges", "coords", "energies", "forces")
 SGDML_KEYS = ("z", "R", "E", "F")
@@ -34,6 +42,8 @@ H5_SUFFIXES = (".h5", ".hdf5")
 def read(path, energy_unit: str | None = None) -> Frames:
     """Read any supported file, chosen by suffix (and, for `.npz`, by its keys)."""
     path = Path(path)
+    if path.is_dir():
+        raise FFDataError(f"{path}: is a directory, not a data file")
     if not path.is_file():
         raise FFDataError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -60,18 +70,20 @@ def read(path, energy_unit: str | None = None) -> Frames:
 def read_rmd17(path, energy_unit: str | None = None) -> Frames:
     """rMD17 `.npz`: one molecule's trajectory in kcal/mol and kcal/mol/Å."""
     arrays = _load_npz(path, RMD17_KEYS, "rMD17")
-    unit = resolve_unit(energy_unit, None, "kcal/mol", str(path))
-    return _molecule_frames(path, arrays["nuclear_charges"], arrays["coords"], arrays["energies"], arrays["forces"],
-                            energy_factor(unit), 1.0)
+    unit, origin = _unit(energy_unit, None, "kcal/mol", path)
+    frames = _molecule_frames(path, arrays["nuclear_charges"], arrays["coords"], arrays["energies"],
+                              arrays["forces"], energy_factor(unit), 1.0)
+    return check_unit(frames, unit, origin, path)
 
 
 def read_sgdml(path, energy_unit: str | None = None) -> Frames:
     """sGDML/MD17 `.npz`: `R`, `z`, `E`, `F`, in `e_unit` (default kcal/mol) and `r_unit` (default Å)."""
     arrays = _load_npz(path, SGDML_KEYS, "sGDML", optional=("e_unit", "r_unit"))
     declared = str(arrays["e_unit"]) if "e_unit" in arrays else None
-    unit = resolve_unit(energy_unit, declared, "kcal/mol", str(path))
+    unit, origin = _unit(energy_unit, declared, "kcal/mol", path)
     r_factor = distance_factor(str(arrays["r_unit"]), str(path)) if "r_unit" in arrays else 1.0
-    return _molecule_frames(path, arrays["z"], arrays["R"], arrays["E"], arrays["F"], energy_factor(unit), r_factor)
+    frames = _molecule_frames(path, arrays["z"], arrays["R"], arrays["E"], arrays["F"], energy_factor(unit), r_factor)
+    return check_unit(frames, unit, origin, path)
 
 
 def _npz_keys(path: Path) -> list[str]:
@@ -137,7 +149,7 @@ def read_ani1x(path, energy_unit: str | None = None, level: str = "wb97x_dz") ->
     """
     import h5py
 
-    unit = resolve_unit(energy_unit, None, "Hartree", str(path))
+    unit, origin = _unit(energy_unit, None, "Hartree", path)
     keys = ("atomic_numbers", "coordinates", f"{level}.energy", f"{level}.forces")
     try:
         h5 = h5py.File(path, "r")
@@ -145,15 +157,34 @@ def read_ani1x(path, energy_unit: str | None = None, level: str = "wb97x_dz") ->
         raise FFDataError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {e}") from None
     parts, dropped = [], Counter()
     with h5:
-        for group_id, name in enumerate(h5):
-            part = _ani1x_group(path, name, h5[name], keys, group_id, dropped)
+        for group_id, (name, group) in enumerate(_ani1x_groups(path, h5, keys)):
+            part = _ani1x_group(path, name, group, keys, group_id, dropped)
             if len(part):
                 parts.append(part)
+    if not parts:
+        raise FFDataError(f"{path}: no structures (dropped: {dict(dropped) or 'none'})")
     frames = Frames.concat(parts)
     frames.dropped = dropped
     frames.energy *= energy_factor(unit)
     frames.forces *= energy_factor(unit)
-    return frames
+    return check_unit(frames, unit, origin, path)
+
+
+def _ani1x_groups(path, h5, keys) -> list:
+    """(name, group) pairs: one per formula, or the file itself when its top level holds one molecule's `keys`.
+
+    Any other dataset at the top level is refused by name (h5py datasets have no `.keys()`).
+    """
+    import h5py
+
+    datasets = sorted(name for name, item in h5.items() if not isinstance(item, h5py.Group))
+    if not datasets:
+        return list(h5.items())
+    if set(keys) <= set(datasets):
+        return [("/", h5)]
+    raise FFDataError(f"{path}: dataset(s) {datasets} at the top level, but an ANI-1x file holds one group per "
+                      f"formula with datasets {list(keys)} (or, for a single molecule, those datasets at its top "
+                      f"level; missing: {[k for k in keys if k not in datasets]})")
 
 
 def _ani1x_group(path, name: str, group, keys, group_id: int, dropped: Counter) -> Frames:
@@ -189,9 +220,9 @@ def read_extxyz(path, energy_unit: str | None = None) -> Frames:
     declared = {str(a.info["energy_unit"]) for a in images if "energy_unit" in a.info}
     if len(declared) > 1:
         raise FFDataError(f"{path}: frames declare different energy units {sorted(declared)}")
-    unit = resolve_unit(energy_unit, next(iter(declared), None), "eV", str(path))
+    unit, origin = _unit(energy_unit, next(iter(declared), None), "eV", path)
     labelled = [_energy_forces(path, k, a) for k, a in enumerate(images)]
-    return _atoms_frames(path, images, labelled, energy_factor(unit), 1.0)
+    return check_unit(_atoms_frames(path, images, labelled, energy_factor(unit), 1.0), unit, origin, path)
 
 
 def read_ase_db(path, energy_unit: str | None = None) -> Frames:
@@ -205,13 +236,13 @@ def read_ase_db(path, energy_unit: str | None = None) -> Frames:
     except Exception as e:  # sqlite3.DatabaseError and friends
         raise FFDataError(f"{path}: not a readable ASE database: {type(e).__name__}: {e}") from None
     declared = metadata.get("_property_unit_dict", {})
-    unit = resolve_unit(energy_unit, declared.get("energy"), "eV", str(path))
+    unit, origin = _unit(energy_unit, declared.get("energy"), "eV", path)
     ang_per_unit = distance_factor(metadata.get("_distance_unit", "Ang"), str(path))
     if "forces" in declared:
         _check_forces_unit(path, declared["forces"], unit, metadata.get("_distance_unit", "Ang"))
     images = [row.toatoms() for row in rows]
     labelled = [_row_energy_forces(path, k, row) for k, row in enumerate(rows)]
-    return _atoms_frames(path, images, labelled, energy_factor(unit), ang_per_unit)
+    return check_unit(_atoms_frames(path, images, labelled, energy_factor(unit), ang_per_unit), unit, origin, path)
 
 
 def _energy_forces(path, k: int, atoms) -> tuple[float, np.ndarray]:
@@ -259,3 +290,90 @@ def _atoms_frames(path, images, labelled, ev_per_unit: float, ang_per_unit: floa
     return Frames.from_structures([a.numbers for a in images], [a.positions * ang_per_unit for a in images],
                                   [f * (ev_per_unit / ang_per_unit) for _, f in labelled],
                                   [e * ev_per_unit for e, _ in labelled], [group_of[f] for f in formulas])
+
+
+# --- is the unit plausible? ---------------------------------------------------------------------
+
+# Molecular energies+forces data in eV and Å. Measured on GFN2-xTB data from `generate`: force
+# component RMS 0.88 eV/Å (ethanol MD, 500 K), 1.08 (aspirin), 2.5 (perturbed conformers);
+# energy spread (std of one molecule's energies / sqrt(atoms)) 0.033, 0.043, 0.077 eV. rMD17
+# (about 20 kcal/mol/Å) and ANI-1x (about 0.05 Hartree/Å) are near 1 eV/Å too.
+TYPICAL = {"force_rms_ev_per_a": (0.2, 5.0), "energy_spread_ev": (0.005, 1.0)}
+CLEARLY_OFF_DECADES = 0.5  # another unit must fit this much better (summed over both measures) to refuse
+
+
+class FFUnitWarning(UserWarning):
+    """A data file's numbers look like another energy unit than the one it is read in."""
+
+
+def _unit(asked: str | None, declared: str | None, documented: str, path) -> tuple[str, str]:
+    """The unit to read a file in (`frames.resolve_unit`) and its origin: 'asked', 'declared' or 'assumed'."""
+    unit = resolve_unit(asked, declared, documented, str(path))
+    return unit, "asked" if asked is not None else "declared" if declared is not None else "assumed"
+
+
+def unit_measures(frames: Frames) -> dict[str, float]:
+    """Force component RMS (eV/Å) and median energy spread per sqrt(atom) (eV); a measure is absent if 0."""
+    measures = {"force_rms_ev_per_a": float(np.sqrt(np.mean(frames.forces ** 2))) if len(frames.forces) else 0.0}
+    _, group, count = np.unique(frames.group, return_inverse=True, return_counts=True)
+    mean = np.bincount(group, frames.energy) / count
+    var = np.bincount(group, (frames.energy - mean[group]) ** 2) / count
+    atoms = np.bincount(group, frames.n_atoms) / count
+    several = (count > 1) & (var > 0)
+    measures["energy_spread_ev"] = float(np.median(np.sqrt(var[several] / atoms[several]))) if several.any() else 0.0
+    return {k: v for k, v in measures.items() if v > 0 and np.isfinite(v)}
+
+
+def _misfit(measures: dict[str, float], scale: float) -> float:
+    """Decades by which `measures` times `scale` fall outside their typical ranges, summed."""
+    total = 0.0
+    for key, value in measures.items():
+        low, high = TYPICAL[key]
+        total += max(0.0, np.log10(low / (value * scale)), np.log10(value * scale / high))
+    return total
+
+
+def likely_unit(measures: dict[str, float], unit: str) -> str:
+    """The energy unit the numbers (read in `unit`) fit best; ties go to forces nearest 1 eV/Å."""
+    def badness(candidate):
+        scale = EV_PER[candidate] / EV_PER[unit]
+        force = measures.get("force_rms_ev_per_a", 1.0) * scale
+        return _misfit(measures, scale), abs(np.log10(force)), candidate != unit
+
+    return min(EV_PER, key=badness)
+
+
+def check_unit(frames: Frames, unit: str, origin: str, path) -> Frames:
+    """`frames` if their numbers fit `unit`; else refuse (unit assumed) or warn (declared, asked, or a close call).
+
+    Typical molecular data is what `TYPICAL` says; a file that fits another unit clearly better
+    was almost surely written in it.
+    """
+    measures = unit_measures(frames)
+    best = likely_unit(measures, unit)
+    gain = _misfit(measures, 1.0) - _misfit(measures, EV_PER[best] / EV_PER[unit])
+    if best == unit or gain <= 0:
+        return frames
+    message = _unit_message(path, measures, unit, origin, best)
+    if origin == "assumed" and gain >= CLEARLY_OFF_DECADES:
+        raise FFDataError(message)
+    warnings.warn(message, FFUnitWarning, stacklevel=3)
+    return frames
+
+
+def _unit_message(path, measures: dict[str, float], unit: str, origin: str, best: str) -> str:
+    """One paragraph: what the numbers are in `unit`, what is typical, what they would be in `best`, what to do."""
+    scale = EV_PER[best] / EV_PER[unit]
+    names = {"force_rms_ev_per_a": ("force RMS", "eV/Å"), "energy_spread_ev": ("energy spread", "eV/sqrt(atom)")}
+    now = ", ".join(f"{names[k][0]} {v:.3g} {names[k][1]}" for k, v in measures.items())
+    typical = ", ".join(f"{TYPICAL[k][0]:g}-{TYPICAL[k][1]:g} {names[k][1]}" for k in measures)
+    then = ", ".join(f"{v * scale:.3g} {names[k][1]}" for k, v in measures.items())
+    how = {"assumed": "the format's documented unit", "declared": "the unit the file declares",
+           "asked": "the energy_unit asked for"}[origin]
+    advice = {"assumed": f"pass energy_unit={best!r} (CLI: --energy-unit {best}) if so, or energy_unit={unit!r} "
+                         f"to read it as {unit} anyway",
+              "declared": f"correct the file's declared unit if it is {best}",
+              "asked": f"pass energy_unit={best!r} if the file is in {best}"}[origin]
+    return (f"{path}: the numbers do not look like {unit} ({how}): read as {unit} they give {now}, where molecular "
+            f"data typically has {typical}; in {best} they would be {then}. The file is most likely in {best}: "
+            f"{advice}")
