@@ -147,6 +147,10 @@ def _fit(U, log_y, offset, n_bootstrap, seed, min_distinct):
 
 # --- inputs ---
 
+class TooFewPoints(ValueError):
+    """Fewer points with a loss than a fit has parameters to pin down: the fit is skipped, not guessed."""
+
+
 def _name(values, default: str) -> str:
     """The column name of a pandas Series, for error messages."""
     return str(getattr(values, "name", None) or default)
@@ -174,8 +178,9 @@ def _clean(columns: list[tuple[str, object]], min_points: int) -> tuple[list[np.
             raise ValueError(f"{name} must be positive and finite for a log-log fit; "
                              f"{bad.sum()} value(s) are not, e.g. {a[bad][0]!r}")
     if len(arrays[0]) < min_points:
-        raise ValueError(f"need at least {min_points} points with a loss to fit, got {len(arrays[0])} "
-                         f"(after dropping {drop.sum()} NaN rows)")
+        raise TooFewPoints(f"{len(arrays[0])} point(s) with a finite loss"
+                           + (f" ({drop.sum()} dropped as NaN)" if drop.any() else "")
+                           + f", and this fit needs at least {min_points}: add values to the sweep axis")
     return arrays, int(drop.sum())
 
 
@@ -343,11 +348,41 @@ def fit_groups(df: pd.DataFrame, x: str, y: str, by: str, **kw) -> dict:
     for value, group in df.groupby(by, sort=True):
         n_valid = int(np.isfinite(group[y].to_numpy(dtype=float)).sum())
         if n_valid < min_points:
-            warnings.warn(f"{by} = {_key(value)}: {n_valid} point(s) with a finite loss, fewer than {min_points}: "
-                          "not fitted", stacklevel=2)
+            warnings.warn(f"{y} against {x} at {by} = {_key(value)}: not fitted, {n_valid} point(s) with a finite "
+                          f"loss and a fit needs at least {min_points}", stacklevel=2)
             continue
         fits[_key(value)] = fit_power_law(group[x], group[y], **kw)
     return fits
+
+
+def fit_or_skip(what: str, fit, *args, **kw):
+    """`fit(*args, **kw)`, or None with one sentence (a warning) when there are too few points for it.
+
+    A small grid (two values on an axis, or runs that failed) then loses that fit, not the
+    notebook: `joint = scaling.fit_or_skip("joint fit L(N, D)", scaling.fit_joint, N, D, L)`.
+    """
+    try:
+        return fit(*args, **kw)
+    except TooFewPoints as e:
+        warnings.warn(f"{what}: not fitted: {e}", stacklevel=2)
+        return None
+
+
+def exponents_table(fits: dict) -> pd.DataFrame:
+    """One row per exponent of the named fits (columns fit, alpha, alpha_lo, alpha_hi), for `plots.exponent_plot`.
+
+    A PowerLawFit gives its α; a JointFit two rows, 'name: α' and 'name: β'; a None (a fit that
+    `fit_or_skip` skipped) gives none, so the table holds what could be fitted.
+    """
+    rows = []
+    for name, fit in fits.items():
+        if isinstance(fit, JointFit):
+            rows += [{"fit": f"{name}: {symbol}", "alpha": getattr(fit, param), "alpha_lo": fit.ci[param][0],
+                      "alpha_hi": fit.ci[param][1]} for symbol, param in (("α", "alpha"), ("β", "beta"))]
+        elif fit is not None:
+            lo, hi = fit.ci.get("alpha", (float("nan"), float("nan")))
+            rows.append({"fit": name, "alpha": fit.alpha, "alpha_lo": lo, "alpha_hi": hi})
+    return pd.DataFrame(rows, columns=["fit", "alpha", "alpha_lo", "alpha_hi"])
 
 
 def fits_table(fits: dict, name: str = "group") -> pd.DataFrame:
@@ -376,7 +411,7 @@ def compute_optimal_frontier(df: pd.DataFrame, compute: str = "flops", loss: str
     losses = points[loss].to_numpy(dtype=float)
     best_before = np.concatenate([[np.inf], np.minimum.accumulate(losses)[:-1]])
     frontier = points[losses < best_before]
-    if n_bins:
+    if n_bins and len(frontier):
         frontier = _thin(frontier, compute, n_bins)
     return frontier.reset_index(drop=True)
 

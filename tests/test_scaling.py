@@ -141,7 +141,7 @@ def test_fits_per_group_and_their_table():
     df = pd.DataFrame({"x": np.concatenate([x, x, x[:2]]),
                        "y": np.concatenate([x**-0.1, 2 * x**-0.3, x[:2] ** -0.2]),
                        "g": [10] * 5 + [20] * 5 + [30] * 2})
-    with pytest.warns(UserWarning, match="g = 30: 2 point"):
+    with pytest.warns(UserWarning, match="y against x at g = 30: not fitted, 2 point"):
         fits = scaling.fit_groups(df, "x", "y", by="g", n_bootstrap=20)
     assert list(fits) == [10, 20] and all(type(k) is int for k in fits)
     table = scaling.fits_table(fits, "g")
@@ -163,3 +163,44 @@ def test_compare_exponents_reads_the_intervals():
     assert "only by the point estimates" in scaling.compare_exponents(table, "kind", "equivariant", "invariant")
     table.loc[0, "alpha"] = 0.5
     assert "no:" in scaling.compare_exponents(table, "kind", "equivariant", "invariant")
+
+
+def small_grid():
+    """A finished 2 x 3 grid (two widths, three data sizes) following L = 2·N^-0.2 + 3·D^-0.3."""
+    N, D = np.meshgrid([1e4, 4e4], [100, 300, 1000])
+    return pd.DataFrame({"N": N.ravel(), "D": D.ravel(), "L": 2 * N.ravel() ** -0.2 + 3 * D.ravel() ** -0.3})
+
+
+def test_a_grid_with_two_points_on_an_axis_skips_those_fits_with_a_sentence():
+    df = small_grid()
+    with pytest.warns(UserWarning, match="L against N at D = 100: not fitted, 2 point"):
+        per_d = scaling.fit_groups(df, "N", "L", by="D", n_bootstrap=0)  # two widths: no L(N) fit
+    assert per_d == {}
+    with pytest.warns(UserWarning, match=r"joint fit L\(N, D\): not fitted: 4 point\(s\).* at least 6"):
+        joint = scaling.fit_or_skip("joint fit L(N, D)", scaling.fit_joint, df["N"][:4], df["D"][:4], df["L"][:4],
+                                    n_bootstrap=0)
+    assert joint is None
+    per_n = scaling.fit_or_skip("L(D)", scaling.fit_groups, df, "D", "L", by="N", n_bootstrap=0)  # enough: fitted
+    assert list(per_n) == [1e4, 4e4]
+    table = scaling.exponents_table({f"L(N) at D = {max(per_d, default=None)}": per_d.get(max(per_d, default=None)),
+                                     "joint": joint, "L(D) at N = 1e4": per_n[1e4]})
+    assert list(table["fit"]) == ["L(D) at N = 1e4"] and table["alpha"].iloc[0] > 0
+    with pytest.raises(ValueError, match="different lengths"):  # other bad input still raises
+        scaling.fit_or_skip("bad", scaling.fit_power_law, [1, 2, 3], [3, 2])
+
+
+def test_exponents_table_has_a_row_per_exponent():
+    df = small_grid()
+    joint = scaling.fit_joint(df["N"], df["D"], df["L"], n_bootstrap=10)
+    power = scaling.fit_power_law(df["D"][::2], df["L"][::2], n_bootstrap=10)
+    table = scaling.exponents_table({"joint": joint, "L(D)": power, "skipped": None})
+    assert list(table.columns) == ["fit", "alpha", "alpha_lo", "alpha_hi"]
+    assert list(table["fit"]) == ["joint: α", "joint: β", "L(D)"]
+    assert table["alpha"].tolist() == [joint.alpha, joint.beta, power.alpha]
+    assert table.iloc[1][["alpha_lo", "alpha_hi"]].tolist() == list(joint.ci["beta"])
+    assert scaling.exponents_table({"none": None}).empty
+
+
+def test_frontier_of_no_points_is_empty():
+    empty = hand_made_curves().iloc[:0]
+    assert scaling.compute_optimal_frontier(empty, n_bins=3).empty
