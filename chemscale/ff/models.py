@@ -211,7 +211,7 @@ def build(model: str, *, width: int, depth: int, cutoff: float = 5.0, elements: 
             ``avg_num_neighbors`` (10; better: the training set's mean neighbour count).
 
     Returns:
-        The `ForceField`, in ``dtype``.
+        The `ForceField`, in ``dtype``; its ``build_args`` (a dict) rebuild it with `rebuild`.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
@@ -226,11 +226,24 @@ def build(model: str, *, width: int, depth: int, cutoff: float = 5.0, elements: 
         raise ValueError(f"{model} has no option(s) {unknown}; its options: {sorted(_OPTIONS[model])}")
     common = dict(width=width, depth=depth, cutoff=cutoff, elements=elements, n_rbf=n_rbf, per_element_shift=shift)
     if model == "allegro":  # nequip sets its own default dtype while building
-        return _build_allegro(dtype=dtype, **common, **kw)
-    # Build in float32 whatever the process default (schnetpack's GaussianRBF calls torch.FloatTensor,
-    # which fails under a float64 default), then convert.
-    with _default_dtype(torch.float32):
-        return _BUILDERS[model](**common, **kw).to(dtype)
+        built = _build_allegro(dtype=dtype, **common, **kw)
+    else:
+        # Build in float32 whatever the process default (schnetpack's GaussianRBF calls torch.FloatTensor,
+        # which fails under a float64 default), then convert.
+        with _default_dtype(torch.float32):
+            built = _BUILDERS[model](**common, **kw).to(dtype)
+    built.build_args = {"model": model, **common, **kw}  # JSON-able: `rebuild` makes the same network again
+    return built
+
+
+def rebuild(build_args: dict, dtype: torch.dtype = torch.float32) -> ForceField:
+    """The network that `build` made with `build_args` (a model's `build_args`), in `dtype`, untrained.
+
+    Saved weights (`state_dict`) load into it: how a trained model leaves its run (see
+    `chemscale.ff.calculator`). Allegro is rebuilt in `dtype` rather than converted (see `build`).
+    """
+    args = dict(build_args)
+    return build(args.pop("model"), dtype=dtype, **args)
 
 
 def _build_schnet(*, width, depth, cutoff, elements, n_rbf, per_element_shift, n_filters: int | None = None):

@@ -190,10 +190,18 @@ class Task:
                 **{f"val_{k}": v for k, v in m.best_val_metrics.items()}}
 
     def finish(self, run_dir: Path) -> dict:
-        """Energy and force MAE of the best model on the test split."""
+        """Energy and force MAE of the best model on the test split.
+
+        Also writes what rebuilds the best model outside chemscale's training (`best_model.json`
+        beside `best.pt`: the network's build arguments and the per-element reference energies
+        that the data side subtracted), which `chemscale.ff.calculator` reads.
+        """
         model = self.module.model
         if (run_dir / "best.pt").exists():
             model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
+            from chemscale.ff.calculator import write_model_card
+
+            write_model_card(run_dir, model.build_args, self.test_set.reference_energies)
         model.eval().cpu()
         abs_e = abs_f = n_e = n_f = 0.0
         for batch in ff_loader(self.test_set, batch_size=64, cutoff=self.cutoff):
