@@ -81,19 +81,25 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
 
     `fits` is a mapping hue value -> PowerLawFit (as `scaling.fit_groups` returns), each drawn in
     its group's colour with its exponent in the legend, or a single PowerLawFit for all points.
+    With a mapping, a group it lacks (too few points to fit) is drawn with hollow markers and
+    'not fitted' in the legend, so a missing line reads as skipped, not forgotten.
     """
     fig, ax = _axes(ax)
     groups = list(df.groupby(hue, sort=True)) if hue else [(None, df)]
     colors = _colors([level for level, _ in groups], palette) if hue else {None: "C0"}
-    per_group = fits if isinstance(fits, dict) else {}
+    per_group = fits if isinstance(fits, dict) else None
     for level, group in groups:
         group = group.sort_values(x)
-        fit = per_group.get(level)
+        fit = per_group.get(level) if per_group is not None else None
         label = _fmt(level) if hue else None
+        hollow = per_group is not None and fit is None
         if fit is not None:
             _draw_fit(ax, fit, colors[level])
             label = f"{label}: {fit.label()}" if label else fit.label()
-        ax.plot(group[x], group[y], "o-", color=colors[level], ms=5, lw=0.9, label=label)
+        elif hollow:
+            label = f"{label}: not fitted" if label else "not fitted"
+        ax.plot(group[x], group[y], "o-", color=colors[level], ms=5, lw=0.9, label=label,
+                markerfacecolor="none" if hollow else colors[level])
     if isinstance(fits, scaling.PowerLawFit):
         _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {fits.label()}")
     _finish(ax, x, y, xlabel, ylabel, title, legend_title=hue)
@@ -127,8 +133,13 @@ def exponent_plot(table: pd.DataFrame, *, label: str = "fit", value: str = "alph
                   title: str | None = "Fitted scaling exponents"):
     """One row per fit: its exponent with the CI as an error bar (columns value, value_lo, value_hi),
     and a dotted line at a reference value such as the paper's."""
-    fig, ax = _axes(ax, figsize=(FIGSIZE[0], 1.4 + 0.5 * len(table)))
+    fig, ax = _axes(ax, figsize=(FIGSIZE[0], 1.4 + 0.5 * max(len(table), 1)))
     t = table.reset_index(drop=True)
+    if t.empty:  # every fit was skipped (too few points): say so instead of failing after the training
+        ax.text(0.5, 0.5, "no exponent could be fitted (too few points)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set(yticks=[], xlabel=xlabel, title=title)
+        return fig
     rows = np.arange(len(t))[::-1]  # first row at the top, as in the table
     # a percentile CI may sit to one side of the point estimate, or be missing: no negative bars
     below = np.nan_to_num(t[value] - t[f"{value}_lo"]).clip(min=0)

@@ -1,13 +1,16 @@
-"""Plots draw data, fits and bands; `save` writes the same PNG bytes every time, under figures/<notebook>/."""
+"""Plots show the data, fits and bands they are given (read back from the Axes); `save` writes the
+same PNG bytes every time, under figures/<notebook>/."""
 
 import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
 
 from chemscale import plots, scaling  # noqa: E402
 
@@ -19,31 +22,82 @@ def close_figures():
 
 
 def two_groups():
-    """Two model sizes whose loss falls as x^-0.1 and x^-0.3."""
+    """Two model sizes whose loss falls as x^-0.1 and x^-0.3, rows shuffled (the plot sorts them)."""
     x = np.logspace(2, 4, 5)
-    return pd.DataFrame({"x": np.tile(x, 2), "y": np.concatenate([x**-0.1, 2 * x**-0.3]),
-                         "size": [1000] * 5 + [200_000] * 5})
+    df = pd.DataFrame({"x": np.tile(x, 2), "y": np.concatenate([x**-0.1, 2 * x**-0.3]),
+                       "size": [1000] * 5 + [200_000] * 5})
+    return df.sample(frac=1, random_state=0)
 
 
 def legend_texts(fig):
     return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 
 
-def test_loglog_draws_each_group_with_its_fit_and_band():
+def data_lines(ax):
+    """The lines drawn with markers (the runs), by label."""
+    return {line.get_label(): line for line in ax.lines if line.get_marker() == "o"}
+
+
+def fit_lines(ax):
+    return [line for line in ax.lines if line.get_linestyle() == "--"]
+
+
+def is_hollow(line) -> bool:
+    return line.get_markerfacecolor() == "none"
+
+
+def test_loglog_draws_each_group_its_fit_and_band():
     df = two_groups()
     fits = scaling.fit_groups(df, "x", "y", by="size", n_bootstrap=20)
     fig = plots.loglog(df, "x", "y", hue="size", fits=fits, xlabel="N", title="t")
     ax = fig.axes[0]
-    assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_xlabel() == "N"
-    assert len(ax.collections) == 2  # one CI band per group
+    assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_xlabel() == "N" and ax.get_ylabel() == "y"
     assert legend_texts(fig) == ["1000: α = 0.10 [0.10, 0.10]", "2e5: α = 0.30 [0.30, 0.30]"]
+    points = data_lines(ax)
+    for (size, group), label in zip(df.groupby("size"), legend_texts(fig)):
+        line = points[label]
+        expected = group.sort_values("x")
+        np.testing.assert_array_equal(line.get_xdata(), expected["x"])  # every run, sorted by x
+        np.testing.assert_array_equal(line.get_ydata(), expected["y"])
+        assert not is_hollow(line)
+    fitted = fit_lines(ax)
+    assert len(fitted) == 2 and len(ax.collections) == 2  # one curve and one CI band per group
+    for line, band, (size, fit) in zip(fitted, ax.collections, fits.items()):
+        xs = line.get_xdata()
+        assert xs[0] == pytest.approx(fit.x_min) and xs[-1] == pytest.approx(fit.x_max)  # over the fitted range
+        np.testing.assert_allclose(line.get_ydata(), fit.predict(xs))
+        label = next(k for k in points if k.startswith(plots._fmt(size)))
+        assert to_rgba(line.get_color()) == to_rgba(points[label].get_color())  # the fit in its group's colour
+        assert to_rgba(band.get_facecolor()[0])[:3] == to_rgba(line.get_color())[:3]
+        lo, hi = fit.band(xs)
+        polygon = band.get_paths()[0].vertices
+        assert polygon[:, 1].min() == pytest.approx(lo.min()) and polygon[:, 1].max() == pytest.approx(hi.max())
+
+
+def test_loglog_draws_groups_without_a_fit_hollow():
+    df = pd.concat([two_groups(), pd.DataFrame({"x": [100.0, 1000.0], "y": [0.5, 0.4], "size": [5e6, 5e6]})])
+    with pytest.warns(UserWarning, match="not fitted"):
+        fits = scaling.fit_groups(df, "x", "y", by="size", n_bootstrap=0)
+    ax = plots.loglog(df, "x", "y", hue="size", fits=fits).axes[0]
+    points = data_lines(ax)
+    assert sorted(points) == ["1000: α = 0.10", "2e5: α = 0.30", "5e6: not fitted"]
+    assert [label for label, line in points.items() if is_hollow(line)] == ["5e6: not fitted"]
+    assert len(fit_lines(ax)) == 2
+    everything_skipped = plots.loglog(df, "x", "y", hue="size", fits={}).axes[0]
+    assert all(is_hollow(line) for line in data_lines(everything_skipped).values())
+    no_fits_asked = plots.loglog(df, "x", "y", hue="size").axes[0]  # no fits given: nothing was skipped
+    assert not any(is_hollow(line) for line in data_lines(no_fits_asked).values())
+    assert sorted(data_lines(no_fits_asked)) == ["1000", "2e5", "5e6"]
 
 
 def test_loglog_with_one_fit_or_none():
     df = two_groups()
     fit = scaling.fit_power_law(df["x"], df["y"], n_bootstrap=20)
-    assert legend_texts(plots.loglog(df, "x", "y", fits=fit))[-1].startswith("fit: α = ")
-    assert plots.loglog(df, "x", "y", hue="size").axes[0].get_legend() is not None
+    ax = plots.loglog(df, "x", "y", fits=fit).axes[0]
+    [line] = fit_lines(ax)
+    assert to_rgba(line.get_color()) == to_rgba(plots.FIT_COLOR) and line.get_label() == f"fit: {fit.label()}"
+    [points] = data_lines(ax).values()
+    assert len(points.get_xdata()) == len(df) and not is_hollow(points)
     assert plots.loglog(df, "x", "y").axes[0].get_legend() is None
 
 
@@ -53,31 +107,63 @@ def test_frontier_plot_shows_runs_frontier_and_fit():
     frontier = scaling.compute_optimal_frontier(curves)
     fit = scaling.fit_power_law(frontier["flops"], frontier["val_loss"], n_bootstrap=20)
     fig = plots.frontier_plot(curves, "flops", "val_loss", "size", frontier, fit)
+    ax = fig.axes[0]
     texts = legend_texts(fig)
-    assert texts[:3] == ["size = 1", "size = 2", "compute-optimal frontier"] and texts[3].startswith("frontier fit")
-    assert plots.frontier_plot(curves, "flops", "val_loss").axes  # no hue, frontier computed
+    assert texts[:3] == ["size = 1", "size = 2", "compute-optimal frontier"] and texts[3] == f"frontier fit: {fit.label()}"
+    runs = [line for line in ax.lines if line.get_alpha() == 0.35]
+    assert [list(line.get_xdata()) for line in runs] == [[1, 2, 4], [2, 4, 8]]  # one faint curve per run
+    assert to_rgba(runs[0].get_color()) != to_rgba(runs[1].get_color())  # coloured by size
+    [marked] = data_lines(ax).values()
+    assert list(zip(marked.get_xdata(), marked.get_ydata())) == [(1, 3.0), (2, 2.5), (4, 2.0), (8, 1.5)]
+    [fitted] = fit_lines(ax)
+    np.testing.assert_allclose(fitted.get_ydata(), fit.predict(fitted.get_xdata()))
+    computed = plots.frontier_plot(curves, "flops", "val_loss").axes[0]  # no hue: the frontier is computed
+    np.testing.assert_array_equal(data_lines(computed)["compute-optimal frontier"].get_xdata(), [1, 2, 4, 8])
 
 
-def test_exponent_plot_tolerates_missing_and_lopsided_intervals():
-    table = pd.DataFrame({"fit": ["L(N)", "joint", "frontier"], "alpha": [0.1, 0.2, 0.05],
-                          "alpha_lo": [0.05, np.nan, 0.06], "alpha_hi": [0.2, np.nan, 0.09]})
+def test_exponent_plot_draws_intervals_clips_wide_ones_and_tolerates_missing_ones():
+    table = pd.DataFrame({"fit": ["L(N)", "joint", "frontier", "wide"], "alpha": [0.1, 0.2, 0.05, 0.15],
+                          "alpha_lo": [0.05, np.nan, 0.06, 0.1], "alpha_hi": [0.2, np.nan, 0.09, 20.0]})
     fig = plots.exponent_plot(table, reference=0.17, reference_label="paper")
     ax = fig.axes[0]
     rows = {t.get_text(): y for t, y in zip(ax.get_yticklabels(), ax.get_yticks())}
-    assert rows == {"L(N)": 2, "joint": 1, "frontier": 0}  # the table's first row at the top
+    assert rows == {"L(N)": 3, "joint": 2, "frontier": 1, "wide": 0}  # the table's first row at the top
     assert legend_texts(fig) == ["paper"]
+    [reference] = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert list(reference.get_xdata()) == [0.17, 0.17]
+    bars = ax.containers[0]
+    assert bars.lines[0].get_xydata().tolist() == [[0.1, 3], [0.2, 2], [0.05, 1], [0.15, 0]]
+    spans = [segment[:, 0].tolist() for segment in bars.lines[2][0].get_segments()]
+    right = ax.get_xlim()[1]
+    assert right == pytest.approx(0.5)  # 2.5 x the largest estimate, at least 0.5
+    assert spans[0] == pytest.approx([0.05, 0.2]) and spans[1] == pytest.approx([0.2, 0.2])  # no CI: no bar
+    assert spans[2] == pytest.approx([0.05, 0.09])  # the point is below its CI: no negative bar
+    assert spans[3] == pytest.approx([0.1, right])  # clipped at the axis end ...
+    assert [t.get_text() for t in ax.texts] == ["CI to 20 →"]  # ... which says where it goes
+
+
+def test_exponent_plot_of_no_fits_says_so():
+    ax = plots.exponent_plot(scaling.exponents_table({"L(N)": None})).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["no exponent could be fitted (too few points)"]
+    assert not ax.containers
 
 
 def test_quality_plot_and_its_missing_columns():
-    quality = pd.DataFrame({"n_params_non_embedding": [10, 100], "validity": [1.0, 1.0],
-                            "uniqueness": [0.9, 0.8], "novelty": [0.9, 0.7]})
-    assert legend_texts(plots.quality_plot(quality)) == ["validity", "uniqueness", "novelty"]
-    with pytest.raises(ValueError, match="no column"):
+    quality = pd.DataFrame({"n_params_non_embedding": [100, 10], "validity": [1.0, 0.5],
+                            "uniqueness": [0.8, 0.9], "novelty": [0.7, 0.9]})
+    ax = plots.quality_plot(quality).axes[0]
+    assert legend_texts(ax.figure) == ["validity", "uniqueness", "novelty"]
+    lines = {line.get_label(): line for line in ax.lines}
+    assert lines["validity"].get_xdata().tolist() == [10, 100]  # sorted by size, values kept with their rows
+    assert lines["validity"].get_ydata().tolist() == [0.5, 1.0] and lines["novelty"].get_ydata().tolist() == [0.9, 0.7]
+    assert ax.get_xscale() == "log" and ax.get_ylim() == (0, 1.02)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['novelty'\]"):
         plots.quality_plot(quality.drop(columns="novelty"))
 
 
-def a_figure():
+def a_figure(scale=1.0):
     df = two_groups()
+    df["y"] *= scale
     return plots.loglog(df, "x", "y", hue="size", fits=scaling.fit_groups(df, "x", "y", by="size", n_bootstrap=20))
 
 
@@ -87,10 +173,13 @@ def test_save_is_deterministic_and_atomic(tmp_path, monkeypatch):
     path = plots.save(fig, "01_nb", "loss_vs_x")
     data = path.read_bytes()
     assert path == tmp_path / "01_nb" / "loss_vs_x.png" and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(path).shape[:2] == (round(plots.FIGSIZE[1] * plots.DPI),
+                                                        round(plots.FIGSIZE[0] * plots.DPI))
     assert b"matplotlib" not in data  # no version string to change the bytes
     assert plots.save(fig, "01_nb", "loss_vs_x").read_bytes() == data
     assert plots.save(a_figure(), "01_nb", "again").read_bytes() == data  # a rebuilt figure too
-    assert sorted(p.name for p in path.parent.iterdir()) == ["again.png", "loss_vs_x.png"]  # no temp files left
+    assert plots.save(a_figure(scale=1.5), "01_nb", "other").read_bytes() != data  # other data, other bytes
+    assert sorted(p.name for p in path.parent.iterdir()) == ["again.png", "loss_vs_x.png", "other.png"]  # no temp files
 
 
 def test_save_to_another_root_and_bad_names(tmp_path):
