@@ -1,9 +1,9 @@
 """SMILES sources -> SELFIES -> token ids, encoded once, cached and memory-mapped.
 
 Sources: "moses" (the MOSES corpus shipped in the `molsets` wheel: train 1,584,663 SMILES;
-its test split, 176,074, is our validation split), PubChem `CID-SMILES(.gz)` (`CID<TAB>SMILES`),
-`.smi`/`.txt` (one SMILES per line, an optional name after whitespace) and `.csv(.gz)` with a
-`smiles` column (any case).
+its test split, 176,074, is our validation split) or a file in one of three layouts, read from
+its content whatever its name (`chemscale.smiles_files`): PubChem `CID<TAB>SMILES`, one SMILES
+per line with an optional name, or CSV with a `smiles` column; `format=` overrides the layout.
 
 Nested subsets: the molecules of a split are visited in one fixed permutation (by `seed`) and
 `load(n_molecules=n)` returns the first n that encode, so the 10^3 set is inside the 10^4 set.
@@ -11,7 +11,8 @@ Only the needed prefix is encoded; a larger request encodes just the missing par
 the cache. Token ids are append-only in order of first appearance along the permutation, so
 the vocabulary of the first n molecules is a prefix of the cache's, whatever was encoded before.
 
-    python -m chemscale.corpus PATH [-n N] [--split train]   # what a file holds; PATH may be 'moses'
+    python -m chemscale.corpus PATH [--format pubchem|smi|csv]  # the whole file: lines, kept, dropped, splits
+    python -m chemscale.corpus PATH -n N [--split val]          # the first N molecules of a split
 """
 
 from __future__ import annotations
@@ -19,335 +20,86 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import csv
 import fcntl
-import gzip
 import hashlib
 import importlib.metadata
-import importlib.util
 import io
 import itertools
 import json
 import math
-import multiprocessing as mp
-import multiprocessing.connection
 import os
 import re
 import sys
+import textwrap
 import time
 import warnings
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import selfies as sf
-import torch
 from tqdm.auto import tqdm
 
 from chemscale import paths
 from chemscale.config import atomic_write_bytes, atomic_write_json
+from chemscale.selfies_workers import encode_smiles, parent_only
+from chemscale.smiles_files import LAYOUTS, CorpusError, SmilesFile, clip, moses_path, open_smiles_file, read_smiles
 from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CACHE_DIR", "LAYOUTS", "CorpusError", "EncodeReport", "FileReport", "MoleculeLoader", "TokenCorpus",
+           "describe", "encode_smiles", "load", "main", "moses_path", "pad_batch", "read_smiles"]
 
 CACHE_DIR = paths.CACHE / "corpus"  # tests point this at a temporary folder
 SPLITS = ("train", "val")
 MAX_VAL_MOLECULES = 10_000  # a user file's validation split: the last min(10%, this) of its permutation
 MAX_SYMBOLS = 1024  # longer molecules (PubChem has peptides and polymers) are dropped as 'too_long'
+SMILES_CHARS_PER_SYMBOL = 16  # a SMILES this many characters a symbol over MAX_SYMBOLS is too long unread
 # every reason a line is dropped for (the keys of EncodeReport.dropped)
 REASONS = ("empty", "malformed", "invalid_smiles", "valence", "selfies_error", "too_long", "timeout", "crash")
 N_EXAMPLES = 20  # offending lines kept per cache, for the report
 ROUND_MOLECULES = 500_000  # molecules encoded between cache writes (bounds memory; a big encode resumes)
-CACHE_FORMAT = 2  # bump when the cache layout or its meaning changes
+CACHE_FORMAT = 3  # bump when the cache layout or its meaning changes
 # selfies 2.2.0 still says __version__ == "2.1.1": key the cache on the installed distribution
 SELFIES_VERSION = importlib.metadata.version("selfies")
 _SYMBOL = re.compile(r"\[[^\]]*\]|\.")  # one SELFIES symbol, or '.' between fragments (as split_selfies)
-_CHUNK_MAX = 1000  # molecules a worker task: ~0.2-0.5 s of work against ~1 ms of IPC
 
 
-class CorpusError(ValueError):
-    """A SMILES source cannot be read or used; the message names the file and line."""
+# --- which lines a split takes ---------------------------------------------------------------------
+
+def _source_file(source: str, split: str, format: str | None) -> tuple[SmilesFile, bool]:  # noqa: A002
+    """The file of a source and whether it is one whole split (MOSES) rather than a file to split."""
+    whole_file = source == "moses"
+    return open_smiles_file(moses_path(split) if whole_file else source, format), whole_file
 
 
-# --- reading SMILES ------------------------------------------------------------------------------
-
-def moses_path(split: str = "train") -> Path:
-    """Path of a MOSES file inside the molsets wheel, found without importing `moses` (its imports break)."""
-    spec = importlib.util.find_spec("moses")
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("source 'moses' needs the molsets wheel: pip install --no-deps molsets==0.3.1")
-    name = {"train": "train.csv.gz", "val": "test.csv.gz"}[split]
-    return Path(spec.submodule_search_locations[0]) / "dataset" / "data" / name
-
-
-def _kind(path: Path) -> str:
-    """'csv', 'pubchem' (CID<TAB>SMILES) or 'smi', from the file name."""
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".csv"):
-        return "csv"
-    if "cid-smiles" in name:
-        return "pubchem"
-    if name.endswith((".smi", ".smiles", ".txt")):
-        return "smi"
-    raise CorpusError(f"{path}: unknown file type; expected a PubChem CID-SMILES(.gz), "
-                      ".smi/.txt (one SMILES per line) or .csv(.gz) with a 'smiles' column")
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of every line; \\r\\n is stripped, a corrupt .gz names its line."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    line_no = 0
-    try:
-        with opener(path, "rb") as f:
-            for raw in f:
-                line_no += 1
-                # a stray non-UTF-8 byte in a molecule's name must not stop a 10M-line file
-                yield line_no, raw.decode("utf-8", "replace").rstrip("\r\n").lstrip("\ufeff")
-    except (EOFError, OSError, zlib.error) as e:
-        raise CorpusError(f"{path}: line {line_no + 1}: cannot read past line {line_no} ({e}); "
-                          "the file looks truncated or corrupt") from None
-
-
-def _data_lines(path: Path) -> tuple[Iterator[tuple[int, str]], Callable[[str], tuple[str, str | None]]]:
-    """The data lines of a file (after a CSV header) and the function that takes a SMILES out of one.
-
-    That function returns (SMILES, None), or (text, problem) with problem 'empty' or 'malformed'.
-    """
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    kind = _kind(path)
-    lines = _lines(path)
-    column = _csv_column(path, lines) if kind == "csv" else None
-
-    def smiles_of(text: str) -> tuple[str, str | None]:
-        text = text.strip()
-        if not text:
-            return "", "empty"
-        if kind == "csv":
-            row = text.split(",") if '"' not in text else next(csv.reader([text]))
-            value = row[column].strip() if column < len(row) else ""
-        else:
-            fields = text.split(None, 2)
-            value = fields[0] if kind == "smi" else (fields[1] if len(fields) > 1 else "")
-        return (value, None) if value else (text, "malformed")
-
-    return lines, smiles_of
-
-
-def _csv_column(path: Path, lines: Iterator[tuple[int, str]]) -> int:
-    """Index of the 'smiles' column (any case) in a CSV header, read from `lines`."""
-    _, header_line = next(lines, (1, ""))
-    header = next(csv.reader([header_line]), [])
-    lowered = [h.strip().lower() for h in header]
-    if "smiles" not in lowered:
-        raise CorpusError(f"{path}: line 1: no 'smiles' column (any case); columns found: {header}")
-    return lowered.index("smiles")
-
-
-def read_smiles(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, SMILES) of a file; empty and malformed lines are skipped."""
-    lines, smiles_of = _data_lines(Path(path))
-    for line_no, text in lines:
-        smiles, problem = smiles_of(text)
-        if problem is None:
-            yield line_no, smiles
-
-
-def _count_lines(path: Path, progress: bool) -> int:
-    """Number of data lines (the records a permutation shuffles), empty ones included."""
-    lines, _ = _data_lines(path)
-    return sum(1 for _ in tqdm(lines, desc=f"counting {path.name}", unit=" lines", disable=not progress,
-                               leave=False, mininterval=0.5))
-
-
-def _pick(path: Path, records: np.ndarray, progress: bool) -> list[tuple[int, str, str | None]]:
-    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order."""
-    slot = {int(r): k for k, r in enumerate(records)}
-    out: list = [None] * len(records)
-    lines, smiles_of = _data_lines(path)
-    found = 0
-    for r, (line_no, text) in enumerate(tqdm(lines, desc=f"reading {path.name}", unit=" lines",
-                                             disable=not progress, leave=False, mininterval=0.5)):
-        k = slot.get(r)
-        if k is not None:
-            out[k] = (line_no, *smiles_of(text))
-            found += 1
-            if found == len(records):
-                break
-    if found < len(records):
-        raise CorpusError(f"{path}: the file changed while being read (expected more lines)")
-    return out
-
-
-# --- SMILES -> SELFIES in worker processes, with a per-molecule timeout ------------------------------
-
-_selfies_encoder = sf.encoder  # module-level so tests can swap in an encoder that hangs or crashes
-
-
-def _encode_one(smiles: str) -> tuple[str | None, str | None]:
-    """(SELFIES, None) or (None, drop reason). selfies itself rejects what does not parse,
-    kekulize or respect valences, so RDKit (~40% more time per molecule) is not asked."""
-    try:
-        selfies = _selfies_encoder(smiles)
-    except sf.EncoderError as e:
-        message = str(e)
-        if "semantic constraints" in message:
-            return None, "valence"
-        if "parse" in message or "kekuliz" in message:
-            return None, "invalid_smiles"
-        return None, "selfies_error"
-    except Exception:  # noqa: BLE001 -- any failure drops this molecule, never the run
-        return None, "selfies_error"
-    return (selfies, None) if selfies else (None, "selfies_error")
-
-
-def _worker_main(conn, position) -> None:
-    """Worker loop: encode each (start, smiles) task, publishing `start + i` before molecule i."""
-    with contextlib.suppress(EOFError, KeyboardInterrupt):
-        while (task := conn.recv()) is not None:
-            start, smiles = task
-            results = []
-            for i, s in enumerate(smiles):
-                position.value = start + i
-                results.append(_encode_one(s))
-            conn.send(results)
-
-
-class _Worker:
-    """One encoding process. The parent watches `position` (shared memory, no IPC) to see
-    which molecule it is on and since when: one stuck past the timeout gets the worker killed."""
-
-    def __init__(self, ctx):
-        self.position = ctx.RawValue("q", -1)
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, self.position), daemon=True)
-        self.process.start()
-        child.close()  # so the parent sees EOF when the worker dies
-        self.task: tuple[int, int] | None = None
-        self.seen = (-1, 0.0)  # (position, when the parent first saw it)
-
-    def submit(self, task: tuple[int, int], smiles: list[str]) -> None:
-        self.position.value = -1
-        self.task, self.seen = task, (-1, time.monotonic())
-        self.conn.send((task[0], smiles[task[0]:task[1]]))
-
-    def receive(self) -> list | None:
-        """The finished task's results, or None if the worker died."""
-        try:
-            return self.conn.recv()
-        except (EOFError, OSError):
-            return None
-
-    def stuck(self, timeout_s: float) -> bool:
-        """True if the same molecule has been encoding for more than `timeout_s`."""
-        now, position = time.monotonic(), self.position.value
-        if position != self.seen[0]:
-            self.seen = (position, now)
-            return False
-        return now - self.seen[1] > timeout_s
-
-    def stop(self, kill: bool = False) -> None:
-        if not kill:
-            with contextlib.suppress(OSError):
-                self.conn.send(None)
-            self.process.join(timeout=1)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
-        self.conn.close()
-
-
-def _mp_context():
-    # fork: workers start in milliseconds and inherit the (possibly monkeypatched) encoder
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-
-
-def _tasks(n: int, workers: int) -> deque[tuple[int, int]]:
-    """(start, stop) slices: several per worker for an even finish, at most _CHUNK_MAX each."""
-    size = max(16, min(_CHUNK_MAX, math.ceil(n / (8 * workers))))
-    return deque((i, min(i + size, n)) for i in range(0, n, size))
-
-
-def encode_smiles(smiles: list[str], workers: int | None = None, timeout_s: float = 5.0,
-                  progress: bool = True) -> list[tuple[str | None, str | None]]:
-    """(SELFIES, None) or (None, reason) for each SMILES, in order, encoded in worker processes.
-
-    A molecule still encoding after `timeout_s` seconds gets its worker killed and replaced and is
-    dropped as 'timeout'; one whose worker dies is dropped as 'crash'. Either way the rest go on.
-    """
-    results: list = [None] * len(smiles)
-    if not smiles:
-        return results
-    if workers is not None and workers < 1:
-        raise CorpusError(f"workers must be >= 1 (or None for min(2, cores)), got {workers}")
-    workers = workers or min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    tasks, ctx, false_starts = _tasks(len(smiles), workers), _mp_context(), 0
-    pool = [_Worker(ctx) for _ in range(min(workers, len(tasks)))]
-    bar = tqdm(total=len(smiles), desc="SMILES -> SELFIES", unit=" mol", disable=not progress, leave=False)
-    try:
-        while tasks or any(w.task for w in pool):
-            for w in pool:
-                if w.task is None and tasks:
-                    w.submit(tasks.popleft(), smiles)
-            ready = mp.connection.wait([w.conn for w in pool if w.task], timeout=min(0.05, timeout_s / 4))
-            for i, w in enumerate(pool):
-                if w.task is None:
-                    continue
-                done = w.receive() if w.conn in ready else None
-                if done is not None:
-                    results[w.task[0]:w.task[1]] = done
-                    bar.update(w.task[1] - w.task[0])
-                    w.task = None
-                elif w.conn in ready or w.stuck(timeout_s):
-                    false_starts += _fail(w, "crash" if w.conn in ready else "timeout", results, tasks, bar)
-                    if false_starts > 3:
-                        raise CorpusError("SMILES encoder worker processes keep dying before encoding anything")
-                    pool[i] = _Worker(ctx)
-    finally:
-        bar.close()
-        for w in pool:
-            w.stop(kill=w.task is not None)
-    return results
-
-
-def _fail(w: _Worker, reason: str, results: list, tasks: deque, bar) -> int:
-    """Drop the molecule worker `w` is stuck on and requeue the rest of its task; 1 if it had not started."""
-    w.stop(kill=True)
-    (start, stop), position = w.task, w.position.value
-    if not start <= position < stop:
-        tasks.appendleft((start, stop))
-        return 1
-    results[position] = (None, reason)
-    bar.update(1)
-    # the results of molecules it had already done died with it: requeue those too
-    tasks.extendleft([t for t in ((position + 1, stop), (start, position)) if t[0] < t[1]])
-    return 0
-
-
-# --- the cache -----------------------------------------------------------------------------------
-
-def _source_file(source: str, split: str) -> Path:
-    return moses_path(split) if source == "moses" else Path(source).expanduser()
-
-
-def _fingerprint(path: Path, progress: bool) -> dict:
-    """sha256 and data-line count of a file, remembered by (path, size, mtime): big files are read once."""
-    st = path.stat()
+def _fingerprint(source: SmilesFile, progress: bool) -> dict:
+    """sha256 and line count of a file, remembered by (path, size, mtime): big files are read once."""
+    st = source.path.stat()
     memo_file = CACHE_DIR / "sources.json"
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{source.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{source.encoding}"
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
-    if key not in memo:
+    if "n_lines" not in memo.get(key, {}):
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open(source.path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        memo[key] = {"sha256": digest.hexdigest(), "lines": _count_lines(path, progress)}
+        lines = tqdm(source.lines(), desc=f"counting {source.path.name}", unit=" lines", disable=not progress,
+                     leave=False, mininterval=0.5)
+        memo[key] = {"sha256": digest.hexdigest(), "n_lines": sum(1 for _ in lines)}
         atomic_write_json(memo_file, memo)
     return memo[key]
+
+
+def _n_data_lines(source: SmilesFile, fingerprint: dict) -> int:
+    return max(0, fingerprint["n_lines"] - source.header_lines)
 
 
 def _split_order(n_lines: int, whole_file: bool, split: str, seed: int) -> np.ndarray:
@@ -362,16 +114,68 @@ def _split_order(n_lines: int, whole_file: bool, split: str, seed: int) -> np.nd
     return perm[n_lines - n_val:] if split == "val" else perm[: n_lines - n_val]
 
 
+def _pick(source: SmilesFile, records: np.ndarray, progress: bool) -> list[tuple[int, str, str | None]]:
+    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order."""
+    slot = {int(r): k for k, r in enumerate(records)}
+    out: list = [None] * len(records)
+    found = 0
+    for r, (line_no, text) in enumerate(tqdm(source.data_lines(), desc=f"reading {source.path.name}",
+                                             unit=" lines", disable=not progress, leave=False, mininterval=0.5)):
+        k = slot.get(r)
+        if k is not None:
+            smiles, problem = source.smiles_of(text)
+            if problem is None and len(smiles) > SMILES_CHARS_PER_SYMBOL * MAX_SYMBOLS:
+                problem = "too_long"  # not worth the encoder's time
+            out[k] = (line_no, smiles, problem)
+            found += 1
+            if found == len(records):
+                break
+    if found < len(records):
+        raise CorpusError(f"{source.path}: the file changed while being read (expected more lines)")
+    return out
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def _locked(folder: Path):
-    """Hold an exclusive lock on a cache folder: two runs of a sweep never write one cache at once."""
+    """Hold an exclusive lock on a cache folder: two runs of a sweep never write one cache at once.
+
+    The lock's descriptor is kept out of encoding workers (they would hold the lock after a
+    kill -9 of this process); a wait for another holder is said, never silent."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        with parent_only(fd):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{folder}: waiting for the cache lock, held by {_lock_holder(fd)}", file=sys.stderr,
+                      flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a cache lock, from the pid its holder wrote into the lock file."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if not text.isdigit():
+        return "another process"
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return f"process {text}, which has exited (a process it started may still hold the lock)"
+    except OSError:
+        pass  # alive, another user's
+    try:
+        command = Path(f"/proc/{text}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return f"process {text}"
+    return f"process {text} ({clip(command, 100)})"
 
 
 @dataclass
@@ -383,7 +187,7 @@ class _State:
     positions: np.ndarray  # int64, each kept molecule's position in the permutation
     tokenizer: Tokenizer  # every symbol seen, in order of first appearance
     drops: dict  # reason -> positions in the permutation
-    examples: list  # [position, line, smiles, reason] of the first N_EXAMPLES drops
+    examples: list  # [position, line, text (quoted and clipped by `clip`), reason] of the first N_EXAMPLES drops
     n_lines: int  # data lines in the split
     consumed: int  # positions taken so far
     encode_mol_per_s: float | None = None
@@ -397,33 +201,61 @@ class _State:
         return self.consumed >= self.n_lines
 
 
+def _crc32(path: Path) -> int:
+    """CRC-32 of a file (~1.5 GB/s): checked on every load, so a cache damaged in place is noticed."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 class _Cache:
-    """One (file, split, seed) cache folder. Every file is written atomically and the manifest,
-    written last, records their sizes: a folder without one, or whose files do not match it
-    (an interrupted write), is ignored and rebuilt."""
+    """One (file, layout, split, seed) cache folder. Every file is written atomically and the
+    manifest, written last, records their sizes and checksums: a folder without one (an
+    interrupted write) is rebuilt; one whose files do not match it (damage) is rebuilt with a warning."""
 
     ARRAYS = ("tokens", "offsets", "positions")
+    FILES = ("tokens.npy", "offsets.npy", "positions.npy", "smiles.txt", "tokenizer.json", "drops.json")
 
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def read(self) -> _State | None:
-        """The cached state, or None if absent or inconsistent."""
+    def read(self) -> tuple[_State | None, str | None]:
+        """(the cached state, None); (None, None) if there is none; (None, what is wrong) if damaged."""
         try:
             m = json.loads((self.folder / "manifest.json").read_text())
-            if m.get("format") != CACHE_FORMAT or any(
-                    (self.folder / name).stat().st_size != size for name, size in m["files"].items()):
-                return None
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError) as e:
+            return None, f"manifest.json unreadable ({e})"
+        try:
+            if m.get("format") != CACHE_FORMAT:
+                return None, None
+            if problem := self._check_files(m["files"]):
+                return None, problem
             arrays = {a: np.load(self.folder / f"{a}.npy", mmap_mode="r") for a in self.ARRAYS}
             tokenizer = Tokenizer.load(self.folder / "tokenizer.json")
             drops = json.loads((self.folder / "drops.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        state = _State(**arrays, tokenizer=tokenizer, drops=drops["drops"], examples=drops["examples"],
-                       n_lines=m["n_lines"], consumed=m["consumed"], encode_mol_per_s=m.get("encode_mol_per_s"))
+            state = _State(**arrays, tokenizer=tokenizer, drops=drops["drops"], examples=drops["examples"],
+                           n_lines=m["n_lines"], consumed=m["consumed"], encode_mol_per_s=m.get("encode_mol_per_s"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return None, f"unreadable ({e})"
         consistent = (len(state.tokens) == m["n_tokens"] and state.n_kept == m["n_kept"] == len(state.offsets) - 1
                       and state.offsets[-1] == len(state.tokens) and len(tokenizer) == m["vocab_size"])
-        return state if consistent else None
+        return (state, None) if consistent else (None, "its arrays disagree with the manifest")
+
+    def _check_files(self, files: dict) -> str | None:
+        """What differs between the files and the manifest's sizes and checksums; None if nothing."""
+        for name, (size, crc) in files.items():
+            path = self.folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size:,} bytes, the manifest says {size:,}"
+            if _crc32(path) != crc:
+                return f"{name} does not match its checksum"
+        return None
 
     def write(self, state: _State, new_smiles: list[str]) -> None:
         """Write `state` (and append the kept SMILES `new_smiles`), manifest last."""
@@ -436,18 +268,20 @@ class _Cache:
         atomic_write_bytes(self.folder / "smiles.txt", old + "".join(s + "\n" for s in new_smiles).encode())
         state.tokenizer.save(self.folder / "tokenizer.json")
         atomic_write_json(self.folder / "drops.json", {"drops": state.drops, "examples": state.examples})
-        files = ("tokens.npy", "offsets.npy", "positions.npy", "smiles.txt", "tokenizer.json", "drops.json")
         atomic_write_json(self.folder / "manifest.json", {
-            "format": CACHE_FORMAT, "files": {f: (self.folder / f).stat().st_size for f in files},
+            "format": CACHE_FORMAT,
+            "files": {f: [(self.folder / f).stat().st_size, _crc32(self.folder / f)] for f in self.FILES},
             "n_lines": state.n_lines, "consumed": state.consumed, "n_kept": state.n_kept,
             "n_tokens": len(state.tokens), "vocab_size": len(state.tokenizer), "selfies": SELFIES_VERSION,
             "encode_mol_per_s": state.encode_mol_per_s})
 
 
-def _cache_folder(path: Path, whole_file: bool, split: str, seed: int, fingerprint: dict) -> Path:
-    key = (f"format={CACHE_FORMAT}|sha256={fingerprint['sha256']}|whole_file={whole_file}|split={split}|"
-           f"seed={seed}|selfies={SELFIES_VERSION}|max_symbols={MAX_SYMBOLS}")
-    return CACHE_DIR / f"{path.name.split('.')[0]}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+def _cache_folder(source: SmilesFile, whole_file: bool, split: str, seed: int, fingerprint: dict) -> Path:
+    """Keyed on the bytes and on how they are read (layout, column, encoding), never on the file name."""
+    key = (f"format={CACHE_FORMAT}|sha256={fingerprint['sha256']}|{source.key}|whole_file={whole_file}|"
+           f"split={split}|seed={seed}|selfies={SELFIES_VERSION}|max_symbols={MAX_SYMBOLS}")
+    stem = source.path.name.split(".")[0]
+    return CACHE_DIR / f"{stem}-{source.layout}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _empty_state(n_lines: int) -> _State:
@@ -455,8 +289,32 @@ def _empty_state(n_lines: int) -> _State:
                   tokenizer=Tokenizer(), drops={}, examples=[], n_lines=n_lines, consumed=0)
 
 
-def _fill(cache: _Cache, state: _State, order: np.ndarray, path: Path, target: int, workers, timeout_s: float,
-          progress: bool) -> None:
+def _encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target: int | None, workers,
+             timeout_s: float, progress: bool) -> tuple[_State, bool, Path]:
+    """(state with at least `target` kept molecules or the split exhausted, whether it was all cached, folder)."""
+    fingerprint = _fingerprint(source, progress)
+    cache = _Cache(_cache_folder(source, whole_file, split, seed, fingerprint))
+    with _locked(cache.folder):
+        state, problem = cache.read()
+        if problem:
+            warnings.warn(f"{cache.folder}: damaged cache ({problem}); rebuilding it", stacklevel=3)
+        if state is not None and (state.exhausted or (target is not None and state.n_kept >= target)):
+            return state, True, cache.folder
+        n_data = _n_data_lines(source, fingerprint)
+        order = _split_order(n_data, whole_file, split, seed)
+        if len(order) == 0:
+            raise CorpusError(f"{source.path}: no molecules in split {split!r} ({n_data} data lines; "
+                              "a user file's validation split is the last 10% of its lines)")
+        state = state or _empty_state(len(order))
+        _fill(cache, state, order, source, len(order) if target is None else target, workers, timeout_s, progress)
+        state, problem = cache.read()
+        if state is None:
+            raise CorpusError(f"{cache.folder}: the cache just written does not read back ({problem})")
+    return state, False, cache.folder
+
+
+def _fill(cache: _Cache, state: _State, order: np.ndarray, source: SmilesFile, target: int, workers,
+          timeout_s: float, progress: bool) -> None:
     """Encode further along `order` until `target` molecules are kept or the split runs out.
 
     Works in rounds of at most ROUND_MOLECULES, writing the cache after each: memory stays
@@ -465,16 +323,16 @@ def _fill(cache: _Cache, state: _State, order: np.ndarray, path: Path, target: i
     while state.n_kept < target and not state.exhausted:
         missing = target - state.n_kept
         n_take = min(missing + missing // 20 + 16, ROUND_MOLECULES)  # a margin of 5% + 16 for drops
-        records = _pick(path, order[state.consumed: state.consumed + n_take], progress)
+        records = _pick(source, order[state.consumed: state.consumed + n_take], progress)
         to_encode = [s for _, s, problem in records if problem is None]
         t0 = time.perf_counter()
         encoded = encode_smiles(to_encode, workers, timeout_s, progress)
         n_encoded, seconds = n_encoded + len(to_encode), seconds + time.perf_counter() - t0
-        new_smiles = _append(state, records, iter(encoded), path)
+        new_smiles = _append(state, records, iter(encoded), source.path)
         state.encode_mol_per_s = n_encoded / seconds if n_encoded else state.encode_mol_per_s
         cache.write(state, new_smiles)
     if progress and n_encoded:
-        print(f"{path.name}: encoded {n_encoded:,} molecules in {seconds:.1f} s "
+        print(f"{source.path.name}: encoded {n_encoded:,} molecules in {seconds:.1f} s "
               f"({n_encoded / seconds:,.0f} molecules/s)", file=sys.stderr)
 
 
@@ -490,7 +348,7 @@ def _append(state: _State, records: list, encoded: Iterator, path: Path) -> list
         if reason:
             state.drops.setdefault(reason, []).append(position)
             if len(state.examples) < N_EXAMPLES:
-                state.examples.append([position, line_no, smiles, reason])
+                state.examples.append([position, line_no, clip(smiles), reason])
             continue
         if state.tokenizer.extend(symbols) and len(state.tokenizer) > np.iinfo(np.uint16).max + 1:
             raise CorpusError(f"{path}: {len(state.tokenizer)} SELFIES symbols do not fit uint16 token ids")
@@ -517,7 +375,7 @@ class EncodeReport:
     read: int  # data lines taken along the permutation to keep `kept` molecules
     kept: int
     dropped: dict = field(default_factory=dict)  # reason (one of REASONS) -> count
-    examples: list = field(default_factory=list)  # (line number, text, reason) of the first few drops
+    examples: list = field(default_factory=list)  # (line number, quoted text, reason) of the first few drops
     vocab_size: int = 0  # tokens of the corpus's tokenizer, specials included
     unknown_symbols: list = field(default_factory=list)  # symbols a given tokenizer lacks (mapped to [UNK])
     length_mean: float = 0.0  # SELFIES symbols per molecule, without [BOS]/[EOS]
@@ -527,13 +385,16 @@ class EncodeReport:
     length_max: int = 0
     encode_mol_per_s: float | None = None  # of the encoding that filled the cache
     cached: bool = False  # True if this load encoded nothing
+    layout: str = ""  # how the file was read: layout (detected or given) and encoding
 
     def __str__(self) -> str:
         n_dropped = sum(self.dropped.values())
         by_reason = ", ".join(f"{r} {c:,}" for r, c in sorted(self.dropped.items(), key=lambda x: -x[1]))
         lines = [f"{self.source} [{self.split}, seed {self.seed}]: read {self.read:,} lines, "
                  f"kept {self.kept:,} molecules, dropped {n_dropped:,}" + (f" ({by_reason})" if by_reason else "")]
-        lines += [f"  line {line}: {text!r} ({reason})" for line, text, reason in self.examples]
+        if self.layout:
+            lines.append(f"  {self.layout}")
+        lines += [f"  line {line}: {text} ({reason})" for line, text, reason in self.examples]
         lines.append(f"  vocabulary: {self.vocab_size} tokens (4 special)")
         if self.unknown_symbols:
             lines.append(f"  symbols mapped to [UNK]: {' '.join(self.unknown_symbols)}")
@@ -584,75 +445,147 @@ class TokenCorpus:
 
 def load(source: str = "moses", split: str = "train", n_molecules: int | None = None, *, seed: int = 0,
          tokenizer: Tokenizer | None = None, workers: int | None = None, timeout_s: float = 5.0,
-         progress: bool = True) -> TokenCorpus:
+         progress: bool = True, format: str | None = None) -> TokenCorpus:  # noqa: A002 -- the CLI's --format
     """The first `n_molecules` molecules that encode along a split's fixed permutation (all if None).
 
     Encodes only what the cache lacks. With `tokenizer`, ids are mapped onto it (symbols it
-    lacks become [UNK]), e.g. validation molecules onto the training vocabulary.
+    lacks become [UNK]), e.g. validation molecules onto the training vocabulary. The file's
+    layout is read from its content unless `format` ('pubchem', 'smi' or 'csv') says it.
     """
+    _check_args(split, n_molecules, timeout_s)
+    smiles_file, whole_file = _source_file(source, split, format)
+    state, cached, folder = _encoded(smiles_file, whole_file, split, seed, n_molecules, workers, timeout_s, progress)
+    if state.n_kept == 0:
+        dropped = {r: len(p) for r, p in state.drops.items()}
+        raise CorpusError(f"{smiles_file.path} [{split}]: no molecule could be encoded ({smiles_file.describe()}; "
+                          f"dropped: {dropped})")
+    if n_molecules is not None and state.n_kept < n_molecules:
+        warnings.warn(f"{smiles_file.path} [{split}]: asked for {n_molecules:,} molecules, the split has "
+                      f"{state.n_kept:,}", stacklevel=2)
+    report = _report(state, "moses" if whole_file else str(smiles_file.path), split, seed, n_molecules, cached)
+    report.layout = smiles_file.describe()
+    return _subset(state, folder, report, tokenizer)
+
+
+def _check_args(split: str, n_molecules: int | None, timeout_s: float) -> None:
     if split not in SPLITS:
         raise CorpusError(f"split must be one of {SPLITS}, got {split!r}")
     if n_molecules is not None and n_molecules <= 0:
         raise CorpusError(f"n_molecules must be > 0, got {n_molecules}")
     if timeout_s <= 0:
         raise CorpusError(f"timeout_s must be > 0, got {timeout_s}")
-    path, whole_file = _source_file(source, split), source == "moses"
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    fingerprint = _fingerprint(path, progress)
-    cache = _Cache(_cache_folder(path, whole_file, split, seed, fingerprint))
-    with _locked(cache.folder):
-        state, cached = cache.read(), True
-        if state is None or (not state.exhausted and (n_molecules is None or state.n_kept < n_molecules)):
-            order = _split_order(fingerprint["lines"], whole_file, split, seed)
-            if len(order) == 0:
-                raise CorpusError(f"{path}: no molecules in split {split!r} ({fingerprint['lines']} data lines; "
-                                  "a user file's validation split is the last 10% of its lines)")
-            state = state or _empty_state(len(order))
-            target = len(order) if n_molecules is None else n_molecules
-            _fill(cache, state, order, path, target, workers, timeout_s, progress)
-            state, cached = cache.read(), False
-    if state is None or state.n_kept == 0:
-        raise CorpusError(f"{path} [{split}]: no molecule could be encoded"
-                          + (f" (dropped: {({r: len(p) for r, p in state.drops.items()})})" if state else ""))
-    if n_molecules is not None and state.n_kept < n_molecules:
-        warnings.warn(f"{path} [{split}]: asked for {n_molecules:,} molecules, the split has {state.n_kept:,}",
-                      stacklevel=2)
-    return _subset(state, cache.folder, "moses" if whole_file else str(path), split, seed, n_molecules,
-                   tokenizer, cached)
 
 
-def _subset(state: _State, folder: Path, source: str, split: str, seed: int, n: int | None,
-            tokenizer: Tokenizer | None, cached: bool) -> TokenCorpus:
-    """The first n kept molecules of a cache, with their own vocabulary (or mapped onto `tokenizer`)."""
+def _report(state: _State, source: str, split: str, seed: int, n: int | None, cached: bool) -> EncodeReport:
+    """What the first n kept molecules of a cache cost: lines read, drops on the way, lengths."""
     n = state.n_kept if n is None else min(n, state.n_kept)
-    offsets = state.offsets[: n + 1]
+    read = int(state.positions[n - 1]) + 1 if n < state.n_kept else state.consumed
+    lengths = np.diff(np.asarray(state.offsets[: n + 1]))
+    return EncodeReport(
+        source=source, split=split, seed=seed, read=read, kept=n,
+        dropped={r: c for r, p in state.drops.items() if (c := sum(1 for x in p if x < read))},
+        examples=sorted((line, text, reason) for pos, line, text, reason in state.examples if pos < read)[:5],
+        length_mean=float(lengths.mean()), length_p50=float(np.percentile(lengths, 50)),
+        length_p90=float(np.percentile(lengths, 90)), length_p99=float(np.percentile(lengths, 99)),
+        length_max=int(lengths.max()), encode_mol_per_s=state.encode_mol_per_s, cached=cached)
+
+
+def _subset(state: _State, folder: Path, report: EncodeReport, tokenizer: Tokenizer | None) -> TokenCorpus:
+    """The first report.kept molecules of a cache, with their own vocabulary (or mapped onto `tokenizer`)."""
+    offsets = state.offsets[: report.kept + 1]
     tokens = state.tokens[: offsets[-1]]
     used = int(tokens.max()) + 1 if len(tokens) else 4  # ids come in order of first appearance
-    own, unknown = Tokenizer(state.tokenizer.symbols[4:used]), []
+    own = Tokenizer(state.tokenizer.symbols[4:used])
     if tokenizer is not None:
         if len(tokenizer) > np.iinfo(np.uint16).max + 1:
             raise CorpusError(f"a tokenizer of {len(tokenizer)} tokens does not fit uint16 token ids")
         lookup = np.array([tokenizer.index.get(s, UNK_ID) for s in own.symbols], dtype=np.uint16)
-        unknown = [s for s in own.symbols[4:] if s not in tokenizer.index]
+        report.unknown_symbols = [s for s in own.symbols[4:] if s not in tokenizer.index]
         tokens, own = lookup[tokens], tokenizer
-    read = int(state.positions[n - 1]) + 1 if n < state.n_kept else state.consumed
-    lengths = np.diff(np.asarray(offsets))
-    report = EncodeReport(
-        source=source, split=split, seed=seed, read=read, kept=n,
-        dropped={r: c for r, p in state.drops.items() if (c := sum(1 for x in p if x < read))},
-        examples=sorted((line, text, reason) for pos, line, text, reason in state.examples if pos < read)[:5],
-        vocab_size=len(own), unknown_symbols=unknown, length_mean=float(lengths.mean()),
-        length_p50=float(np.percentile(lengths, 50)), length_p90=float(np.percentile(lengths, 90)),
-        length_p99=float(np.percentile(lengths, 99)), length_max=int(lengths.max()),
-        encode_mol_per_s=state.encode_mol_per_s, cached=cached)
+    report.vocab_size = len(own)
     return TokenCorpus(tokens, offsets, own, report, folder / "smiles.txt")
+
+
+# --- what a whole file holds ---------------------------------------------------------------------
+
+@dataclass
+class FileReport:
+    """A whole file: its lines, the molecules kept, every dropped line by reason, and the splits."""
+
+    source: str
+    layout: str  # how it was read (SmilesFile.describe)
+    n_lines: int  # every line, a CSV header included
+    kept: int
+    dropped: dict  # reason -> sorted line numbers
+    examples: list  # (line number, quoted text, reason) of a few dropped lines
+    splits: dict  # split -> (data lines, molecules kept)
+    seed: int
+    train: EncodeReport | None = None  # the training split's report (vocabulary, lengths)
+
+    def __str__(self) -> str:
+        n_dropped = sum(len(v) for v in self.dropped.values())
+        out = [f"{self.source}: {self.n_lines:,} lines; {self.layout}",
+               f"  kept {self.kept:,} molecules, dropped {n_dropped:,} line{'' if n_dropped == 1 else 's'}"]
+        for reason, lines in sorted(self.dropped.items(), key=lambda x: -len(x[1])):
+            text = f"{reason} {len(lines):,}: line{'s' if len(lines) > 1 else ''} {_ranges(lines)}"
+            out += textwrap.wrap(text, 110, initial_indent="    ", subsequent_indent="      ")
+        if self.examples:
+            out.append("  dropped lines, for example:")
+            out += [f"    line {line}: {text} ({reason})" for line, text, reason in self.examples]
+        splits = ", ".join(f"{s} {kept:,} molecules of {n:,} lines" for s, (n, kept) in self.splits.items())
+        short = " (a file under 10 lines has no validation split)" if self.splits.get("val") == (0, 0) else ""
+        out.append(f"  splits (seed {self.seed}): {splits}{short}")
+        if self.train is not None:
+            t = self.train
+            out.append(f"  train vocabulary: {t.vocab_size} tokens (4 special); SELFIES tokens per molecule: mean "
+                       f"{t.length_mean:.1f}, median {t.length_p50:.0f}, 99% {t.length_p99:.0f}, max {t.length_max}")
+        return "\n".join(out)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """'2-3, 6' for [2, 3, 6]: every line number, runs written once."""
+    parts, start = [], None
+    for a, b in itertools.zip_longest(numbers, numbers[1:]):
+        start = a if start is None else start
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ", ".join(parts)
+
+
+def describe(source: str, *, seed: int = 0, workers: int | None = None, timeout_s: float = 5.0,
+             progress: bool = True, format: str | None = None, split: str = "train") -> FileReport:  # noqa: A002
+    """Encode every split of a file (cached, as training would) and say what the whole file holds.
+
+    MOSES keeps its splits in two files: `split` picks the one described."""
+    _check_args(split, None, timeout_s)
+    smiles_file, whole_file = _source_file(source, split, format)
+    fingerprint = _fingerprint(smiles_file, progress)
+    report = FileReport(source="moses" if whole_file else str(smiles_file.path), layout=smiles_file.describe(),
+                        n_lines=fingerprint["n_lines"], kept=0, dropped={}, examples=[], splits={}, seed=seed)
+    for name in [split] if whole_file else list(SPLITS):
+        order = _split_order(_n_data_lines(smiles_file, fingerprint), whole_file, name, seed)
+        if len(order) == 0:
+            report.splits[name] = (0, 0)
+            continue
+        state, cached, _ = _encoded(smiles_file, whole_file, name, seed, None, workers, timeout_s, progress)
+        report.splits[name], report.kept = (len(order), state.n_kept), report.kept + state.n_kept
+        for reason, positions in state.drops.items():  # permutation positions -> line numbers
+            lines = order[np.asarray(positions, np.int64)] + 1 + smiles_file.header_lines
+            report.dropped[reason] = sorted(report.dropped.get(reason, []) + lines.tolist())
+        report.examples = sorted(report.examples + [tuple(e[1:]) for e in state.examples])[:5]
+        if name == "train" and state.n_kept:
+            report.train = _report(state, source, name, seed, None, cached)
+            report.train.vocab_size = len(state.tokenizer)
+    return report
 
 
 # --- batches -------------------------------------------------------------------------------------
 
 def pad_batch(seqs: list[np.ndarray]) -> torch.Tensor:
     """(B, T) LongTensor: [BOS] ids [EOS] then [PAD] up to the longest molecule in the batch."""
+    import torch  # here, not at the top: the corpus CLI starts in a fraction of the time without it
+
     T = max(len(s) for s in seqs) + 2
     out = np.full((len(seqs), T), PAD_ID, dtype=np.int64)
     out[:, 0] = BOS_ID
@@ -698,21 +631,30 @@ class MoleculeLoader:
 # --- command line --------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chemscale.corpus",
-                                     description="Encode a SMILES source (cached) and report what it holds.")
-    parser.add_argument("path", help="'moses', a PubChem CID-SMILES(.gz), a .smi/.txt or a .csv(.gz) file")
-    parser.add_argument("-n", type=int, default=None, help="only the first N molecules of the permutation")
+    parser = argparse.ArgumentParser(
+        prog="python -m chemscale.corpus",
+        description="Encode a SMILES source (cached) and report what it holds: without -n the whole file "
+                    "(lines, molecules kept, every dropped line by reason, split sizes), with -n the first "
+                    "N molecules of a split.")
+    parser.add_argument("path", help="'moses' or a SMILES file (PubChem CID<TAB>SMILES, .smi/.txt, .csv; gzip or not)")
+    parser.add_argument("-n", type=int, default=None, help="only the first N molecules of the split's permutation")
     parser.add_argument("--split", default="train", choices=SPLITS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds a molecule may take to encode")
+    parser.add_argument("--format", choices=tuple(LAYOUTS), default=None,
+                        help="the file's layout, when detecting it from the content is not wanted: "
+                             + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
     args = parser.parse_args(argv)
+    common = dict(seed=args.seed, workers=args.workers, timeout_s=args.timeout, format=args.format)
     try:
-        corpus = load(args.path, args.split, args.n, seed=args.seed, workers=args.workers, timeout_s=args.timeout)
+        if args.n is None:
+            print(describe(args.path, split=args.split, **common))
+        else:
+            print(load(args.path, args.split, args.n, **common).report)
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(corpus.report)
     return 0
 
 

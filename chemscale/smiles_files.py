@@ -1,0 +1,242 @@
+"""SMILES files as users bring them: the layout and text encoding are read from the content.
+
+Layouts: 'pubchem' (`CID<TAB>SMILES`, PubChem's CID-SMILES dump), 'smi' (one SMILES per line,
+an optional name after whitespace) and 'csv' (a header line with a `smiles` column, any case;
+comma, tab or semicolon separated). The file name decides nothing: a PubChem dump called
+`mols.txt` is still read as CID + SMILES, and gzip is recognised by its magic bytes. The text
+encoding is UTF-8 unless the bytes say otherwise (a UTF-16/32 byte-order mark, UTF-16 without
+one, or bytes that are not UTF-8, read as Latin-1), so a file saved by Windows tools is read
+as the molecules it holds instead of one invalid SMILES a line.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import io
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+LAYOUTS = {
+    "pubchem": "PubChem CID<TAB>SMILES",
+    "smi": "one SMILES per line, an optional name after whitespace",
+    "csv": "CSV with a 'smiles' column",
+}
+SNIFF_BYTES = 1 << 16  # the start of a file that decides its encoding and layout
+SNIFF_LINES = 200
+_DELIMITERS = (",", "\t", ";")
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))  # utf-32-le first: it starts like utf-16-le
+CLIP_CHARS = 60  # longer offending lines are shown cut, with their length
+
+
+class CorpusError(ValueError):
+    """A SMILES source cannot be read or used; the message names the file and line."""
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """`text` quoted, cut to about `limit` characters and saying how long it was if longer:
+    a report never echoes a 100 kB line."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[: limit - 20] + '...' + text[-10:]!r} ({len(text):,} characters)"
+
+
+def moses_path(split: str = "train") -> Path:
+    """Path of a MOSES file inside the molsets wheel, found without importing `moses` (its imports break)."""
+    spec = importlib.util.find_spec("moses")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("source 'moses' needs the molsets wheel: pip install --no-deps molsets==0.3.1")
+    name = {"train": "train.csv.gz", "val": "test.csv.gz"}[split]
+    return Path(spec.submodule_search_locations[0]) / "dataset" / "data" / name
+
+
+@dataclass(frozen=True)
+class SmilesFile:
+    """A SMILES file with its layout and encoding resolved; iterates its lines with line numbers."""
+
+    path: Path
+    layout: str  # a key of LAYOUTS
+    encoding: str  # a Python codec name
+    gzipped: bool
+    detected: bool  # False when the layout was given (format=...)
+    column: int = 0  # csv: index of the smiles column
+    delimiter: str = ","  # csv
+
+    @property
+    def header_lines(self) -> int:
+        return 1 if self.layout == "csv" else 0
+
+    @property
+    def key(self) -> str:
+        """What, besides the bytes, decides which molecules are read: part of the cache key."""
+        return f"layout={self.layout}|column={self.column}|delimiter={self.delimiter!r}|encoding={self.encoding}"
+
+    def describe(self) -> str:
+        how = "detected from the content" if self.detected else "given by --format"
+        gz = ", gzip" if self.gzipped else ""
+        return f"layout '{self.layout}' ({LAYOUTS[self.layout]}; {how}), encoding {self.encoding}{gz}"
+
+    def lines(self) -> Iterator[tuple[int, str]]:
+        """(1-based line number, text) of every line, header included; a corrupt .gz names its line."""
+        line_no = 0
+        try:
+            with _open_bytes(self.path, self.gzipped) as f:
+                for line_no, text in enumerate(_decoded_lines(f, self.encoding), start=1):
+                    yield line_no, text
+        except (EOFError, OSError, zlib.error) as e:
+            raise CorpusError(f"{self.path}: line {line_no + 1}: cannot read past line {line_no} ({e}); "
+                              "the file looks truncated or corrupt") from None
+
+    def data_lines(self) -> Iterator[tuple[int, str]]:
+        """The lines that hold molecules (all but a CSV header), empty ones included."""
+        return (x for x in self.lines() if x[0] > self.header_lines)
+
+    def smiles_of(self, text: str) -> tuple[str, str | None]:
+        """(SMILES, None), or (the stripped line, 'empty' or 'malformed')."""
+        text = text.strip()
+        if not text:
+            return "", "empty"
+        if self.layout == "csv":
+            row = text.split(self.delimiter) if '"' not in text else next(csv.reader([text], delimiter=self.delimiter))
+            value = row[self.column].strip() if self.column < len(row) else ""
+        elif self.layout == "smi":
+            value = text.split(None, 1)[0]
+        else:
+            fields = text.split(None, 2)
+            value = fields[1] if len(fields) > 1 else ""
+        return (value, None) if value else (text, "malformed")
+
+
+def open_smiles_file(path: str | os.PathLike, format: str | None = None) -> SmilesFile:  # noqa: A002 -- the CLI's name
+    """Resolve a file's encoding and layout from its first 64 KiB (`format` overrides the layout)."""
+    path = Path(path).expanduser()
+    _check_path(path)
+    if format is not None and format not in LAYOUTS:
+        raise CorpusError(f"{path}: format must be one of {', '.join(LAYOUTS)}, got {format!r}")
+    gzipped, head = _head(path)
+    encoding = _encoding(path, head)
+    sample = _sample_lines(head, encoding, whole=len(head) < SNIFF_BYTES)
+    layout = format or _detect_layout(sample)
+    if layout != "csv":
+        return SmilesFile(path, layout, encoding, gzipped, detected=format is None)
+    column, delimiter = _csv_column(path, sample[0] if sample else "")
+    return SmilesFile(path, "csv", encoding, gzipped, format is None, column, delimiter)
+
+
+def read_smiles(path: str | os.PathLike, format: str | None = None) -> Iterator[tuple[int, str]]:  # noqa: A002
+    """Yield (1-based line number, SMILES) of a file; empty and malformed lines are skipped."""
+    source = open_smiles_file(path, format)
+    for line_no, text in source.data_lines():
+        smiles, problem = source.smiles_of(text)
+        if problem is None:
+            yield line_no, smiles
+
+
+# --- what the first bytes say ----------------------------------------------------------------------
+
+def _check_path(path: Path) -> None:
+    if path.is_dir():
+        raise CorpusError(f"{path}: is a directory, not a SMILES file")
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file")
+    if not path.is_file():
+        raise CorpusError(f"{path}: not a regular file")
+
+
+def _open_bytes(path: Path, gzipped: bool):
+    try:
+        return gzip.open(path, "rb") if gzipped else open(path, "rb")
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot open ({e.strerror or e})") from None
+
+
+def _head(path: Path) -> tuple[bool, bytes]:
+    """(gzip-compressed?, the first SNIFF_BYTES of the content); a truncated .gz gives what it holds."""
+    with _open_bytes(path, False) as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    head = b""
+    try:
+        with _open_bytes(path, gzipped) as f:
+            while len(head) < SNIFF_BYTES and (block := f.read1(SNIFF_BYTES - len(head))):
+                head += block
+    except (EOFError, OSError, zlib.error):
+        pass  # reading the whole file reports it, with the line
+    return gzipped, head
+
+
+def _encoding(path: Path, head: bytes) -> str:
+    """'utf-8', 'utf-16'/'utf-32' (byte-order mark), 'utf-16-le'/'-be' (no mark) or 'latin-1'."""
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return codec
+    if b"\x00" in head:
+        even, odd = head[0::2].count(0), head[1::2].count(0)
+        half = len(head) // 2
+        if odd > 0.9 * half and even < 0.1 * half:
+            return "utf-16-le"
+        if even > 0.9 * half and odd < 0.1 * half:
+            return "utf-16-be"
+        raise CorpusError(f"{path}: binary data (NUL bytes in the first {len(head):,} bytes), not a text file of "
+                          "SMILES; if it is text in another encoding, convert it: iconv -t UTF-8 FILE > FILE.smi")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # not merely a character cut at the end of the sample
+            return "latin-1"
+    return "utf-8"
+
+
+def _decoded_lines(f, encoding: str) -> Iterator[str]:
+    """Lines of a binary stream as text without their line ending.
+
+    UTF-8 and Latin-1 split the bytes (fast); a stray non-UTF-8 byte in a molecule's name must
+    not stop a 10M-line file, so it is replaced. UTF-16/32 go through a text decoder."""
+    if encoding in ("utf-8", "latin-1"):
+        for raw in f:
+            yield raw.decode(encoding, "replace").rstrip("\r\n").lstrip("\ufeff")
+    else:
+        for text in io.TextIOWrapper(f, encoding=encoding, errors="replace", newline="\n"):
+            yield text.rstrip("\r\n").lstrip("\ufeff")
+
+
+def _sample_lines(head: bytes, encoding: str, whole: bool) -> list[str]:
+    """Non-blank lines of the sample (the last one dropped if it may be cut)."""
+    lines = list(_decoded_lines(io.BytesIO(head), encoding))
+    if not whole:
+        lines = lines[:-1]
+    return [s for s in lines if s.strip()][:SNIFF_LINES]
+
+
+def _detect_layout(sample: list[str]) -> str:
+    """'csv' if the first line is a header (a 'smiles' column, or commas where a SMILES cannot have
+    them), 'pubchem' if most lines start with a number (no SMILES is all digits), else 'smi'."""
+    if not sample:
+        return "smi"
+    first = sample[0].split(None, 1)[0]
+    if _header_column(sample[0]) is not None or "," in first:
+        return "csv"
+    numbered = sum(s.split(None, 1)[0].isdigit() for s in sample)
+    return "pubchem" if numbered > len(sample) / 2 else "smi"
+
+
+def _header_column(header: str) -> tuple[int, str] | None:
+    """(index, delimiter) of a 'smiles' column in a header line, any case; None if there is none."""
+    for delimiter in _DELIMITERS:
+        names = [h.strip().lower() for h in next(csv.reader([header], delimiter=delimiter), [])]
+        if "smiles" in names:
+            return names.index("smiles"), delimiter
+    return None
+
+
+def _csv_column(path: Path, header: str) -> tuple[int, str]:
+    found = _header_column(header)
+    if found is None:
+        columns = next(csv.reader([header]), [])
+        found = repr(columns) if len(repr(columns)) <= 200 else f"{repr(columns)[:180]}... ({len(columns)} columns)"
+        raise CorpusError(f"{path}: line 1: no 'smiles' column (any case); columns found: {found}")
+    return found
