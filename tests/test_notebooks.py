@@ -1,11 +1,18 @@
-"""Notebooks and params files agree; notebooks are committed stripped; bad params are caught early."""
+"""Notebooks and params files agree; notebooks are committed stripped and end with checks; bad params are
+caught early; the environment files pin the tested set."""
 
 import ast
+import importlib.metadata
 import json
+import re
 import subprocess
+import tomllib
 
 import papermill
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from chemscale import paths, study
 from chemscale.config import ConfigError
@@ -86,3 +93,65 @@ def test_make_test_runs_notebooks_on_a_fresh_runs_folder():
     out = subprocess.run(["make", "-n", "test"], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout
     nbmake = next(line for line in out.replace("\\\n", " ").splitlines() if "--nbmake" in line)
     assert "CHEMSCALE_RUNS=$tmp/runs" in nbmake and "tmp=$(mktemp -d)" in nbmake
+
+
+# --- the environment files: the tested set pinned, the ranges honest, licence and citation present ---
+
+def _pins() -> dict:
+    """{canonical name: pinned version} from requirements.txt and requirements-nodeps.txt."""
+    pins = {}
+    for name in ("requirements.txt", "requirements-nodeps.txt"):
+        for line in (paths.ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                req = Requirement(line)
+                (spec,) = req.specifier  # exactly one specifier per line ...
+                assert spec.operator == "==", f"{name}: {line} is not pinned"  # ... and it is a pin
+                pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def test_requirements_pin_what_is_installed():
+    for name, version in _pins().items():
+        installed = Version(importlib.metadata.version(name))
+        assert installed.public == version, \
+            f"{name}: pinned {version}, installed {installed}"
+
+
+def test_pyproject_ranges_hold_the_tested_pins():
+    project = tomllib.loads((paths.ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins()
+    ranges = [Requirement(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])]
+    for req in ranges:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"pyproject.toml: {req.name} is not in the tested set"
+        assert req.specifier.contains(pins[name]), f"pyproject.toml: {req} excludes the tested {pins[name]}"
+    no_deps = {"schnetpack", "molsets"}  # pip cannot install these beside the rest: --no-deps, said in pyproject
+    assert set(pins) - {canonicalize_name(r.name) for r in ranges} == no_deps
+    assert all(name in (paths.ROOT / "pyproject.toml").read_text() for name in no_deps)
+
+
+def test_docs_cite_only_files_in_the_repository():
+    for name in ("requirements.txt", "requirements-nodeps.txt", "pyproject.toml", "environment.yml", "README.md"):
+        for cited in re.findall(r"\b([A-Za-z_-]+\.md)\b", (paths.ROOT / name).read_text()):
+            assert (paths.ROOT / cited).exists(), f"{name} cites {cited}, which is not in the repository"
+
+
+def test_license_and_citation():
+    assert "MIT License" in (paths.ROOT / "LICENSE").read_text()
+    assert tomllib.loads((paths.ROOT / "pyproject.toml").read_text())["project"]["license"] == {"text": "MIT"}
+    cff = study.yaml.safe_load((paths.ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "MIT" and cff["title"].startswith("chemscale")
+    (paper,) = cff["references"]
+    assert (paper["journal"], paper["volume"], paper["start"], paper["year"]) == ("Nature Machine Intelligence", 5,
+                                                                                   1297, 2023)
+    assert paper["authors"][0]["family-names"] == "Frey" and paper["doi"] == "10.1038/s42256-023-00740-3"
+
+
+def test_readme_documents_the_conda_route_and_the_study_cli():
+    readme = (paths.ROOT / "README.md").read_text()
+    assert "conda env create -f environment.yml" in readme
+    assert "python -m chemscale.study --params" in readme
+    assert not re.search(r"papermill\s+\S+\.ipynb", readme), "custom params go through chemscale.study, not papermill"
+    for name in ("CHEMSCALE_RUNS", "CHEMSCALE_FIGURES", "sweep.collect"):
+        assert name in readme

@@ -103,10 +103,10 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
     study.check_params(NB01, {"lr": params["lr"]}, "x.yaml")
 
 
-def test_float_where_an_int_is_declared_suggests_the_integer():
+def test_float_where_an_int_is_declared_suggests_the_integer(tmp_path):
+    params = study.read_params(_params(tmp_path, "max_steps: 1e4\n"))
     with pytest.raises(ConfigError, match=r"'max_steps' = 10000.0 is float.*write it as an integer, e.g. 10000"):
-        study.check_params(NB01, study.read_params.__globals__["yaml"].load(
-            "max_steps: 1e4", Loader=study._Yaml12Loader), "x.yaml")
+        study.check_params(NB01, params, "x.yaml")
 
 
 # --- running a notebook: --params route, failures in one paragraph ---
