@@ -220,7 +220,11 @@ class ChemGPT(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, max_len: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                generator: torch.Generator | None = None, batch_size: int = 500) -> list[list[int]]:
-        """Generate `n` token-id sequences from [BOS] until [EOS] (exclusive); temperature 0 is greedy."""
+        """Generate `n` token-id sequences from [BOS] until [EOS] (both left out); temperature 0 is greedy.
+
+        Each sequence is what the model drew, at most max_len - 1 tokens: a [PAD], [BOS] or [UNK]
+        it drew stays in (undertrained models draw them; the molecule is then invalid, not cleaned).
+        """
         max_len = min(max_len or self.config.n_positions, self.config.n_positions)
         device = self.wte.weight.device
         out: list[list[int]] = []
@@ -235,7 +239,7 @@ class ChemGPT(nn.Module):
                 done |= nxt == EOS_ID
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
             for row in ids[:, 1:].tolist():
-                out.append(row[: row.index(EOS_ID)] if EOS_ID in row else [t for t in row if t != PAD_ID])
+                out.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)  # [PAD] only fills after [EOS]
         return out
 
     @staticmethod
