@@ -53,20 +53,29 @@ def notebooks() -> list[Path]:
     return sorted(paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is under it (shorter in messages)."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def read_params(path: Path) -> dict:
     """Load a params YAML file with a clear error naming the file and line."""
+    path, shown = Path(path), _shown(path)
     try:
         data = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
+        raise ConfigError(f"{shown}: params file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the params file ({e.__class__.__name__}: {e})") from None
+        raise ConfigError(f"{shown}: cannot read the params file ({e.__class__.__name__}: {e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{shown}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of parameter names to values")
+        raise ConfigError(f"{shown}: expected a mapping of parameter names to values")
     return data
 
 
@@ -134,8 +143,8 @@ def params_path(notebook: Path, profile: str) -> Path:
 def load_checked(notebook: Path, source: Path) -> dict:
     """Read a params file and check it against the notebook: keys, types, paths. Returns what to inject."""
     params = read_params(source)
-    check_params(notebook, params, str(source))
-    return resolve_paths(params, str(source))
+    check_params(notebook, params, _shown(source))
+    return resolve_paths(params, _shown(source))
 
 
 # --- the Jupyter kernel and Lab settings of this environment ---
@@ -173,14 +182,6 @@ def check_kernel() -> None:
 
 
 # --- running ---
-
-def _shown(path: Path) -> str:
-    """A path relative to the working directory when it is under it (shorter in messages)."""
-    try:
-        return str(Path(path).absolute().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
 
 def _keys_named(text: str, params: dict) -> list[str]:
     """Params keys the error text mentions, by name or by a (string) value."""
