@@ -293,6 +293,7 @@ def test_kill_9_mid_encode_leaves_no_worker_and_the_next_run_finishes(tmp_path):
     workers: list[int] = []
     while not workers and first.poll() is None:
         workers = living_children(first.pid)
+        time.sleep(0.01)
     assert workers, "the first run ended before its worker was seen"
     first.kill()
     first.wait()
@@ -327,11 +328,14 @@ def test_a_wait_for_the_cache_lock_says_who_holds_it(tmp_path, capfd):
 
     waiter = threading.Thread(target=wait_for_lock)
     waiter.start()
-    said = ""
-    while "waiting for the cache lock" not in said and waiter.is_alive():
-        said += capfd.readouterr().err
-    holder.communicate("")  # the holder exits: the lock is free
-    waiter.join()
+    said, deadline = "", time.monotonic() + 60  # generous: the message comes before the wait
+    try:
+        while "waiting for the cache lock" not in said and time.monotonic() < deadline:
+            said += capfd.readouterr().err
+            time.sleep(0.01)
+    finally:
+        holder.communicate("")  # the holder exits: the lock is free
+        waiter.join()
     assert done.is_set() and f"waiting for the cache lock, held by process {holder.pid} (" in said
 
 
