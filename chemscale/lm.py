@@ -223,10 +223,38 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped)
 
 
-def validate(config: dict, source: str) -> None:
-    """Check the `model` and `data` sections of a ChemGPT run config."""
+def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
+    """Check the `model` and `data` sections of a ChemGPT run config.
+
+    With `data`, also check that the training split holds `n_train_molecules` molecules: the
+    corpus would otherwise give fewer without a word, and runs asking for different sizes would
+    train on the same set. A sweep checks once per source, with its largest size, before any
+    run starts. MOSES encodes without loss, so its line count decides at once; a user file is
+    encoded up to that size (what its first run would do anyway; cached, so cheap later).
+    """
+    import gzip
+    import warnings
+
+    from chemscale.config import ConfigError
+
     from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
-    from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
+    data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
+    if not data:
+        return
+    n = data_cfg.n_train_molecules
+    if data_cfg.source == "moses":
+        with gzip.open(corpus.moses_path("train"), "rb") as f:  # ~0.3 s; one header line
+            available = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
+    else:
+        with warnings.catch_warnings():  # the shortfall is reported below, as an error
+            warnings.simplefilter("ignore")
+            try:
+                available = len(corpus.load(data_cfg.source, "train", n, seed=0, progress=progress))
+            except corpus.CorpusError as e:
+                raise ConfigError(f"{source} [data]: source {data_cfg.source!r}: {e}") from None
+    if available < n:
+        raise ConfigError(f"{source} [data]: n_train_molecules = {n:,}, but the training split of "
+                          f"{data_cfg.source!r} leaves {available:,} molecules that encode; ask for at most {available:,}")
 
 
 def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]:

@@ -27,6 +27,11 @@ from chemscale import paths, runs
 from chemscale.config import ConfigError
 
 SECTIONS = ("model", "data", "train")
+EXIT_MARK = "chemscale.sweep: the run's process exited with code"  # appended to train.log on failure
+
+
+class SweepFailed(RuntimeError):
+    """No run of a sweep finished; the message lists each run's train.log."""
 
 
 def _section_fields(task: str) -> dict[str, set[str]]:
@@ -69,6 +74,28 @@ def validate(config: dict, source: str = "<sweep config>") -> None:
     task.validate(config, source)
 
 
+def check_data(configs: list[dict], progress: bool = False) -> None:
+    """Refuse training-set sizes that the data cannot give, before any run starts.
+
+    Configs that differ only in their data sizes (the `n_*` keys of `data`) read the same
+    data: each such group is checked once, at its largest sizes, by its task's `validate`.
+    """
+    from chemscale.train import task_module
+
+    largest: dict[str, dict] = {}
+    for config in configs:
+        data = config.get("data", {})
+        sizes = {k: v for k, v in data.items() if k.startswith("n_") and isinstance(v, int)}
+        rest = {k: v for k, v in data.items() if k not in sizes}
+        key = json.dumps([config.get("task"), rest], sort_keys=True, default=str)
+        if key not in largest:
+            largest[key] = copy.deepcopy(config)
+        kept = largest[key].setdefault("data", {})
+        kept.update({k: max(v, kept.get(k, v)) for k, v in sizes.items()})
+    for config in largest.values():
+        task_module(config.get("task")).validate(config, f"sweep {config.get('study')}", data=True, progress=progress)
+
+
 def grid(study: str, base: dict, **axes) -> list[dict]:
     """One config per point of the Cartesian product of `axes` over `base`, validated."""
     names = list(axes)
@@ -97,8 +124,11 @@ def _run_local(run_dir: Path, threads: int) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")]))}
     with open(run_dir / "train.log", "ab") as log:
-        return subprocess.run(_train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+        code = subprocess.run(_train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
                               cwd=paths.ROOT).returncode
+        if code:  # also for a run killed without a traceback (e.g. out of memory): it is marked crashed
+            log.write(f"\n{EXIT_MARK} {code}\n".encode())
+    return code
 
 
 def _default_parallel() -> tuple[int, int]:
@@ -110,6 +140,10 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         progress: bool = True, root: Path | None = None, slurm: dict | None = None) -> pd.DataFrame:
     """Run every unfinished config; returns `collect`-style rows for these configs.
 
+    Before any run starts, training-set sizes that the data cannot give are refused
+    (`check_data`). Runs that fail are listed with their train.log and the sweep goes on; if no
+    run finished, `SweepFailed` says so, instead of an empty table failing later in a notebook.
+
     Args:
         executor: "local" (child processes on this machine), "slurm" (one submitit job per run)
             or "submitit-local" (submitit's local executor, for testing the Slurm path).
@@ -117,6 +151,12 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         slurm: submitit parameters for executor="slurm", e.g. {"slurm_partition": "gpu",
             "gpus_per_node": 4, "tasks_per_node": 4, "nodes": 1, "timeout_min": 600}.
     """
+    if not configs:
+        raise ConfigError("sweep.run: no run configs given (is a sweep axis an empty list?)")
+    if executor not in ("local", "slurm", "submitit-local"):
+        raise ConfigError(f"executor must be 'local', 'slurm' or 'submitit-local', got {executor!r}")
+    unfinished = [c for c in configs if not runs.is_finished(Path(root or paths.RUNS) / c["study"] / runs.run_id(c))]
+    check_data(unfinished, progress)  # before any run folder is made
     dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run
     todo = [d for d in dirs if not runs.is_finished(d)]
     if executor == "local":
@@ -127,16 +167,41 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
             for _ in pool.map(lambda d: _run_local(d, threads), todo):
                 bar.update(1)
         bar.close()
-    elif executor in ("slurm", "submitit-local"):
-        _run_submitit(todo, executor, slurm or {}, root)
     else:
-        raise ConfigError(f"executor must be 'local', 'slurm' or 'submitit-local', got {executor!r}")
+        _run_submitit(todo, executor, slurm or {}, root)
     df = collect_dirs(dirs)
-    failed = df[df["status"].isin(["crashed", "pending"])]
+    failed = df[df["status"] != "finished"]
+    if len(failed) == len(df):
+        which = "the only run" if len(df) == 1 else f"all {len(df)} runs"
+        raise SweepFailed(f"{which} of this sweep failed ({_counts(failed)}); nothing to analyse. "
+                          f"What went wrong is in each run's train.log:\n{_log_lines(failed)}")
     if len(failed):
-        logs = "\n".join(f"  {d}/train.log" for d in failed["run_dir"])
-        print(f"{len(failed)} of {len(df)} runs did not finish; see:\n{logs}", file=sys.stderr)
+        print(f"{len(failed)} of {len(df)} runs did not finish ({_counts(failed)}); see:\n{_log_lines(failed)}",
+              file=sys.stderr)
     return df
+
+
+def _counts(failed: pd.DataFrame) -> str:
+    """'2 crashed, 1 diverged'."""
+    return ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().sort_index().items())
+
+
+def _log_lines(failed: pd.DataFrame, limit: int = 20) -> str:
+    """One line per failed run: its train.log and the log's last line (usually the error)."""
+    lines = [f"  {d}/train.log: {_last_line(Path(d) / 'train.log')}" for d in failed["run_dir"][:limit]]
+    if len(failed) > limit:
+        lines.append(f"  ... and {len(failed) - limit} more")
+    return "\n".join(lines)
+
+
+def _last_line(log: Path) -> str:
+    """The last line of a log that is not our exit-code mark, shortened; '' if there is none."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "(no train.log)"
+    lines = [ln for ln in lines if ln and not ln.startswith(EXIT_MARK)]
+    return (lines[-1][:200] if lines else "(empty)")
 
 
 def _run_submitit(todo: list[Path], executor: str, slurm: dict, root: Path | None) -> None:
@@ -188,9 +253,8 @@ def _status(run_dir: Path, result: dict | None) -> str:
     if result is not None:
         return result.get("status", "finished")
     log = run_dir / "train.log"
-    if log.exists() and "Traceback" in log.read_text(errors="replace"):
-        return "crashed"
-    return "pending"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "crashed" if "Traceback" in text or EXIT_MARK in text else "pending"
 
 
 def collect_dirs(dirs: list[Path]) -> pd.DataFrame:

@@ -1,10 +1,29 @@
-"""Sweeps: grid generation, skipping finished runs, collecting, failures that do not stop a sweep."""
+"""Sweeps: grid generation, data sizes checked up front, skipping finished runs, collecting,
+failures that do not stop a sweep (and a sweep where all fail), resuming killed runs, parallel runs."""
 
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
-from chemscale import runs, sweep
+from chemscale import corpus, paths, runs, sweep, train
 from chemscale.config import ConfigError
+from chemscale.ff import data as ffdata
 from conftest import tiny_lm_config
+from test_ff_data import ethanol_arrays, write_rmd17
+from test_ff_task import tiny_ff_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 lines: a training split of 180
+
+
+def crashing_config(**train):
+    """A run that passes validation and crashes as it builds: no MOSES molecule fits 8 positions."""
+    config = tiny_lm_config(**train)
+    config["model"]["n_positions"] = 8
+    return config
 
 
 def test_grid_ids_are_stable_and_distinct():
@@ -39,16 +58,125 @@ def test_sweep_runs_skips_finished_and_survives_divergence(runs_root):
     assert {"step", "val_loss", "run_id", "lr"} <= set(curves.columns)
 
 
-def test_crashed_run_is_reported_and_sweep_continues(runs_root, capsys):
+def test_failed_runs_are_reported_and_a_sweep_where_all_failed_says_so(runs_root, capsys):
+    crashing = crashing_config(max_steps=4, val_every_steps=2)
+    diverging = tiny_lm_config(max_steps=10, val_every_steps=5, lr=1e9, grad_clip=0.0)
+    with pytest.raises(sweep.SweepFailed) as failure:
+        sweep.run([crashing, diverging], progress=False, root=runs_root)
+    message = str(failure.value)
+    assert message.startswith("all 2 runs of this sweep failed (1 crashed, 1 diverged); nothing to analyse")
+    crashed = runs_root / "t" / runs.run_id(crashing)
+    for config in (crashing, diverging):
+        assert f"{runs_root / 't' / runs.run_id(config)}/train.log: " in message
+    assert "Error" in message.split(f"{crashed}/train.log: ")[1].splitlines()[0]  # the crash, without opening the log
     good = tiny_lm_config(max_steps=4, val_every_steps=2)
-    bad = tiny_lm_config(max_steps=4, val_every_steps=2)
-    bad["data"]["source"] = "/nonexistent/file.smi"
-    df = sweep.run([good, bad], progress=False, root=runs_root)
-    assert sorted(df["status"]) == ["crashed", "finished"]
-    assert "train.log" in capsys.readouterr().err
+    df = sweep.run([good, crashing, diverging], progress=False, root=runs_root)  # the crashed run is retried
+    assert df["status"].tolist() == ["finished", "crashed", "diverged"]
+    err = capsys.readouterr().err
+    assert "2 of 3 runs did not finish (1 crashed, 1 diverged)" in err and f"{crashed}/train.log: " in err
+    with pytest.raises(ConfigError, match="no run configs"):
+        sweep.run([], progress=False, root=runs_root)
 
 
-def test_submitit_local_executor(runs_root):
-    configs = sweep.grid("s", tiny_lm_config(max_steps=4, val_every_steps=2), width=[16])
-    df = sweep.run(configs, executor="submitit-local", progress=False, root=runs_root)
-    assert list(df["status"]) == ["finished"]
+# ---------------------------------------------------------------- training-set sizes checked before a sweep
+
+def test_a_training_set_larger_than_the_split_is_refused_before_any_run(runs_root):
+    base = tiny_lm_config()
+    base["data"]["source"] = str(FIXTURE)
+    configs = sweep.grid("s", base, n_train_molecules=[100, 500])
+    with pytest.raises(ConfigError, match=r"n_train_molecules = 500, but the training split of '.*moses_200.smi' "
+                                          r"leaves 180 molecules"):
+        sweep.run(configs, progress=False, root=runs_root)
+    assert not (runs_root / "s").exists()  # no run folder was made, nothing trained
+    base["data"]["source"] = "moses"
+    with pytest.raises(ConfigError, match="n_train_molecules = 2,000,000, but the training split of 'moses' "
+                                          "leaves 1,584,663"):
+        sweep.check_data(sweep.grid("s", base, n_train_molecules=[2_000_000]))
+    sweep.check_data(sweep.grid("s", base, n_train_molecules=[1_584_663]))  # all of it is fine
+    base["data"]["source"] = "/nonexistent/file.smi"
+    with pytest.raises(ConfigError, match="sweep s \\[data\\]: source '/nonexistent/file.smi': .*no such file"):
+        sweep.run(sweep.grid("s", base, width=[16]), progress=False, root=runs_root)
+
+
+def test_data_is_checked_once_per_source_at_its_largest_size(monkeypatch, tmp_path):
+    calls = []
+    load = corpus.load
+    monkeypatch.setattr(corpus, "load", lambda source, split, n, **kw: calls.append((source, split, n))
+                        or load(source, split, n, **kw))
+    base = tiny_lm_config()
+    base["data"]["source"] = str(FIXTURE)
+    configs = sweep.grid("s", base, width=[16, 32], n_train_molecules=[50, 120, 80])
+    sweep.check_data(configs)
+    assert calls == [(str(FIXTURE), "train", 120)]
+    calls.clear()
+    other = tiny_lm_config()
+    other["data"].update(source=str(tmp_path / "copy.smi"), n_train_molecules=150)
+    (tmp_path / "copy.smi").write_bytes(FIXTURE.read_bytes())
+    sweep.check_data(configs + [other])
+    assert sorted(calls) == sorted([(str(FIXTURE), "train", 120), (str(tmp_path / "copy.smi"), "train", 150)])
+
+
+def test_force_field_sizes_are_checked_before_any_run(runs_root, tmp_path, monkeypatch):
+    built = []
+    generate = ffdata.generate
+    monkeypatch.setattr(ffdata, "generate", lambda recipe, progress=True: built.append(recipe)
+                        or generate(recipe, progress))
+    configs = sweep.grid("ff", tiny_ff_config(), name=["schnet", "painn"], n_train=[8, 50])
+    with pytest.raises(ConfigError, match="n_train = 50 structures, but the train split of 'md:ethanol' has 40; "
+                                          "raise the recipe's size"):
+        sweep.run(configs, progress=False, root=runs_root)
+    val = tiny_ff_config()
+    val["data"]["n_val"] = 11
+    with pytest.raises(ConfigError, match="n_val = 11 structures, but the val split of 'md:ethanol' has 10"):
+        sweep.check_data([val])
+    assert built == [] and not (runs_root / "ff").exists()  # refused from the recipe: nothing generated
+    z, r, e, f = ethanol_arrays(n=40)
+    path = write_rmd17(tmp_path / "rmd17_ethanol.npz", z, r, e, f)  # splits 34 / 2 / 4
+    user = tiny_ff_config()
+    user["data"].update(source=str(path), recipe={})
+    sweep.check_data(sweep.grid("ff", user, name=["schnet", "painn"], n_train=[10, 34]))
+    with pytest.raises(ConfigError, match=r"n_train = 35 structures, but the train split of '.*rmd17_ethanol.npz' "
+                                          r"has 34$"):
+        sweep.check_data(sweep.grid("ff", user, name=["schnet", "painn"], n_train=[10, 35]))
+    assert len(built) == 2  # once per check, not once per run
+
+
+# ---------------------------------------------------------------- retries and parallel runs
+
+def train_rows(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, validation rows) of a run's metrics.csv."""
+    m = pd.read_csv(run_dir / runs.METRICS)
+    return m[m["train_loss"].notna()], m[m["val_loss"].notna()]
+
+
+def test_a_killed_run_is_resumed_by_the_next_sweep_without_duplicate_metrics(runs_root):
+    config = tiny_lm_config(max_steps=300, val_every_steps=5)
+    run_dir = runs.create("t", config, runs_root)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(run_dir / "train.log", "ab") as log:
+        process = subprocess.Popen(sweep._train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   cwd=paths.ROOT)
+        while not (run_dir / runs.CHECKPOINT).exists():  # killed (like an out-of-memory kill) after its first checkpoint
+            assert process.poll() is None, (run_dir / "train.log").read_text()
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+    assert not runs.is_finished(run_dir) and sweep.collect("t", runs_root)["status"].tolist() == ["pending"]
+    df = sweep.run([config], progress=False, root=runs_root)
+    assert df["status"].tolist() == ["finished"]
+    result = runs.read_result(run_dir)
+    assert result["steps"] == 300 and result["resumed_from_step"] > 0
+    training, validations = train_rows(run_dir)
+    assert training["step"].tolist() == sorted(set(training["step"])) and len(training) == 300  # each step once
+    assert validations["step"].tolist() == list(range(5, 301, 5))  # each validation once
+
+
+def test_two_runs_at_once_give_the_results_of_one_at_a_time(tmp_path):
+    configs = sweep.grid("p", tiny_lm_config(max_steps=6, val_every_steps=3), width=[16, 24])
+    at_once = sweep.run(configs, parallel=2, progress=False, root=tmp_path / "at_once")
+    assert at_once["status"].tolist() == ["finished"] * 2
+    for config, run_dir in zip(configs, at_once["run_dir"]):
+        alone = runs.create("p", config, tmp_path / "alone")
+        assert train.train(alone)["best_val_loss"] == runs.read_result(Path(run_dir))["best_val_loss"]
+        for rows_at_once, rows_alone in zip(train_rows(Path(run_dir)), train_rows(alone)):
+            pd.testing.assert_frame_equal(rows_at_once.reset_index(drop=True), rows_alone.reset_index(drop=True))

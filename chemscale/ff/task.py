@@ -213,9 +213,41 @@ class Task:
                 "n_test_structures": len(self.test_set)}
 
 
-def validate(config: dict, source: str) -> None:
+def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
+    """Check the `model` and `data` sections of a force-field run config.
+
+    With `data`, also check that the dataset's train and val splits hold `n_train` and `n_val`
+    structures, so a sweep is refused before it starts rather than each run failing as it
+    starts. A sweep checks once per dataset, with its largest sizes. A recipe whose planned
+    splits are too small is refused without generating anything; otherwise the dataset is
+    built (as the first run would; cached, so cheap later) and its stored counts decide.
+    """
+    from chemscale.config import ConfigError
+    from chemscale.ff import store
+
     from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
-    from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
+    dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
+    if not data:
+        return
+    try:
+        recipe = ffdata.as_recipe(dcfg.source, **dcfg.recipe)
+    except ffdata.FFDataError as e:
+        raise ConfigError(f"{source} [data]: {e}") from None
+    asked = {split: n for split, n in (("train", dcfg.n_train), ("val", dcfg.n_val)) if n}  # n_val 0: all of it
+    per_unit = getattr(recipe, "conformers_per_molecule", 1)
+    planned = {k: v * per_unit for k, v in recipe.sizes().items()} if hasattr(recipe, "sizes") else {}
+    too_many = {split: planned[split] for split, n in asked.items() if split in planned and n > planned[split]}
+    if not too_many:  # the recipe allows it (or it is a file): the built dataset's counts decide
+        try:
+            counts = store.read_meta(ffdata.generate(recipe, progress))["splits"]
+        except ffdata.FFDataError as e:
+            raise ConfigError(f"{source} [data]: {e}") from None
+        too_many = {split: counts[split]["structures"] for split, n in asked.items() if n > counts[split]["structures"]}
+    if too_many:
+        split, available = next(iter(too_many.items()))
+        raise ConfigError(f"{source} [data]: n_{split} = {asked[split]:,} structures, but the {split} split of "
+                          f"{dcfg.source!r} has {available:,}"
+                          + ("; raise the recipe's size or ask for fewer" if planned else ""))
 
 
 def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
