@@ -254,7 +254,8 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
                 raise ConfigError(f"{source} [data]: source {data_cfg.source!r}: {e}") from None
     if available < n:
         raise ConfigError(f"{source} [data]: n_train_molecules = {n:,}, but the training split of "
-                          f"{data_cfg.source!r} leaves {available:,} molecules that encode; ask for at most {available:,}")
+                          f"{data_cfg.source!r} leaves {available:,} molecules that encode; "
+                          f"ask for at most {available:,}")
 
 
 def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]:

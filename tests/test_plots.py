@@ -109,7 +109,7 @@ def test_frontier_plot_shows_runs_frontier_and_fit():
     fig = plots.frontier_plot(curves, "flops", "val_loss", "size", frontier, fit)
     ax = fig.axes[0]
     texts = legend_texts(fig)
-    assert texts[:3] == ["size = 1", "size = 2", "compute-optimal frontier"] and texts[3] == f"frontier fit: {fit.label()}"
+    assert texts == ["size = 1", "size = 2", "compute-optimal frontier", f"frontier fit: {fit.label()}"]
     runs = [line for line in ax.lines if line.get_alpha() == 0.35]
     assert [list(line.get_xdata()) for line in runs] == [[1, 2, 4], [2, 4, 8]]  # one faint curve per run
     assert to_rgba(runs[0].get_color()) != to_rgba(runs[1].get_color())  # coloured by size

@@ -156,7 +156,7 @@ def test_a_killed_run_is_resumed_by_the_next_sweep_without_duplicate_metrics(run
     with open(run_dir / "train.log", "ab") as log:
         process = subprocess.Popen(sweep._train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
                                    cwd=paths.ROOT)
-        while not (run_dir / runs.CHECKPOINT).exists():  # killed (like an out-of-memory kill) after its first checkpoint
+        while not (run_dir / runs.CHECKPOINT).exists():  # killed, as by the OOM killer, after its first checkpoint
             assert process.poll() is None, (run_dir / "train.log").read_text()
             time.sleep(0.02)
         process.kill()
