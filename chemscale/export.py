@@ -150,19 +150,24 @@ def model_card(run_dir: Path, config: dict, model, train_corpus) -> str:
     result = runs.read_result(run_dir) or {}
     data, c = config.get("data", {}), model.config
     loss = result.get("best_val_loss")
-    status = result.get("status", "not finished (no result.json): the best weights so far")
     loss_text = f"{loss:.4f} nats per token" if isinstance(loss, (int, float)) else "not recorded"
-    meta = config.get("meta", {})
-    return _CARD.format(
-        run=run_dir.name, study=config.get("study", "?"), source=data.get("source", "moses"),
-        n_train=len(train_corpus), n_val=data.get("n_val_molecules", "?"),
-        tokens_seen=_count(result.get("tokens_seen")),
-        width=c.width, depth=c.depth, heads=c.n_heads, positions=c.n_positions, attention=c.attention_layers,
-        n_params=model.n_params(non_embedding=False), n_params_ne=model.n_params(non_embedding=True),
-        vocab=len(train_corpus.tokenizer), loss=loss_text, best_step=result.get("best_step", "?"),
-        steps=result.get("steps", "?"), status=status, commit=meta.get("git_commit"),
-        exported=datetime.now(timezone.utc).isoformat(timespec="seconds"), max_length=c.n_positions,
-    )
+    status = result.get("status", "not finished (no result.json): the best weights so far")
+    rows = {
+        "data": f"`{data.get('source', 'moses')}`: {len(train_corpus):,} training molecules, validated on "
+                f"{data.get('n_val_molecules', '?')} held-out molecules; {_count(result.get('tokens_seen'))} "
+                "training tokens seen",
+        "size": f"width {c.width}, depth {c.depth}, {c.n_heads} heads, context {c.n_positions} tokens, "
+                f"{c.attention_layers} attention; {model.n_params(non_embedding=False):,} parameters "
+                f"({model.n_params(non_embedding=True):,} without embeddings)",
+        "vocabulary": f"{len(train_corpus.tokenizer)} tokens: one per SELFIES symbol, `[PAD] [BOS] [EOS] [UNK]` "
+                      "at ids 0-3",
+        "loss": f"best validation loss {loss_text} (next-token cross-entropy, padding excluded) at step "
+                f"{result.get('best_step', '?')} of {result.get('steps', '?')}; run {status}",
+        "provenance": f"chemscale commit `{config.get('meta', {}).get('git_commit')}`; exported "
+                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+    }
+    table = "\n".join(f"| {key} | {text} |" for key, text in rows.items())
+    return _CARD.format(run=run_dir.name, study=config.get("study", "?"), table=table, max_length=c.n_positions)
 
 
 def _count(n) -> str:
@@ -180,11 +185,7 @@ A decoder-only transformer over SELFIES strings (GPT-Neo architecture, as ChemGP
 
 | | |
 |---|---|
-| data | `{source}`: {n_train:,} training molecules, validated on {n_val} held-out molecules; {tokens_seen} training tokens seen |
-| size | width {width}, depth {depth}, {heads} heads, context {positions} tokens, {attention} attention; {n_params:,} parameters ({n_params_ne:,} without embeddings) |
-| vocabulary | {vocab} tokens: one per SELFIES symbol, `[PAD] [BOS] [EOS] [UNK]` at ids 0-3 |
-| loss | best validation loss {loss} (next-token cross-entropy, padding excluded) at step {best_step} of {steps}; run {status} |
-| provenance | chemscale commit `{commit}`; exported {exported} |
+{table}
 
 ## Use
 
@@ -200,7 +201,9 @@ for selfies in tokenizer.batch_decode(out, skip_special_tokens=True):
 ```
 
 `tokenizer("[C][C][O]")` gives the ids of `[BOS][C][C][O][EOS]`, the framing the model was trained
-on; symbols the training data lacked map to `[UNK]`. The loss above is in nats per token.
+on; symbols the training data lacked map to `[UNK]`. `skip_special_tokens=True` also drops a `[PAD]`,
+`[BOS]` or `[UNK]` that a sample holds before its `[EOS]`; chemscale's generation quality counts such a
+sample invalid instead.
 """
 
 
