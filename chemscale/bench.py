@@ -2,29 +2,43 @@
 
 `ff` is described in `chemscale.ff.bench`; `chemgpt` here.
 
-Figures (the last line printed is one JSON object with all of them):
+Figures (the last line printed is one JSON object with all of them). Every ratio's two sides
+alternate in rounds (a few steps of one, then of the other) and the ratio is the median of the
+per-round ratios, so a change in the machine's load hits both sides alike; `rounds` holds the
+per-round rates.
 
 - `speedup_vs_hf`: tokens/s of a full training step (forward, backward, AdamW, zero_grad) of
   ChemGPT over `transformers.GPTNeoForCausalLM` of the same shape and batch, both fp32, at
-  width 128, depth 4, batch 32 x 64 tokens; the two alternate in rounds and medians are compared.
+  width 128, depth 4, batch 32 x 64 tokens.
   Both run with glibc's default malloc settings. `python -m chemscale.train` raises malloc's
   mmap threshold (`chemscale.memory`), which leaves ChemGPT's step rate unchanged but makes this
   HF baseline ~14% faster: with it in this process too, the ratio measured 1.24 instead of 1.41.
 - `speedup_vs_hf_bf16`: ChemGPT under bf16 autocast over HF in fp32, at width 256, depth 4
-  (~3.2M parameters); null where the CPU has no native bf16 (AVX512-BF16 or AMX).
-- `mfu`: ChemGPT's fp32 FLOP/s at width 256 (6·N + attention per token) over a fp32 matmul
-  measured in the same run.
+  (~3.2M parameters). Measured where `--bf16` says (`auto`: where the CPU has native bf16,
+  AVX512-BF16 or AMX, reported as `bf16_supported`; `on`/`off` force it); null when not measured.
+- `mfu`: ChemGPT's fp32 FLOP/s at width 256 (6·N + attention per token) over a 1024² fp32
+  matmul (`matmul_fp32_gflops`), alternating with it.
 - `encode_mol_per_s`: SMILES -> SELFIES encoding rate of `chemscale.corpus` (worker processes).
 - `loader_tokens_per_s`: the training data loader (cached memory-mapped corpus -> padded
   batches), and `loader_over_training`, its rate over what training consumes.
 - `end_to_end_fraction`: tokens/s through `python -m chemscale.train` (Lightning, data loading,
-  per-step metrics, checkpoints) over a bare loop on the same batches.
+  per-step metrics, checkpoints) over a bare loop on the same batches, one run of each per round.
+- `warnings`: a figure that cannot be true (an `mfu` or `end_to_end_fraction` above 1, which a
+  busy machine produces when it slows the reference more than the step) is set to null and
+  named here with its measured value; an empty list when every figure is physical.
+
+`--quick` runs stand-in widths (32 for 128, 64 for 256) for a few steps: a check that every
+path runs, bf16 included when on, not a measurement. The benchmark restores what it changes in
+its process (torch threads, RNG, cache folders, log levels, malloc settings), so it can run
+inside a notebook or a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -40,6 +54,8 @@ from chemscale.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
 from chemscale.tokenizer import PAD_ID
 
 VOCAB = 30  # MOSES SELFIES: 26 symbols + 4 specials
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+PHYSICAL_BOUNDS = {"mfu": 1.0, "end_to_end_fraction": 1.0}  # a step cannot beat its own reference
 
 
 def cpu_has_bf16() -> bool:
@@ -49,6 +65,49 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def bf16_wanted(flag: bool | None = None) -> bool:
+    """Whether to measure bf16: `flag` (`--bf16 on|off`) if given, else whether the CPU has native bf16."""
+    return cpu_has_bf16() if flag is None else flag
+
+
+@contextlib.contextmanager
+def process_state_kept():
+    """Restore, on the way out, the process-wide state a benchmark changes (the caller may be a notebook)."""
+    from chemscale import corpus
+    from chemscale.ff import data as ff_data
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_default_dtype(),
+             corpus.CACHE_DIR, ff_data.CACHE_DIR, {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS})
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            threads, deterministic, warn_only, dtype, corpus.CACHE_DIR, ff_data.CACHE_DIR, levels = saved
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            torch.set_default_dtype(dtype)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> float:
+    """Median over rounds of scale·num/den: each round's two sides were measured back to back."""
+    return statistics.median(scale * a / b for a, b in zip(num, den, strict=True))
+
+
+def flag_impossible(result: dict) -> list[str]:
+    """Null every figure above its physical bound in `result`; returns one warning per figure nulled."""
+    warnings = []
+    for key, bound in PHYSICAL_BOUNDS.items():
+        value = result.get(key)
+        if value is not None and value > bound:
+            warnings.append(f"{key} measured {value:.3g} > {bound:g}, which cannot be: the machine was busy "
+                            f"and slowed the reference more than the step; not reported, rerun on an idle machine")
+            result[key] = None
+    return warnings
 
 
 def _chemgpt(width: int, depth: int) -> ChemGPT:
@@ -79,62 +138,71 @@ def _hf_step(width: int, depth: int, batch):
     return step
 
 
-def _rate(step, tokens: int, n_steps: int) -> float:
+def _matmul_step(n: int, repeats: int):
+    """`repeats` n x n fp32 matmuls: the machine's attainable FLOP rate, the MFU's reference."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def step():
+        for _ in range(repeats):
+            a @ b
+    return step
+
+
+def _rate(step, units: float, n_steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n_steps):
         step()
-    return tokens * n_steps / (time.perf_counter() - t0)
+    return units * n_steps / (time.perf_counter() - t0)
 
 
-def compare(steps: dict, tokens: int, rounds: int, n_steps: int) -> dict[str, float]:
-    """Median tokens/s of each step function, run alternately for `rounds` rounds."""
-    for step in steps.values():  # warm-up: allocator, oneDNN kernels
+def compare(steps: dict, rounds: int, n_steps: int) -> dict[str, list[float]]:
+    """Per-round rates of each (step function, units per call), the functions alternating within a round."""
+    for step, _ in steps.values():  # warm-up: allocator, oneDNN kernels
         step(), step()
     rates = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, step in steps.items():
-            rates[name].append(_rate(step, tokens, n_steps))
-    return {name: statistics.median(r) for name, r in rates.items()}
+        for name, (step, units) in steps.items():
+            rates[name].append(_rate(step, units, n_steps))
+    return rates
 
 
-def matmul_flops(n: int = 1024, dtype=torch.float32, repeats: int = 20) -> float:
-    """FLOP/s of an n x n matmul: the machine's attainable rate for this dtype."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
-
-
-def step_speed(quick: bool) -> dict:
-    """ChemGPT vs HF GPT-Neo training steps, fp32 and bf16, and model FLOP utilisation."""
+def step_speed(quick: bool, bf16: bool) -> dict:
+    """ChemGPT vs HF GPT-Neo training steps, fp32 (and bf16 if `bf16`), and model FLOP utilisation."""
     rounds, n_steps = (2, 2) if quick else (5, 6)
     batch = torch.randint(4, VOCAB, (32, 64), generator=torch.Generator().manual_seed(0))
     tokens = batch.shape[0] * (batch.shape[1] - 1)
-    out = {}
+    matmul_n, matmul_repeats = (256, 8) if quick else (1024, 20)
+    out, per_round = {}, {}
     sizes = ((32, "w128"), (64, "w256")) if quick else ((128, "w128"), (256, "w256"))  # quick: tiny stand-ins
     for width, key in sizes:
         model = _chemgpt(width, 4)
         opt = model.configure_optimizer(lr=1e-4)
-        steps = {"ours_fp32": _ours_step(model, opt, batch, False), "hf_fp32": _hf_step(width, 4, batch)}
-        if width == 256 and cpu_has_bf16():
-            model_bf16 = _chemgpt(width, 4)
-            steps["ours_bf16"] = _ours_step(model_bf16, model_bf16.configure_optimizer(lr=1e-4), batch, True)
-        rates = compare(steps, tokens, rounds, n_steps)
-        out[key] = {"n_params": model.n_params(), "flops_per_token": model.flops_per_token(63), **rates}
-        print(f"width {width}, depth 4: " + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in rates.items()), flush=True)
-    peak = matmul_flops()
-    w256 = out["w256"]
+        steps = {"ours_fp32": (_ours_step(model, opt, batch, False), tokens),
+                 "hf_fp32": (_hf_step(width, 4, batch), tokens)}
+        if key == "w256":  # the MFU's and the bf16 comparison's width: their sides share these rounds
+            steps["matmul_fp32"] = (_matmul_step(matmul_n, matmul_repeats), 2 * matmul_n**3 * matmul_repeats)
+            if bf16:
+                model_bf16 = _chemgpt(width, 4)
+                steps["ours_bf16"] = (_ours_step(model_bf16, model_bf16.configure_optimizer(lr=1e-4), batch, True),
+                                      tokens)
+        per_round[key] = compare(steps, rounds, n_steps)
+        rates = {name: statistics.median(r) for name, r in per_round[key].items()}
+        out[key] = {"width": width, "n_params": model.n_params(), "flops_per_token": model.flops_per_token(63),
+                    **rates}
+        print(f"width {width}, depth 4: " + ", ".join(
+            f"{k} {v / 1e9:,.1f} GFLOP/s" if k.startswith("matmul") else f"{k} {v:,.0f} tokens/s"
+            for k, v in rates.items()), flush=True)
+    w128, w256 = per_round["w128"], per_round["w256"]
     return {
-        "speedup_vs_hf": out["w128"]["ours_fp32"] / out["w128"]["hf_fp32"],
-        "speedup_vs_hf_bf16": w256["ours_bf16"] / w256["hf_fp32"] if "ours_bf16" in w256 else None,
-        "mfu": w256["flops_per_token"] * w256["ours_fp32"] / peak,
-        "matmul_fp32_gflops": peak / 1e9,
-        "train_tokens_per_s": w256["ours_fp32"],
+        "speedup_vs_hf": paired_ratio(w128["ours_fp32"], w128["hf_fp32"]),
+        "speedup_vs_hf_bf16": paired_ratio(w256["ours_bf16"], w256["hf_fp32"]) if bf16 else None,
+        "mfu": paired_ratio(w256["ours_fp32"], w256["matmul_fp32"], out["w256"]["flops_per_token"]),
+        "matmul_fp32_gflops": out["w256"]["matmul_fp32"] / 1e9,
+        "train_tokens_per_s": out["w256"]["ours_fp32"],
         "bf16_supported": cpu_has_bf16(),
+        "bf16_measured": bf16,
         "rates": out,
+        "rounds": per_round,
     }
 
 
@@ -157,24 +225,10 @@ def data_speed(quick: bool, cache: Path) -> dict:
     return {"encode_mol_per_s": encode, "loader_tokens_per_s": n / (time.perf_counter() - t0)}
 
 
-def end_to_end(quick: bool, cache: Path, width: int = 256, depth: int = 4, batch_size: int = 32) -> dict:
-    """Tokens/s through `python -m chemscale.train` vs a bare loop over the same kind of batches.
+def _bare_loop(cache: Path, n_mol: int, steps: int, width: int, depth: int, batch_size: int):
+    """A plain loop of ChemGPT steps over the runner's first `steps` batches; returns a tokens/s timer."""
+    from chemscale import corpus, lm
 
-    Both count non-padding target tokens of real MOSES batches; the run validates and
-    checkpoints once, at its end, as a long run does every `val_every_steps`.
-    """
-    from chemscale import corpus, lm, runs
-
-    steps, n_mol = (10, 1000) if quick else (80, 4000)
-    config = {"study": "bench", "task": "chemgpt", "seed": 0, "model": {"width": width, "depth": depth},
-              "data": {"source": "moses", "n_train_molecules": n_mol, "n_val_molecules": 256},
-              "train": {"batch_size": batch_size, "max_steps": steps, "val_every_steps": steps, "patience": 0,
-                        "warmup_steps": 5, "accelerator": "cpu"}}
-    run_dir = runs.create("bench", config, cache / "runs")
-    env = {**os.environ, "CHEMSCALE_RUNS": str(cache)}
-    subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], check=True, env=env, cwd=paths.ROOT,
-                   stdout=subprocess.DEVNULL)
-    through_runner = json.loads((run_dir / runs.RESULT).read_text())["train_tokens_per_s"]
     corpus.CACHE_DIR = cache / "cache" / "corpus"  # the child's cache (CHEMSCALE_RUNS=cache): encoded once
     train_corpus, _ = lm.load_data(lm.LMDataConfig(n_train_molecules=n_mol, n_val_molecules=256), seed=0)
     loader = torch.utils.data.DataLoader(lm._Molecules(train_corpus, torch.arange(len(train_corpus)).numpy()),
@@ -184,23 +238,56 @@ def end_to_end(quick: bool, cache: Path, width: int = 256, depth: int = 4, batch
     opt = model.configure_optimizer(lr=1e-4)
     for b in batches[:3]:
         _ours_step(model, opt, b, False)()
-    t0, n = time.perf_counter(), 0
-    for b in batches:
-        _ours_step(model, opt, b, False)()
-        n += int((b[:, 1:] != PAD_ID).sum())
-    bare = n / (time.perf_counter() - t0)
-    return {"end_to_end_tokens_per_s": through_runner, "bare_step_tokens_per_s": bare,
-            "end_to_end_fraction": through_runner / bare}
+
+    def timed() -> float:
+        t0, n = time.perf_counter(), 0
+        for b in batches:
+            _ours_step(model, opt, b, False)()
+            n += int((b[:, 1:] != PAD_ID).sum())
+        return n / (time.perf_counter() - t0)
+    return timed
 
 
-def chemgpt_bench(quick: bool = False) -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
-    result = step_speed(quick)
-    with tempfile.TemporaryDirectory() as tmp:
-        result |= data_speed(quick, Path(tmp) / "cache" / "corpus")
-        result |= end_to_end(quick, Path(tmp), *((32, 1) if quick else (256, 4)))
-    result["loader_over_training"] = result["loader_tokens_per_s"] / result["train_tokens_per_s"]
-    result["threads"] = torch.get_num_threads()
+def end_to_end(quick: bool, cache: Path, width: int = 256, depth: int = 4, batch_size: int = 32) -> dict:
+    """Tokens/s through `python -m chemscale.train` vs a bare loop over the same kind of batches, in rounds.
+
+    Both count non-padding target tokens of real MOSES batches and use the same torch threads;
+    each run validates and checkpoints once, at its end, as a long run does every
+    `val_every_steps`. A round is one fresh run through the runner, then the bare loop.
+    """
+    from chemscale import runs
+
+    steps, n_mol, rounds = (10, 1000, 2) if quick else (80, 4000, 3)
+    config = {"study": "bench", "task": "chemgpt", "seed": 0, "model": {"width": width, "depth": depth},
+              "data": {"source": "moses", "n_train_molecules": n_mol, "n_val_molecules": 256},
+              "train": {"batch_size": batch_size, "max_steps": steps, "val_every_steps": steps, "patience": 0,
+                        "warmup_steps": 5, "accelerator": "cpu", "threads": torch.get_num_threads()}}
+    env = {**os.environ, "CHEMSCALE_RUNS": str(cache)}
+    runner, bare, bare_timer = [], [], None
+    for r in range(rounds):
+        run_dir = runs.create("bench", config, cache / "runs" / f"round{r}")
+        subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], check=True, env=env, cwd=paths.ROOT,
+                       stdout=subprocess.DEVNULL)
+        runner.append(json.loads((run_dir / runs.RESULT).read_text())["train_tokens_per_s"])
+        if bare_timer is None:  # built after the first run: the corpus is cached by then
+            bare_timer = _bare_loop(cache, n_mol, steps, width, depth, batch_size)
+        bare.append(bare_timer())
+    return {"end_to_end_tokens_per_s": statistics.median(runner), "bare_step_tokens_per_s": statistics.median(bare),
+            "end_to_end_fraction": paired_ratio(runner, bare),
+            "end_to_end_rounds": {"runner": runner, "bare": bare}}
+
+
+def chemgpt_bench(quick: bool = False, bf16: bool | None = None) -> dict:
+    """All figures of the ChemGPT benchmark (module docstring); `bf16` None: measure bf16 where native."""
+    with process_state_kept():
+        torch.set_num_threads(os.cpu_count() or 1)
+        result = step_speed(quick, bf16_wanted(bf16))
+        with tempfile.TemporaryDirectory() as tmp:
+            result |= data_speed(quick, Path(tmp) / "cache" / "corpus")
+            result |= end_to_end(quick, Path(tmp), *((32, 1) if quick else (256, 4)))
+        result["loader_over_training"] = result["loader_tokens_per_s"] / result["train_tokens_per_s"]
+        result["threads"] = torch.get_num_threads()
+    result["warnings"] = flag_impossible(result)
     return result
 
 
@@ -209,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["chemgpt", "ff"],
                         help="chemgpt: language-model training and data; ff: force-field training and xTB labelling")
     parser.add_argument("--quick", action="store_true", help="few steps: checks that it runs, not a measurement")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="chemgpt: measure ChemGPT under bf16 autocast (auto: where the CPU has AVX512-BF16 "
+                             "or AMX; on a CPU without them bf16 runs, slowly)")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args = parser.parse_args(argv)
     if args.what == "ff":
@@ -216,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
         result = ff_bench(args.quick)
     else:
-        result = chemgpt_bench(args.quick)
+        result = chemgpt_bench(args.quick, {"auto": None, "on": True, "off": False}[args.bf16])
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     line = json.dumps(result, default=float)
     if args.json:
         args.json.write_text(line + "\n")

@@ -14,7 +14,7 @@ with malloc's mmap threshold raised as `python -m chemscale.train` does (`chemsc
   `RemoveOffsets`, `CastTo32`; `NeuralNetworkPotential` with `PairwiseDistances`, `Atomwise`,
   `Forces`; `AtomisticTask`. The baseline is the fastest of its neighbour lists and data-loader
   worker counts (0 and 2 workers), each tried once; then the best stock setting and chemscale
-  alternate in rounds and medians are compared.
+  alternate in rounds, and the speed-up is the median of the per-round ratios (`rounds`).
 
 Figures in the last line (JSON): `speedup_vs_schnetpack`, `train_mol_per_s` (chemscale, in the
 harness), `schnetpack_mol_per_s` and `schnetpack_setting` (the baseline), `runner_mol_per_s`
@@ -33,12 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from chemscale import memory, paths
+from chemscale.bench import LIGHTNING_LOGGERS, paired_ratio, process_state_kept
 from chemscale.ff import data as ffdata
 from chemscale.ff import import_schnetpack
 
@@ -166,39 +168,44 @@ def xtb_rate(dataset, n: int) -> float:
 
 
 def ff_bench(quick: bool = False) -> dict:
-    """All figures of the force-field benchmark (see the module docstring)."""
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):  # a banner per fit otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(os.cpu_count() or 1)
-    memory.keep_freed_memory()  # as `python -m chemscale.train` does; stock schnetpack here runs under it too
+    """All figures of the force-field benchmark (see the module docstring); the process is left as found."""
+    with process_state_kept(), memory.freed_memory_kept():  # as `python -m chemscale.train` runs
+        for name in LIGHTNING_LOGGERS:  # a banner per fit otherwise
+            logging.getLogger(name).setLevel(logging.WARNING)
+        torch.set_num_threads(os.cpu_count() or 1)
+        return _measure(quick)
+
+
+def _measure(quick: bool) -> dict:
     data_config = {**RECIPES[quick], "n_train": RECIPES[quick]["recipe"]["n_train"], "n_val": 0}
     recipe = ffdata.as_recipe(data_config["source"], **data_config["recipe"])
     directory = ffdata.generate(recipe, progress=not quick)
     train_set = ffdata.load(directory, "train", progress=False)
     steps, warmup, rounds = (4, 2, 1) if quick else (60, 5, 3)
+    stock = partial(schnetpack_run, directory / "train.db", len(train_set), steps, warmup)
     settings = [("ase", 0)] if quick else [("ase", 0), ("ase", 2), ("matscipy", 0), ("matscipy", 2)]
 
     label = lambda setting: f"{setting[0]}, {setting[1]} workers"  # noqa: E731
-    stock = {}
-    for setting in settings:  # (neighbour list, data-loader workers)
-        stock[setting] = rate = schnetpack_run(directory / "train.db", len(train_set), steps, warmup, *setting)
-        print(f"stock schnetpack ({label(setting)}): {rate:,.0f} mol/s", flush=True)
-    best = max(stock, key=stock.get)
-    ours, theirs = [], [stock[best]]
-    for r in range(rounds):
+    searched = {}
+    if len(settings) > 1:  # (neighbour list, data-loader workers): each once, to pick the baseline
+        for setting in settings:
+            searched[setting] = stock(*setting)
+            print(f"stock schnetpack ({label(setting)}): {searched[setting]:,.0f} mol/s", flush=True)
+    best = max(searched, key=searched.get) if searched else settings[0]
+    ours, theirs = [], []
+    for r in range(rounds):  # the ratio's two sides back to back in every round
         ours.append(chemscale_run(data_config, steps, warmup))
-        if r:
-            theirs.append(schnetpack_run(directory / "train.db", len(train_set), steps, warmup, *best))
+        theirs.append(stock(*best))
         print(f"round {r + 1}: chemscale {ours[-1]:,.0f} mol/s, stock ({label(best)}) {theirs[-1]:,.0f} mol/s",
               flush=True)
-    train, base = statistics.median(ours), statistics.median(theirs)
     runner = runner_run(data_config, 10 if quick else 200)
     print(f"through python -m chemscale.train: {runner:,.0f} mol/s", flush=True)
     xtb = xtb_rate(train_set, 5 if quick else 100)
     print(f"xTB labelling: {xtb:,.1f} structures/s", flush=True)
-    return {"speedup_vs_schnetpack": train / base, "train_mol_per_s": train, "schnetpack_mol_per_s": base,
-            "schnetpack_setting": label(best),
-            "schnetpack_settings_mol_per_s": {label(k): v for k, v in stock.items()}, "runner_mol_per_s": runner,
+    return {"speedup_vs_schnetpack": paired_ratio(ours, theirs), "train_mol_per_s": statistics.median(ours),
+            "schnetpack_mol_per_s": statistics.median(theirs), "schnetpack_setting": label(best),
+            "schnetpack_settings_mol_per_s": {label(k): v for k, v in searched.items()} or {label(best): theirs[0]},
+            "rounds": {"chemscale": ours, "schnetpack": theirs}, "runner_mol_per_s": runner,
             "xtb_structures_per_s": xtb, "n_train_structures": len(train_set),
             "model": f"SchNet {WIDTH} features, {DEPTH} interactions, {CUTOFF:g} A, batch {BATCH}",
             "threads": torch.get_num_threads()}
