@@ -18,8 +18,14 @@ from chemscale.ff import calculator as calculator_module
 from chemscale.ff import models
 from chemscale.ff.calculator import ChemscaleCalculator
 from chemscale.ff.loader import ff_loader
+from chemscale.ff.task import FFModelConfig
 from test_ff_task import tiny_test_split, trained
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second torch thread only adds contention on a busy machine (conftest restores it)."""
+    torch.set_num_threads(1)
 
 @pytest.mark.parametrize("name", models.MODELS)
 def test_calculator_equals_the_model_on_test_molecules(name):
@@ -28,9 +34,10 @@ def test_calculator_equals_the_model_on_test_molecules(name):
     The model is built here from the run's config and the data's elements, not from best_model.json.
     """
     run_dir, _ = trained(name)
-    config = runs.read_config(run_dir)["model"]
+    config = FFModelConfig(**runs.read_config(run_dir)["model"])
     test = tiny_test_split()
-    model = models.build(name, width=config["width"], depth=config["depth"], elements=list(test.elements))
+    model = models.build(name, width=config.width, depth=config.depth, cutoff=config.cutoff, n_rbf=config.n_rbf,
+                         elements=list(test.elements))
     model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True))
     batch = next(iter(ff_loader(test, batch_size=len(test), cutoff=model.cutoff)))
     out = {k: v.detach() for k, v in model.eval()(batch).items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from chemscale import runs, sweep, train
 from chemscale.config import ConfigError
@@ -27,6 +28,11 @@ def tiny_ff_config(name="schnet", **train_kw):
     return {"study": "ff", "task": "ff", "seed": 0, "model": {"name": name, "width": 8, "depth": 1},
             "data": {"source": "md:ethanol", "recipe": TINY_RECIPE, "n_train": 24}, "train": t}
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second torch thread only adds contention on a busy machine (conftest restores it)."""
+    torch.set_num_threads(1)
 
 _TRAINED: dict[str, tuple[Path, dict]] = {}
 

@@ -115,7 +115,8 @@ class ChemscaleCalculator(Calculator):
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> ChemscaleCalculator:
-        """The calculator of a force-field run's best model (best.pt, saved at its best validation).
+        """The calculator of a force-field run's best model (best.pt, saved at each new best validation:
+        the best so far while the run still trains).
 
         `dtype` float64 gives smoother energies for long MD (the weights are converted; Allegro
         is rebuilt in float64, as nequip requires).
