@@ -209,16 +209,18 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     mean_len = float(np.diff(np.asarray(train_corpus.offsets))[train_idx].mean()) + 1  # + [BOS] or [EOS]
     module = ChemGPTModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, seed,
                            context=round(mean_len))
-    gen = torch.Generator().manual_seed(seed)
+    from chemscale.train import ResumableSampler
+
+    # Order from (seed, epoch), resumed at the checkpoint's step; whole batches (one short batch when
+    # there are fewer molecules than a batch). The loaders' own generators give each iterator its
+    # base seed, so starting one (each epoch, each validation) leaves the global RNG alone.
+    sampler = ResumableSampler(len(train_idx), tcfg.batch_size, seed, steps_done=lambda: module.global_step)
     train_loader = torch.utils.data.DataLoader(
-        _Molecules(train_corpus, train_idx), batch_size=tcfg.batch_size, shuffle=True, drop_last=True,
-        collate_fn=corpus.pad_batch, generator=gen,
+        _Molecules(train_corpus, train_idx), batch_size=tcfg.batch_size, sampler=sampler,
+        collate_fn=corpus.pad_batch, generator=torch.Generator().manual_seed(seed),
     )
-    if len(train_loader) == 0:  # fewer molecules than a batch: one short batch per epoch
-        train_loader = torch.utils.data.DataLoader(_Molecules(train_corpus, train_idx), batch_size=tcfg.batch_size,
-                                                   shuffle=True, collate_fn=corpus.pad_batch, generator=gen)
     val_loader = torch.utils.data.DataLoader(_Molecules(val_corpus, val_idx), batch_size=max(256, tcfg.batch_size),
-                                             collate_fn=corpus.pad_batch)
+                                             collate_fn=corpus.pad_batch, generator=torch.Generator())
     dropped = (len(train_corpus) - len(train_idx)) + (len(val_corpus) - len(val_idx))
     return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped)
 

@@ -27,10 +27,42 @@ _VERSIONED = ("torch", "numpy", "selfies", "pytorch-lightning", "rdkit", "schnet
 
 
 def run_id(config: dict) -> str:
-    """Stable id of a run config: the hash of its canonical JSON (metadata excluded)."""
+    """Stable id of a run config: the hash of its canonical JSON, every default filled in.
+
+    Defaults count (`chemscale.train.complete_config`): a config that leaves `lr` out and one
+    that writes the default `lr` are the same run, and changing a default in the code changes
+    the id of every config that relied on it, so no finished run of the old default is reused.
+    Metadata (`meta`) is left out. Raises `ConfigError` for a config that does not validate.
+    """
+    from chemscale.train import complete_config
+
+    return _hash(complete_config(config))
+
+
+def _hash(config: dict) -> str:
     body = {k: v for k, v in config.items() if k != "meta"}
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def check_folder(run_dir: Path, config: dict) -> None:
+    """Refuse a config.json that does not hash to its folder's name: it was edited, or is not this run's.
+
+    A run folder's name is its settings' id, so an edited learning rate or width would otherwise
+    be trained (or resumed from a checkpoint of other settings) under a name that says otherwise.
+    """
+    run_dir = Path(run_dir)
+    actual = run_id(config)
+    if actual == run_dir.name:
+        return
+    path = run_dir / CONFIG
+    if _hash(config) == run_dir.name:
+        why = ("it was written by an older chemscale, whose run ids left out default values; "
+               "run its sweep again to make the run under its current id")
+    else:
+        why = ("was it edited by hand? A run's settings are fixed by its id: restore the file, or make a new "
+               "run for the new settings (chemscale.sweep.grid or chemscale.runs.create)")
+    raise ConfigError(f"{path}: these settings hash to run id {actual}, but the folder is {run_dir.name}; {why}")
 
 
 def git_commit() -> str | None:
@@ -72,15 +104,20 @@ def describe() -> dict:
 
 
 def create(study: str, config: dict, root: Path | None = None) -> Path:
-    """Create (or reuse) the run folder of `config` under `root/study`; returns its path."""
-    run_dir = Path(root or paths.RUNS) / study / run_id(config)
+    """Create (or reuse) the run folder of `config` under `root/study`; returns its path.
+
+    config.json holds the config with every default filled in, so the folder describes its run
+    completely and keeps its id when a default changes later.
+    """
+    from chemscale.train import complete_config
+
+    full = complete_config(config, f"<run config of study {study!r}>")
+    run_dir = Path(root or paths.RUNS) / study / _hash(full)
     cfg_path = run_dir / CONFIG
     if cfg_path.exists():
-        existing = read_config(run_dir)
-        if run_id(existing) != run_dir.name:
-            raise ConfigError(f"{cfg_path}: config does not hash to its folder name; was it edited by hand?")
+        check_folder(run_dir, read_config(run_dir))
         return run_dir
-    atomic_write_json(cfg_path, {**config, "meta": describe()})
+    atomic_write_json(cfg_path, {**full, "meta": describe()})
     return run_dir
 
 

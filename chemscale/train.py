@@ -5,12 +5,20 @@ into the notebook or the next run, and Lightning DDP works (it needs a script). 
 task-agnostic: a task module (`chemscale.lm` for ChemGPT) builds the LightningModule and the
 data loaders; this module owns everything around them:
 
-- `metrics.csv`: the training loss of every step (buffered in memory and appended at each
-  validation, because per-step file writes cost ~20% of a small model's step) and every
-  validation; after a restart, rows past the checkpoint are dropped so nothing is counted twice;
-- `last.ckpt`: written atomically at each validation; a restarted run resumes from it;
-- divergence: a NaN/inf loss stops the run and `result.json` records why, so a sweep goes on;
-- `result.json`: written atomically last; its presence means "finished";
+- `config.json`: checked before anything runs: its values, and that it hashes to the folder's
+  name (the run id), so an edited setting is refused instead of trained under the old name;
+- `metrics.csv`: the training loss and learning rate of every step (buffered in memory and
+  appended at each validation, because per-step file writes cost ~20% of a small model's step)
+  and every validation; after a restart, rows past the checkpoint (all rows, when there is no
+  checkpoint) are dropped so nothing is counted twice;
+- `last.ckpt`: written atomically at each validation, with the random generators' states; a
+  restarted run resumes from it and, its data order a function of (seed, epoch) resumed at the
+  checkpoint's batch (`ResumableSampler`), repeats the uninterrupted run's losses exactly;
+- divergence: a NaN/inf training loss is caught at the step it happens (`LossWatch`), a NaN/inf
+  validation loss at its validation; the run stops and `result.json` records why, so a sweep goes on;
+- `result.json`: written atomically last; its presence means "finished", and a finished run is
+  left alone unless asked to retrain (`--retrain` moves its outputs to `previous/<time>/`);
+  `stop_reason` says what ended it: "early_stopped", "max_steps" or "diverged";
 - `train.lock`: held (flock) while a process trains the run, so a second sweep or notebook that
   reaches the same run fails at once with the holder's pid instead of writing into its files.
 """
@@ -26,6 +34,7 @@ import os
 import socket
 import sys
 import time
+import typing
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,7 +100,7 @@ def exclusive(run_dir: Path):
     except ImportError:  # no flock (Windows): no guard
         yield
         return
-    if any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
+    if not _is_launcher():
         yield
         return
     with open(run_dir / LOCK, "a+") as f:
@@ -139,6 +148,32 @@ def parse_train_config(config: dict, source: str) -> TrainConfig:
     return from_dict(TrainConfig, config.get("train", {}), f"{source} [train]")
 
 
+def complete_config(config: dict, source: str = "<config>") -> dict:
+    """`config` with every default written out: the `train` section and the task's sections, and `seed`.
+
+    This is what a run's id hashes and what its config.json holds, so a default that changes in
+    the code changes the id of the configs that relied on it. An int given for a float key is
+    made a float (`lr: 1` and `lr: 1.0` are one run). Raises `ConfigError` naming key and source.
+    """
+    task = task_module(config.get("task"), source)
+    full = {k: v for k, v in config.items() if k != "meta"}
+    full["seed"] = config.get("seed", 0)
+    full["train"] = _plain(parse_train_config(config, source))
+    for section, cls in task.SECTIONS.items():
+        full[section] = _plain(from_dict(cls, config.get(section, {}), f"{source} [{section}]"))
+    return full
+
+
+def _plain(section) -> dict:
+    """A config dataclass as JSON data, floats as floats."""
+    hints = typing.get_type_hints(type(section))
+    out = asdict(section)
+    for key, value in out.items():
+        if hints[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
 class MetricsLog:
     """metrics.csv writer: appends buffered rows; after a restart drops rows past the checkpoint."""
 
@@ -146,16 +181,19 @@ class MetricsLog:
         self.path, self.columns = path, columns
         self.rows: list[dict] = []
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only rows with step <= `step` (the checkpoint's), rewritten atomically."""
+    def truncate_after(self, step: int) -> int:
+        """Keep only rows with step <= `step` (the checkpoint's; 0 for a start from scratch), rewritten
+        atomically; returns how many rows were dropped. A row cut short by a crash is dropped too."""
         if not self.path.exists():
-            return
+            return 0
         with open(self.path, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if _complete_row(r, self.columns) and int(r["step"]) <= step]
         from chemscale.config import atomic_write_text
 
         lines = [",".join(self.columns)] + [",".join(r.get(c) or "" for c in self.columns) for r in kept]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
+        return len(rows) - len(kept)
 
     def add(self, **row) -> None:
         self.rows.append(row)
@@ -176,12 +214,117 @@ class MetricsLog:
         self.rows.clear()
 
 
+def _complete_row(row: dict, columns: tuple[str, ...]) -> bool:
+    """A csv row with every column and an integer step (DictReader fills a short row with None)."""
+    return None not in row and all(row.get(c) is not None for c in columns) and row["step"].isdigit()
+
+
 def _fmt(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.9g}"  # float32 losses round-trip exactly: a resumed run can be compared bit for bit
     return str(v)
+
+
+class LossWatch:
+    """Whether any training loss so far was NaN or infinite, asked at every step without stalling a GPU.
+
+    Each step folds the loss into a device-side flag (`flag |= ~isfinite(loss)`: two tiny kernels,
+    no transfer). On CPU the flag is read at once: a CPU tensor is computed by the time the step
+    returns, so reading it waits for nothing and costs about a microsecond. On a GPU, reading every
+    step would make the host wait for the step's kernels, and the GPU would idle while the host
+    queues the next step; there the flag is copied asynchronously to pinned host memory and the
+    copy made one step earlier is read (its event is waited on: done in practice, since the host
+    runs at most about a step ahead), so a divergence is seen one step late, not at the next
+    validation, and every process decides at the same step. Under DDP the flag is summed over
+    processes first, so all processes stop together.
+    """
+
+    def __init__(self):
+        self.flag: torch.Tensor | None = None
+        self.copies: list[tuple[torch.Tensor, object]] = []  # (pinned host copy, CUDA event), oldest first
+
+    def update(self, loss: torch.Tensor) -> bool:
+        bad = ~torch.isfinite(loss.detach())
+        self.flag = bad if self.flag is None else self.flag | bad
+        flag = self.flag.to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag)
+        if flag.device.type != "cuda":
+            return bool(flag)
+        host = self.copies.pop(0)[0] if len(self.copies) == 2 else torch.empty((), dtype=torch.int32, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.copies.append((host, event))
+        if len(self.copies) < 2:
+            return False
+        previous, done = self.copies[0]
+        done.synchronize()
+        return bool(previous)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """This process's share of shuffled passes over `n` items, in an order a restarted run repeats.
+
+    Pass e is the permutation seeded by (seed, e) alone, and each pass starts where training
+    stands: `steps_done()` (optimizer steps taken, which a resumed trainer restores from its
+    checkpoint) gives the epoch and how many of its batches are done, so a run resumed mid-epoch
+    trains on exactly the batches the uninterrupted run would have. It assumes one optimizer step
+    per batch, and a pass yields whole batches only (the items left over are in other epochs'
+    shuffles), or one short batch when a process's share is smaller than a batch. Under DDP each
+    process takes every world_size-th item of the permutation (the rank is read when a pass starts,
+    after Lightning has set up the process group; the Trainer is told not to replace this sampler).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, steps_done):
+        self.n, self.batch_size, self.seed, self.steps_done = n, batch_size, seed, steps_done
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        dist = torch.distributed
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+    def __len__(self) -> int:
+        share = self.n // self._rank_world()[1]
+        return share if share < self.batch_size else share - share % self.batch_size
+
+    def __iter__(self):
+        import numpy as np
+
+        rank, world = self._rank_world()
+        batches = max(1, len(self) // self.batch_size)
+        epoch, done = divmod(int(self.steps_done()), batches)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)[rank::world][: len(self)]
+        return iter(order[done * self.batch_size:].tolist())
+
+
+def _rng_state() -> dict:
+    """The global random generators (dropout draws from torch's), as plain data for the checkpoint."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] = ()):
@@ -189,26 +332,41 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
     import pytorch_lightning as pl
 
     class Bookkeeping(pl.Callback):
-        """Buffers per-step losses, writes metrics and an atomic checkpoint at each validation."""
+        """Per-step losses (checked for NaN/inf each step), metrics and an atomic checkpoint at each validation.
+
+        The checkpoint also holds the global random generators' states, so a resumed run draws
+        what the uninterrupted one would have (dropout), step for step.
+        """
 
         def __init__(self):
             self.metrics = MetricsLog(run_dir / runs.METRICS, METRIC_COLUMNS + tuple(extra_columns))
             self.pending: list[tuple[int, int, torch.Tensor, float]] = []
+            self.watch = LossWatch()
             self.best_val = math.inf
             self.best_step = -1
             self.val_seconds = 0.0
+            self._lr = 0.0
             self._val_t0 = self.fit_t0 = self.fit_t1 = 0.0
 
         def state_dict(self):
-            return {"best_val": self.best_val, "best_step": self.best_step}
+            return {"best_val": self.best_val, "best_step": self.best_step, "rng": _rng_state()}
 
         def load_state_dict(self, state):
             self.best_val, self.best_step = state["best_val"], state["best_step"]
+            if "rng" in state:
+                _set_rng_state(state["rng"])
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            # The rate this step applies: the scheduler moves it on before on_train_batch_end.
+            self._lr = trainer.optimizers[0].param_groups[0]["lr"]
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             # Keep the loss as a tensor: no .item() (a device sync on GPU) on the hot path.
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            self.pending.append((trainer.global_step, trainer.current_epoch, module.last_loss, lr))
+            self.pending.append((trainer.global_step, trainer.current_epoch, module.last_loss, self._lr))
+            if self.watch.update(module.last_loss):
+                first = self._flush_train_rows(trainer)
+                where = f"became {first[1]} at step {first[0]}" if first else "became NaN or infinite on another process"
+                raise Diverged(f"training loss {where}")
 
         def on_train_start(self, trainer, module):
             self.fit_t0 = time.perf_counter()  # after Lightning's setup: the rate measures training
@@ -219,32 +377,32 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
         def on_validation_start(self, trainer, module):
             self._val_t0 = time.perf_counter()
 
-        def _flush_train_rows(self) -> float | None:
-            """Move buffered step losses to the log; returns the first non-finite loss, if any."""
-            if not self.pending:
+        def _flush_train_rows(self, trainer) -> tuple[int, float] | None:
+            """Move buffered step losses to the log (rank 0); returns the first non-finite (step, loss)."""
+            pending, self.pending = self.pending, []
+            if not pending or not trainer.is_global_zero:
                 return None
-            losses = torch.stack([p[2] for p in self.pending]).float().cpu().tolist()
-            for (step, epoch, _, lr), loss in zip(self.pending, losses):
+            losses = torch.stack([p[2] for p in pending]).float().cpu().tolist()
+            for (step, epoch, _, lr), loss in zip(pending, losses):
                 self.metrics.add(step=step, epoch=epoch, train_loss=loss, current_lr=lr)
-            self.pending.clear()
-            return next((loss for loss in losses if not math.isfinite(loss)), None)
+            return next(((p[0], loss) for p, loss in zip(pending, losses) if not math.isfinite(loss)), None)
 
         def on_validation_end(self, trainer, module):
             self.val_seconds += time.perf_counter() - self._val_t0
             if trainer.sanity_checking:
                 return
             val = float(trainer.callback_metrics["val_loss"])
-            bad_train = None
+            bad_train = self._flush_train_rows(trainer)
             if trainer.is_global_zero:
-                bad_train = self._flush_train_rows()
                 self.metrics.add(step=trainer.global_step, epoch=trainer.current_epoch, tokens=module.tokens_seen,
-                             flops=module.flops_per_token * module.tokens_seen, val_loss=val, **module.extra_val)
+                                 flops=module.flops_per_token * module.tokens_seen, val_loss=val, **module.extra_val)
                 self.metrics.flush()
             # Every rank must agree to stop, or the others would wait forever in the next collective.
             bad = (bad_train is not None) or not math.isfinite(val)
             if trainer.strategy.reduce_boolean_decision(bad, all=False):
-                what = f"training loss became {bad_train}" if bad_train is not None else f"validation loss became {val}"
-                raise Diverged(f"{what} by step {trainer.global_step}")
+                what = (f"training loss became {bad_train[1]} at step {bad_train[0]}" if bad_train is not None
+                        else f"validation loss became {val} at step {trainer.global_step}")
+                raise Diverged(what)
             if val < self.best_val:
                 self.best_val, self.best_step = val, trainer.global_step
                 module.on_new_best(run_dir)
@@ -260,20 +418,74 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
     return Bookkeeping(), early
 
 
-def train(run_dir: str | os.PathLike, progress: bool = False) -> dict:
-    """Train the run in `run_dir` (resuming from last.ckpt if present); returns result.json's content."""
+class BadCheckpoint(RuntimeError):
+    """last.ckpt exists but cannot be read."""
+
+
+PREVIOUS = "previous"  # RUN_DIR/previous/<time>/: what a retrained run had before
+_KEPT = (runs.CONFIG, LOCK, "train.log", PREVIOUS)  # what retraining leaves in place
+
+
+def train(run_dir: str | os.PathLike, progress: bool = False, retrain: bool = False) -> dict:
+    """Train the run in `run_dir` (resuming from last.ckpt if present); returns result.json's content.
+
+    A finished run (result.json present) is left alone and its result returned, unless `retrain`:
+    then its earlier outputs move to RUN_DIR/previous/<UTC time>/ and it trains again from step 0.
+    config.json is checked first: its values, and that it hashes to the folder's name.
+    """
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
+    complete_config(config, str(run_dir / runs.CONFIG))  # a bad key or value, named, before anything else
+    runs.check_folder(run_dir, config)
     with exclusive(run_dir):
-        return _train(run_dir, config, progress)
+        if retrain and _is_launcher():
+            moved = _move_outputs(run_dir)
+            if moved:
+                print(f"{run_dir}: earlier outputs moved to {moved}", file=sys.stderr)
+        elif not retrain and runs.is_finished(run_dir):
+            return runs.read_result(run_dir)
+        return _train(run_dir, config, progress, fresh=retrain)
 
 
-def _train(run_dir: Path, config: dict, progress: bool) -> dict:
+def _is_launcher() -> bool:
+    """Global rank 0, or not under DDP: the process that owns the run folder's files."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def _move_outputs(run_dir: Path) -> Path | None:
+    """Move everything but config.json, the lock and the log to RUN_DIR/previous/<UTC time>/."""
+    outputs = [p for p in run_dir.iterdir() if p.name not in _KEPT]
+    if not outputs:
+        return None
+    dest = run_dir / PREVIOUS / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    dest.mkdir(parents=True)
+    for p in outputs:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+def _checkpoint_step(ckpt: Path, run_dir: Path) -> int:
+    """The optimizer step a checkpoint was saved at; a damaged file is named with the way out."""
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception as e:  # truncated, zeroed or not a checkpoint: torch raises OSError, RuntimeError, EOFError...
+        raise BadCheckpoint(
+            f"{ckpt}: cannot read this checkpoint ({type(e).__name__}: {e}); it is damaged (a full disk, an "
+            f"interrupted copy?). To train the run again from step 0, move earlier outputs aside with: "
+            f"python -m chemscale.train {run_dir} --retrain") from None
+
+
+def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> dict:
     import pytorch_lightning as pl
 
     source = str(run_dir / runs.CONFIG)
     tcfg = parse_train_config(config, source)
     task = task_module(config.get("task"), source)
+    ckpt = run_dir / runs.CHECKPOINT
+    resume = ckpt if ckpt.exists() and not fresh else None
+    step = _checkpoint_step(resume, run_dir) if resume is not None else 0
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     pl.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
@@ -286,17 +498,18 @@ def _train(run_dir: Path, config: dict, progress: bool) -> dict:
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=tcfg.strategy,
         precision=tcfg.precision, max_steps=tcfg.max_steps, max_epochs=-1, val_check_interval=tcfg.val_every_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=tcfg.grad_clip or None,
-        callbacks=[book, *early], logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+        # Early stopping first: the checkpoint that the bookkeeping saves holds this validation's count.
+        callbacks=[*early, book], logger=False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, default_root_dir=str(run_dir), deterministic=False,
         inference_mode=False,  # force fields differentiate the energy during validation too
+        use_distributed_sampler=False,  # tasks shard their own batches (ResumableSampler, the force-field loader)
     )
     from chemscale.precision import allow_fused_clipping
 
     allow_fused_clipping(trainer)  # mixed precision + grad clipping + ChemGPT's fused AdamW (issue 8)
-    ckpt = run_dir / runs.CHECKPOINT
-    resume = ckpt if ckpt.exists() else None
-    if resume is not None and trainer.is_global_zero:
-        step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"]
+    if trainer.is_global_zero:
+        # From a checkpoint: drop the rows logged after it. From scratch: drop every row of an earlier
+        # attempt (a deleted last.ckpt), which would otherwise be counted twice.
         book.metrics.truncate_after(step)
 
     status, reason = "finished", None
@@ -312,10 +525,11 @@ def _train(run_dir: Path, config: dict, progress: bool) -> dict:
         return {}
     # Seconds spent training (data loading, steps, logging, checkpoints), without setup and validation.
     train_seconds = (book.fit_t1 or time.perf_counter()) - (book.fit_t0 or t0) - book.val_seconds
+    stop_reason = _stop_reason(status, early, trainer.global_step, tcfg.max_steps)
     result = {
         "status": status, "reason": reason, "best_val_loss": book.best_val if math.isfinite(book.best_val) else None,
         "best_step": book.best_step, "steps": trainer.global_step, "wall_s": wall,
-        "train_seconds": train_seconds, "stopped_early": bool(early and early[0].stopped_epoch),
+        "train_seconds": train_seconds, "stop_reason": stop_reason, "stopped_early": stop_reason == "early_stopped",
         "resumed_from_step": None if resume is None else step, **task.summary(book, train_seconds),
     }
     if status == "finished":
@@ -327,26 +541,48 @@ def _train(run_dir: Path, config: dict, progress: bool) -> dict:
     return result
 
 
+def _stop_reason(status: str, early: list, steps: int, max_steps: int) -> str:
+    """What ended the run: "diverged", "early_stopped" (patience ran out before max_steps) or "max_steps".
+
+    Read from the EarlyStopping callback's own count of validations without improvement, so a
+    stop within the first pass over the data (epoch 0, where large-data runs stop) counts.
+    """
+    if status == "diverged":
+        return "diverged"
+    if early and early[0].wait_count >= early[0].patience and steps < max_steps:
+        return "early_stopped"
+    return "max_steps"
+
+
 def _quiet_lightning() -> None:
     """Lightning's per-run banners (GPU available, TPU...) drown a sweep's output."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is a great choice for small models.*")
+    # Our loaders resume mid-epoch by themselves (ResumableSampler), without Lightning's state_dict interface.
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chemscale.train", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="run folder holding config.json")
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train the run again from step 0, even if it finished; its earlier outputs are moved "
+                             f"to RUN_DIR/{PREVIOUS}/<time>/")
     args = parser.parse_args(argv)
     memory.keep_freed_memory()  # this process only trains: reuse activation buffers between steps
+    finished = runs.is_finished(Path(args.run_dir)) and not args.retrain
     try:
-        result = train(args.run_dir, progress=args.progress)
-    except (ConfigError, RunInProgress) as e:
+        result = train(args.run_dir, progress=args.progress, retrain=args.retrain)
+    except (ConfigError, RunInProgress, BadCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result:
+    if finished:
+        print(f"{args.run_dir}: already finished ({result.get('status')}, best val loss {result.get('best_val_loss')}); "
+              f"left alone. To train it again from step 0: python -m chemscale.train {args.run_dir} --retrain")
+    elif result:
         print(f"{args.run_dir}: {result['status']}, best val loss {result['best_val_loss']} at step {result['best_step']}")
     return 0
 

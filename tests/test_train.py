@@ -2,10 +2,12 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from chemscale import paths, runs, train
 from chemscale.config import ConfigError
@@ -45,34 +47,212 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_interrupted_run_resumes_without_duplicate_rows(runs_root, monkeypatch):
+def _crash_at(monkeypatch, step):
+    """Make the next `train.train` die before optimizer step `step + 1`, as a killed job would."""
     import pytorch_lightning as pl
 
-    run_dir = runs.create("t", tiny_lm_config(), runs_root)
-
-    class CrashAt15(pl.Callback):
+    class Crash(pl.Callback):
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 15:
-                raise _Crash("simulated crash")
+            if trainer.global_step == step:
+                raise _Crash(f"simulated crash after step {step}")
 
     real = train._callbacks
-    monkeypatch.setattr(train, "_callbacks", lambda *a: (real(*a)[0], [CrashAt15()]))
+    monkeypatch.setattr(train, "_callbacks", lambda *a: (real(*a)[0], [Crash()]))
+    return lambda: monkeypatch.setattr(train, "_callbacks", real)
+
+
+def _train_until_crash(monkeypatch, run_dir, step):
+    """Train `run_dir` until a crash after `step` (its checkpoint is the last validation's)."""
+    restore = _crash_at(monkeypatch, step)
     with pytest.raises(_Crash):
         train.train(run_dir)
+    restore()
     assert not runs.is_finished(run_dir) and (run_dir / runs.CHECKPOINT).exists()
-    monkeypatch.setattr(train, "_callbacks", real)
+
+
+def _edit_config(run_dir, section, key, value):
+    """Change one value of a run's config.json by hand."""
+    config = json.loads((run_dir / runs.CONFIG).read_text())
+    config[section][key] = value
+    (run_dir / runs.CONFIG).write_text(json.dumps(config))
+
+
+def _losses(run_dir):
+    """Every training loss and every validation loss of a run, exactly as logged."""
+    rows = _metrics(run_dir)
+    return ([(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]],
+            [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]])
+
+
+@pytest.mark.parametrize("val_every,crash_after,max_steps", [
+    (10, 15, 20),  # checkpoint at step 10: mid-epoch (200 molecules / 16 = 12 batches an epoch)
+    (12, 18, 24),  # checkpoint at step 12: an epoch's end
+])
+def test_resumed_run_repeats_the_uninterrupted_run(runs_root, monkeypatch, val_every, crash_after, max_steps):
+    """Data order and random state come back with the checkpoint: every loss equal, not close (dropout on)."""
+    config = tiny_lm_config(val_every_steps=val_every, max_steps=max_steps)
+    config["model"]["dropout"] = 0.1  # draws from torch's global RNG every step
+    whole = runs.create("t", config, runs_root / "whole")
+    expected = train.train(whole)
+    run_dir = runs.create("t", config, runs_root / "crashed")
+    _train_until_crash(monkeypatch, run_dir, crash_after)
     result = train.train(run_dir)
-    assert result["status"] == "finished" and result["resumed_from_step"] == 10 and result["steps"] == 20
-    steps = [int(r["step"]) for r in _metrics(run_dir) if r["train_loss"]]
-    assert sorted(steps) == list(range(1, 21)), "rows after the checkpoint are rewritten, not duplicated"
+    assert result["resumed_from_step"] == val_every and result["steps"] == max_steps
+    train_losses, val_losses = _losses(run_dir)
+    assert [s for s, _ in train_losses] == list(range(1, max_steps + 1)), "each step once: no row duplicated or lost"
+    assert (train_losses, val_losses) == _losses(whole)
+    assert result["best_val_loss"] == expected["best_val_loss"] and val_losses[-1] == _losses(whole)[1][-1]
 
 
-def test_diverging_learning_rate_is_recorded_not_raised(runs_root):
+def test_resumed_force_field_run_repeats_the_uninterrupted_run(runs_root, monkeypatch):
+    from test_ff_task import tiny_ff_config
+
+    config = tiny_ff_config(val_every_steps=5, max_steps=10)  # 24 structures / 8 = 3 batches an epoch
+    whole = runs.create("ff", config, runs_root / "whole")
+    train.train(whole)
+    run_dir = runs.create("ff", config, runs_root / "crashed")
+    _train_until_crash(monkeypatch, run_dir, 7)
+    assert train.train(run_dir)["resumed_from_step"] == 5  # mid-epoch: one epoch of 3 batches, then 2
+    assert _losses(run_dir) == _losses(whole)
+
+
+def test_metrics_without_a_checkpoint_start_again_from_scratch(runs_root, monkeypatch):
+    """Deleting last.ckpt restarts at step 1; the old rows are dropped, not appended to."""
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _train_until_crash(monkeypatch, run_dir, 15)
+    assert _losses(run_dir)[1], "the crashed attempt logged rows"
+    (run_dir / runs.CHECKPOINT).unlink()
+    result = train.train(run_dir)
+    assert result["resumed_from_step"] is None and result["steps"] == 20
+    train_losses, val_losses = _losses(run_dir)
+    assert [s for s, _ in train_losses] == list(range(1, 21)) and [s for s, _ in val_losses] == [10, 20]
+
+
+def test_truncated_checkpoint_names_the_file_and_the_way_out(runs_root, monkeypatch):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _train_until_crash(monkeypatch, run_dir, 15)
+    ckpt = run_dir / runs.CHECKPOINT
+    truncated = ckpt.read_bytes()[: ckpt.stat().st_size // 2]
+    ckpt.write_bytes(truncated)
+    with pytest.raises(train.BadCheckpoint, match="--retrain") as err:
+        train.train(run_dir)
+    assert str(ckpt) in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
+                          cwd=paths.ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert str(ckpt) in proc.stderr
+    result = train.train(run_dir, retrain=True)
+    assert result["status"] == "finished" and result["resumed_from_step"] is None
+    assert [s for s, _ in _losses(run_dir)[0]] == list(range(1, 21))
+    (moved,) = (run_dir / train.PREVIOUS).iterdir()
+    assert (moved / runs.CHECKPOINT).read_bytes() == truncated, "the damaged file is moved aside, not deleted"
+
+
+def test_finished_run_is_left_alone_unless_retrained(runs_root):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    train.train(run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
+                          cwd=paths.ROOT)
+    assert proc.returncode == 0 and "already finished" in proc.stdout and "--retrain" in proc.stdout
+    assert train.train(run_dir) == json.loads(before[runs.RESULT])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before, "nothing rewritten"
+    assert train.train(run_dir, retrain=True)["status"] == "finished"
+    (moved,) = (run_dir / train.PREVIOUS).iterdir()
+    for name in (runs.RESULT, runs.METRICS, runs.CHECKPOINT, "best.pt"):
+        assert (moved / name).read_bytes() == before[name], f"the earlier {name} is kept, unchanged"
+    assert [s for s, _ in _losses(run_dir)[0]] == list(range(1, 21)), "the new metrics start afresh"
+    assert (run_dir / runs.CONFIG).read_bytes() == before[runs.CONFIG]
+
+
+@pytest.mark.parametrize("section,key,value", [("train", "lr", 0.1), ("model", "width", 32)])
+def test_edited_config_is_refused(runs_root, section, key, value, monkeypatch):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _train_until_crash(monkeypatch, run_dir, 15)
+    _edit_config(run_dir, section, key, value)
+    with pytest.raises(ConfigError, match="edited by hand") as err:
+        train.train(run_dir)
+    assert str(run_dir / runs.CONFIG) in str(err.value) and run_dir.name in str(err.value)
+    assert not runs.is_finished(run_dir)
+
+
+def test_cli_refuses_an_edited_config_in_one_line(runs_root):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _edit_config(run_dir, "train", "lr", 0.1)
+    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
+                          cwd=paths.ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert "hash to run id" in proc.stderr and str(run_dir / runs.CONFIG) in proc.stderr
+
+
+def test_divergence_is_caught_at_the_step_it_happens(runs_root):
     run_dir = runs.create("t", tiny_lm_config(lr=1e9, grad_clip=0.0, max_steps=30), runs_root)
     result = train.train(run_dir)
-    assert result["status"] == "diverged"
+    assert result["status"] == "diverged" and result["stop_reason"] == "diverged" and runs.is_finished(run_dir)
+    train_losses, val_losses = _losses(run_dir)
+    bad = [s for s, loss in train_losses if not math.isfinite(loss)]
+    assert bad and bad[0] == result["steps"] == train_losses[-1][0], "stopped at the first non-finite loss"
+    assert result["steps"] < 10 and not val_losses, "before the first validation (step 10)"
+    assert f"at step {result['steps']}" in result["reason"]
     assert "nan" in result["reason"].lower() or "inf" in result["reason"].lower()
-    assert runs.is_finished(run_dir)
+
+
+def test_loss_watch_flags_any_non_finite_loss_since_the_start():
+    watch = train.LossWatch()
+    assert [watch.update(torch.tensor(x)) for x in (2.0, 1.5)] == [False, False]
+    assert watch.update(torch.tensor(float("inf"))) and watch.update(torch.tensor(1.0)), "the flag is sticky"
+    assert train.LossWatch().update(torch.tensor(float("nan")))
+
+
+def test_recorded_learning_rate_is_the_one_each_step_applied(runs_root):
+    config = tiny_lm_config(warmup_steps=5, max_steps=20)
+    run_dir = runs.create("t", config, runs_root)
+    train.train(run_dir)
+    schedule = train.lr_lambda(5, 20)
+    rows = [r for r in _metrics(run_dir) if r["train_loss"]]
+    # Step k (counted from 1) is the scheduler's step k - 1: warm-up 0.2, 0.4, ... 1.0, then cosine.
+    assert [float(r["current_lr"]) for r in rows] == [pytest.approx(3e-3 * schedule(k - 1), rel=1e-7)
+                                                      for k in range(1, 21)]
+    assert float(rows[0]["current_lr"]) == pytest.approx(3e-3 / 5) and float(rows[4]["current_lr"]) == 3e-3
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
+    f = train.lr_lambda(10, 110)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    decay = [f(s) for s in range(10, 111)]
+    assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:]))
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert train.lr_lambda(0, 100)(0) == 1.0
+
+
+def test_early_stopping_stops_at_the_validation_where_patience_runs_out(runs_root):
+    """patience 2: two validations in a row without a new best end the run, within its first epoch."""
+    config = tiny_lm_config(lr=0.05, warmup_steps=0, val_every_steps=4, patience=2, max_steps=100)
+    config["data"]["n_train_molecules"] = 2000  # 125 batches an epoch: the stop falls in epoch 0
+    run_dir = runs.create("t", config, runs_root)
+    result = train.train(run_dir)
+    rows = _metrics(run_dir)
+    vals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    waits = _waits([loss for _, loss in vals])
+    expected = next(step for (step, _), wait in zip(vals, waits) if wait == 2)
+    assert 1 in waits[: waits.index(2) - 1], "one validation without a new best (then a new best) went on"
+    assert result["steps"] == expected == vals[-1][0] and result["stop_reason"] == "early_stopped"
+    assert result["stopped_early"] is True and {r["epoch"] for r in rows} == {"0"}
+    assert result["best_val_loss"] == pytest.approx(min(loss for _, loss in vals), rel=1e-8)
+
+
+def _waits(losses):
+    """Validations in a row without a new best, after each validation (EarlyStopping's count, min_delta 0)."""
+    best, wait, out = math.inf, 0, []
+    for loss in losses:
+        best, wait = (loss, 0) if loss < best else (best, wait + 1)
+        out.append(wait)
+    return out
+
+
+def test_a_run_that_uses_its_step_budget_says_so(runs_root):
+    result = train.train(runs.create("t", tiny_lm_config(patience=5), runs_root))
+    assert result["stop_reason"] == "max_steps" and result["stopped_early"] is False and result["steps"] == 20
 
 
 @pytest.mark.parametrize("section,key,value,message", [
@@ -82,18 +262,16 @@ def test_diverging_learning_rate_is_recorded_not_raised(runs_root):
     ("train", "precision", "fp8", "precision"),
 ])
 def test_bad_config_names_key_and_file(runs_root, section, key, value, message):
-    config = tiny_lm_config()
-    config[section][key] = value
-    run_dir = runs.create("t", config, runs_root)
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _edit_config(run_dir, section, key, value)  # a hand edit: values are checked before the id
     with pytest.raises(ConfigError, match=message) as err:
         train.train(run_dir)
     assert str(run_dir / runs.CONFIG) in str(err.value)
 
 
 def test_cli_reports_config_errors(runs_root):
-    config = tiny_lm_config()
-    config["train"]["bogus"] = 1
-    run_dir = runs.create("t", config, runs_root)
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _edit_config(run_dir, "train", "bogus", 1)
     proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
                           cwd=paths.ROOT)
     assert proc.returncode == 2 and "bogus" in proc.stderr and "config.json" in proc.stderr

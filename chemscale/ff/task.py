@@ -151,10 +151,15 @@ class FFModule(pl.LightningModule):
 
 
 class _Ranked:
-    """The training batches of this DDP rank, built on first use (the rank is known only then)."""
+    """The training batches of this DDP rank, built on first use (the rank is known only then).
 
-    def __init__(self, dataset, **kwargs):
-        self.dataset, self.kwargs, self._loader = dataset, kwargs, None
+    With `steps_done` (the optimizer steps taken, restored on resume), each pass starts at the
+    epoch and batch where training stands, so a run resumed mid-epoch sees the batches the
+    uninterrupted run would have (the order is a function of (seed, epoch)).
+    """
+
+    def __init__(self, dataset, steps_done=None, **kwargs):
+        self.dataset, self.kwargs, self._loader, self.steps_done = dataset, kwargs, None, steps_done
 
     def _get(self):
         if self._loader is None:
@@ -164,7 +169,14 @@ class _Ranked:
         return self._loader
 
     def __iter__(self):
-        return iter(self._get())
+        import itertools
+
+        loader = self._get()
+        if self.steps_done is None:
+            return iter(loader)
+        epoch, done = divmod(int(self.steps_done()), max(1, len(loader)))
+        loader.set_epoch(epoch)
+        return itertools.islice(iter(loader), done, None)
 
     def __len__(self):
         return len(self._get())
@@ -266,7 +278,7 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     batch_size = min(tcfg.batch_size, len(train_set))
     module.measure_flops(next(iter(ff_loader(train_set, batch_size=batch_size, cutoff=mcfg.cutoff))))
     train_loader = _Ranked(train_set, batch_size=batch_size, shuffle=True, seed=seed, cutoff=mcfg.cutoff,
-                           drop_last=True)
+                           drop_last=True, steps_done=lambda: module.global_step)
     val_loader = _Ranked(val_set, batch_size=max(64, tcfg.batch_size), cutoff=mcfg.cutoff)
     return Task(module, train_loader, val_loader, test_set, mcfg.cutoff, len(train_set))
 

@@ -1,0 +1,91 @@
+"""Run ids: the hash of a run's complete settings, defaults included; run folders that describe themselves."""
+
+import dataclasses
+import json
+
+import pytest
+
+from chemscale import lm, runs, train
+from chemscale.config import ConfigError
+from conftest import tiny_lm_config
+
+
+def test_writing_a_default_out_is_the_same_run():
+    config = tiny_lm_config()
+    explicit = tiny_lm_config(weight_decay=train.TrainConfig.weight_decay, precision="32-true")
+    explicit["model"]["dropout"] = lm.LMModelConfig.dropout
+    explicit["seed"] = 0
+    assert runs.run_id(explicit) == runs.run_id(config)
+    assert runs.run_id({**config, "meta": {"created": "now"}}) == runs.run_id(config), "metadata is not a setting"
+
+
+def test_an_int_for_a_float_key_is_the_same_run():
+    assert runs.run_id(tiny_lm_config(lr=1)) == runs.run_id(tiny_lm_config(lr=1.0))
+    assert runs.run_id(tiny_lm_config(lr=1)) != runs.run_id(tiny_lm_config(lr=2.0))
+
+
+def test_changing_a_default_changes_the_id_of_configs_that_rely_on_it(monkeypatch):
+    """A finished run of the old default must not be reused for the new one."""
+    config = tiny_lm_config()
+    before = runs.run_id(config)
+
+    @dataclasses.dataclass
+    class NewTrainDefault(train.TrainConfig):
+        weight_decay: float = 0.01
+
+    monkeypatch.setattr(train, "TrainConfig", NewTrainDefault)
+    assert runs.run_id(config) != before
+    assert runs.run_id(tiny_lm_config(weight_decay=0.1)) == before, "a config that names the value keeps its id"
+    monkeypatch.undo()
+
+    @dataclasses.dataclass
+    class NewModelDefault(lm.LMModelConfig):
+        n_positions: int = 64
+
+    monkeypatch.setitem(lm.SECTIONS, "model", NewModelDefault)
+    assert runs.run_id(config) != before
+
+
+def test_run_folder_holds_every_default_and_keeps_its_id(runs_root, monkeypatch):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    stored = runs.read_config(run_dir)
+    assert stored["train"]["weight_decay"] == 0.1 and stored["model"]["n_positions"] == 128
+    assert stored["data"]["source"] == "moses" and stored["seed"] == 0
+    assert run_dir.name == runs.run_id(stored) == runs.run_id(tiny_lm_config())
+
+    @dataclasses.dataclass
+    class NewTrainDefault(train.TrainConfig):
+        weight_decay: float = 0.01
+
+    monkeypatch.setattr(train, "TrainConfig", NewTrainDefault)
+    runs.check_folder(run_dir, stored)  # its settings are written out: a later default does not orphan it
+    assert runs.create("t", tiny_lm_config(), runs_root) != run_dir
+
+
+def test_create_refuses_a_folder_whose_config_was_edited(runs_root):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    config = json.loads((run_dir / runs.CONFIG).read_text())
+    config["train"]["lr"] = 0.5
+    (run_dir / runs.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="edited by hand") as err:
+        runs.create("t", tiny_lm_config(), runs_root)
+    assert str(run_dir / runs.CONFIG) in str(err.value)
+
+
+def test_folder_of_an_older_chemscale_is_named_as_such(runs_root):
+    """Before run ids covered defaults, a folder was named by the hash of the config as written."""
+    config = tiny_lm_config()
+    old_id = runs._hash(config)
+    assert old_id != runs.run_id(config)
+    folder = runs_root / "t" / old_id
+    folder.mkdir(parents=True)
+    (folder / runs.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="older chemscale"):
+        runs.check_folder(folder, config)
+
+
+def test_a_config_that_does_not_validate_has_no_id():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        runs.run_id(tiny_lm_config(learning_rate=0.1))
+    with pytest.raises(ConfigError, match="'task'"):
+        runs.run_id({k: v for k, v in tiny_lm_config().items() if k != "task"})
