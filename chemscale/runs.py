@@ -1,9 +1,10 @@
 """Run folders: what a run is, where it lives, and how it describes itself.
 
-A run folder `runs/<study>/<run_id>/` holds `config.json` (everything needed to rerun, plus
-seed, versions and git commit), `metrics.csv` (one row per training step and per validation),
-`result.json` (final metrics; its presence means "finished") and `last.ckpt`. Every file is
-written atomically, so a folder is never half-written.
+A run folder `runs/<study>/<run_id>/` holds `config.json` (everything needed to rerun, every
+default written out, plus seed, versions and git commit), `metrics.csv` (one row per training
+step and per validation), `result.json` (final metrics; its presence means "finished") and
+`last.ckpt`. The run id is the hash of the complete settings, so the folder's name says what
+ran there. Every file is written atomically, so a folder is never half-written.
 """
 
 from __future__ import annotations

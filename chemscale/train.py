@@ -228,40 +228,49 @@ def _fmt(v) -> str:
 
 
 class LossWatch:
-    """Whether any training loss so far was NaN or infinite, asked at every step without stalling a GPU.
+    """Whether a training loss so far was NaN or infinite, asked at every step without stalling a GPU.
 
-    Each step folds the loss into a device-side flag (`flag |= ~isfinite(loss)`: two tiny kernels,
-    no transfer). On CPU the flag is read at once: a CPU tensor is computed by the time the step
-    returns, so reading it waits for nothing and costs about a microsecond. On a GPU, reading every
-    step would make the host wait for the step's kernels, and the GPU would idle while the host
-    queues the next step; there the flag is copied asynchronously to pinned host memory and the
-    copy made one step earlier is read (its event is waited on: done in practice, since the host
-    runs at most about a step ahead), so a divergence is seen one step late, not at the next
-    validation, and every process decides at the same step. Under DDP the flag is summed over
-    processes first, so all processes stop together.
+    On CPU the loss is read at once: a CPU tensor is computed by the time the step returns, so
+    reading it waits for nothing (a few microseconds). On a GPU, reading every step would make
+    the host wait for the step's kernels, and the GPU would idle while the host queues the next
+    step; there (`deferred`) each step folds the loss into a device-side flag (`flag |=
+    ~isfinite(loss)`: tiny kernels, no transfer), copies it asynchronously to pinned host memory
+    and reads the copy made one step earlier (its event is waited on: done in practice, since the
+    host runs at most about a step ahead), so a divergence is seen one step late, not at the next
+    validation. Under DDP the flag is summed over processes first, so every process stops at the
+    same step. `deferred=True` runs the GPU bookkeeping on CPU tensors (tests, any machine).
     """
 
-    def __init__(self):
+    def __init__(self, deferred: bool | None = None):
+        self.deferred = deferred  # None: deferred on CUDA, immediate elsewhere
         self.flag: torch.Tensor | None = None
-        self.copies: list[tuple[torch.Tensor, object]] = []  # (pinned host copy, CUDA event), oldest first
+        self.copies: list[tuple[torch.Tensor, object]] = []  # (host copy, CUDA event or None), oldest first
 
     def update(self, loss: torch.Tensor) -> bool:
-        bad = ~torch.isfinite(loss.detach())
+        loss = loss.detach()
+        ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+        deferred = loss.device.type == "cuda" if self.deferred is None else self.deferred
+        if not (deferred or ddp):
+            return not math.isfinite(float(loss))
+        bad = ~torch.isfinite(loss)
         self.flag = bad if self.flag is None else self.flag | bad
         flag = self.flag.to(torch.int32)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if ddp:
             torch.distributed.all_reduce(flag)
-        if flag.device.type != "cuda":
+        if not deferred:
             return bool(flag)
-        host = self.copies.pop(0)[0] if len(self.copies) == 2 else torch.empty((), dtype=torch.int32, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        cuda = flag.device.type == "cuda"
+        host = self.copies.pop(0)[0] if len(self.copies) == 2 else torch.empty((), dtype=torch.int32, pin_memory=cuda)
+        host.copy_(flag, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
         self.copies.append((host, event))
         if len(self.copies) < 2:
             return False
         previous, done = self.copies[0]
-        done.synchronize()
+        if done is not None:
+            done.synchronize()
         return bool(previous)
 
 

@@ -197,11 +197,14 @@ def test_divergence_is_caught_at_the_step_it_happens(runs_root):
     assert "nan" in result["reason"].lower() or "inf" in result["reason"].lower()
 
 
-def test_loss_watch_flags_any_non_finite_loss_since_the_start():
-    watch = train.LossWatch()
-    assert [watch.update(torch.tensor(x)) for x in (2.0, 1.5)] == [False, False]
-    assert watch.update(torch.tensor(float("inf"))) and watch.update(torch.tensor(1.0)), "the flag is sticky"
+def test_loss_watch_reads_each_step_on_cpu_and_one_step_late_when_deferred():
+    """The deferred path (GPUs: no sync per step) runs here on CPU tensors, on any machine."""
+    now = train.LossWatch()
+    assert [now.update(torch.tensor(x)) for x in (2.0, 1.5, float("inf"))] == [False, False, True]
     assert train.LossWatch().update(torch.tensor(float("nan")))
+    late = train.LossWatch(deferred=True)
+    seen = [late.update(torch.tensor(x)) for x in (2.0, 1.5, float("nan"), 1.0, 1.0)]
+    assert seen == [False, False, False, True, True], "seen one step late, and the flag is sticky"
 
 
 def test_recorded_learning_rate_is_the_one_each_step_applied(runs_root):
