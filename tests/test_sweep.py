@@ -180,3 +180,9 @@ def test_two_runs_at_once_give_the_results_of_one_at_a_time(tmp_path):
         assert train.train(alone)["best_val_loss"] == runs.read_result(Path(run_dir))["best_val_loss"]
         for rows_at_once, rows_alone in zip(train_rows(Path(run_dir)), train_rows(alone)):
             pd.testing.assert_frame_equal(rows_at_once.reset_index(drop=True), rows_alone.reset_index(drop=True))
+
+
+def test_submitit_local_executor(runs_root):
+    configs = sweep.grid("s", tiny_lm_config(max_steps=4, val_every_steps=2), width=[16])
+    df = sweep.run(configs, executor="submitit-local", progress=False, root=runs_root)
+    assert list(df["status"]) == ["finished"]
