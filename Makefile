@@ -33,11 +33,12 @@ smoke: setup
 	$(BIN)/python -m chemscale.study --profile smoke
 
 # Notebooks run on a fresh runs folder (no finished run is reused) and end with checks that fail them.
+# The per-cell timeout leaves room for a busy machine: notebook 01's sweep cell took 31 min at load 9 on 2 cores.
 test: setup  ## notebooks stripped, unit tests, then every notebook under nbmake (defaults = smoke profile)
 	$(BIN)/nbstripout --verify --keep-id notebooks/*.ipynb
 	$(BIN)/python -m pytest -q tests
 	tmp=$$(mktemp -d) && CHEMSCALE_RUNS=$$tmp/runs CHEMSCALE_FIGURES=$$tmp/figures \
-	  $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=900 notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
+	  $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=3600 notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
 
 # Rooted at the repository (executed notebooks in runs/ can be opened; terminals start here), opened on notebooks/.
 lab: setup
