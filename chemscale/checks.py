@@ -38,9 +38,15 @@ def _fit_problems(name: str, fit) -> list[str]:
 
 
 def _flatten_fits(fits: dict) -> dict[str, PowerLawFit | JointFit]:
-    """{'loss vs data': {64: fit, ...}, 'frontier': fit} -> {'loss vs data [64]': fit, 'frontier': fit}."""
+    """{'loss vs data': {64: fit, ...}, 'frontier': fit} -> {'loss vs data [64]': fit, 'frontier': fit}.
+
+    A None (a fit that `scaling.fit_or_skip` skipped for too few points, with its own sentence)
+    is left out: a grid too small for a fit is the user's design, not a failure.
+    """
     flat = {}
     for name, value in fits.items():
+        if value is None:
+            continue
         if isinstance(value, (PowerLawFit, JointFit)):
             flat[name] = value
         elif isinstance(value, dict):
@@ -56,7 +62,8 @@ def verify(results: pd.DataFrame, fits: dict) -> str:
     Args:
         results: the DataFrame `sweep.run` returned (one row per run, with `status`).
         fits: name -> a PowerLawFit/JointFit, or name -> the dict `scaling.fit_groups` returned.
-            An empty dict (every group had fewer than 3 points by the grid's design) is allowed.
+            An empty dict (every group had fewer than 3 points by the grid's design) or a None
+            (a fit `scaling.fit_or_skip` skipped) is allowed.
     """
     flat = _flatten_fits(fits)
     problems = [f"run {line}" for line in unfinished_runs(results)]

@@ -237,3 +237,13 @@ def test_checks_fail_for_a_fit_that_left_runs_out():
     fit = scaling.fit_power_law(x, y, n_bootstrap=20)
     with pytest.raises(checks.StudyCheckError, match=r"frontier: 1 run\(s\) left out"):
         checks.verify(_results("finished"), {"frontier": fit})
+
+
+def test_checks_accept_a_fit_skipped_for_too_few_points():
+    """A grid with two values on an axis loses that fit (scaling.fit_or_skip gives None), not the notebook."""
+    x = np.array([100.0, 300])
+    with pytest.warns(UserWarning, match="joint: not fitted"):
+        skipped = scaling.fit_or_skip("joint", scaling.fit_power_law, x, 3 * x ** -0.2, n_bootstrap=20)
+    assert skipped is None
+    summary = checks.verify(_results("finished"), {"data": {16: _fit()}, "joint": skipped})
+    assert summary == "checks passed: 1 of 1 runs finished; 1 fits, all finite"
