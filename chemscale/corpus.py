@@ -63,7 +63,11 @@ SMILES_CHARS_PER_SYMBOL = 16  # a SMILES this many characters a symbol over MAX_
 REASONS = ("empty", "malformed", "invalid_smiles", "valence", "selfies_error", "too_long", "timeout", "crash")
 N_EXAMPLES = 20  # offending lines kept per cache, for the report
 ROUND_MOLECULES = 500_000  # molecules encoded between cache writes (bounds memory; a big encode resumes)
-CACHE_FORMAT = 3  # bump when the cache layout or its meaning changes
+CACHE_FORMAT = 4  # bump when the cache layout or its meaning changes
+TRANSIENT = ("timeout", "crash")  # drops that depend on the machine's load: retried on every load
+HASH_ALWAYS_BYTES = 64 << 20  # files up to this size are hashed on every load (~50 ms), bigger ones memoised
+STEM_CHARS = 40  # of a file's name in its cache folder's name
+BIG_ENCODE = 100_000  # molecules: an encode this big says first what it will do
 # selfies 2.2.0 still says __version__ == "2.1.1": key the cache on the installed distribution
 SELFIES_VERSION = importlib.metadata.version("selfies")
 _SYMBOL = re.compile(r"\[[^\]]*\]|\.")  # one SELFIES symbol, or '.' between fragments (as split_selfies)
@@ -78,28 +82,75 @@ def _source_file(source: str, split: str, format: str | None) -> tuple[SmilesFil
 
 
 def _fingerprint(source: SmilesFile, progress: bool) -> dict:
-    """sha256 and line count of a file, remembered by (path, size, mtime): big files are read once."""
+    """sha256 and line count of a file. The count is memoised (cache/corpus/sources.json) under the
+    content's sha256 for files up to HASH_ALWAYS_BYTES, under (path, size, mtime, ctime, inode) for
+    bigger ones (PubChem's 1.5 GB is hashed once): `touch -r` after an edit still changes the ctime.
+    Each entry carries a checksum, so an edited or damaged memo is recounted, never trusted."""
+    _check_cache_root()
     st = source.path.stat()
+    sha = _sha256(source.path) if st.st_size <= HASH_ALWAYS_BYTES else None
+    where = f"sha256={sha}" if sha else (f"{source.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|"
+                                         f"{st.st_ctime_ns}|{st.st_ino}")
+    key = f"{where}|encoding={source.encoding}|newline={source.newline!r}"
     memo_file = CACHE_DIR / "sources.json"
-    key = f"{source.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{source.encoding}"
+    memo = _read_memo(memo_file)
+    entry = memo.get(key)
+    try:
+        if entry is not None and entry["check"] == _memo_check(key, entry["sha256"], entry["n_lines"]):
+            return entry
+    except (KeyError, TypeError):
+        pass
+    if entry is not None:
+        warnings.warn(f"{memo_file}: the entry for {source.path} does not match its checksum; recounting",
+                      stacklevel=3)
+    lines = tqdm(source.lines(), desc=f"counting {source.path.name}", unit=" lines", disable=not progress,
+                 leave=False, mininterval=0.5)
+    n_lines = sum(1 for _ in lines)
+    sha = sha or _sha256(source.path)
+    memo[key] = {"sha256": sha, "n_lines": n_lines, "check": _memo_check(key, sha, n_lines)}
+    atomic_write_json(memo_file, memo)
+    return memo[key]
+
+
+def _read_memo(memo_file: Path) -> dict:
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
-        memo = {}
-    if "n_lines" not in memo.get(key, {}):
-        digest = hashlib.sha256()
-        with open(source.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        lines = tqdm(source.lines(), desc=f"counting {source.path.name}", unit=" lines", disable=not progress,
-                     leave=False, mininterval=0.5)
-        memo[key] = {"sha256": digest.hexdigest(), "n_lines": sum(1 for _ in lines)}
-        atomic_write_json(memo_file, memo)
-    return memo[key]
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _memo_check(key: str, sha: str, n_lines: int) -> str:
+    return hashlib.sha256(f"{key}|{sha}|{n_lines}".encode()).hexdigest()[:16]
+
+
+def _check_cache_root() -> None:
+    """The cache folder exists or can be made: else one line saying where and why, not a traceback."""
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CorpusError(f"{CACHE_DIR}: cannot create the corpus cache folder ({e.strerror or e}); "
+                          "point CHEMSCALE_RUNS at a writable folder") from None
+    if not os.access(CACHE_DIR, os.W_OK | os.X_OK):
+        raise CorpusError(f"{CACHE_DIR}: the corpus cache folder is not writable; "
+                          "point CHEMSCALE_RUNS at a writable folder")
 
 
 def _n_data_lines(source: SmilesFile, fingerprint: dict) -> int:
     return max(0, fingerprint["n_lines"] - source.header_lines)
+
+
+def _split_size(n_lines: int, whole_file: bool, split: str) -> int:
+    """Data lines in a split (the length of `_split_order`), without drawing the permutation."""
+    if whole_file:
+        return n_lines
+    n_val = min(n_lines // 10, MAX_VAL_MOLECULES)
+    return n_val if split == "val" else n_lines - n_val
 
 
 def _split_order(n_lines: int, whole_file: bool, split: str, seed: int) -> np.ndarray:
@@ -232,6 +283,8 @@ class _Cache:
         try:
             if m.get("format") != CACHE_FORMAT:
                 return None, None
+            if m.get("checksum") != _manifest_checksum(m):
+                return None, "manifest.json does not match its checksum"
             if problem := self._check_files(m["files"]):
                 return None, problem
             arrays = {a: np.load(self.folder / f"{a}.npy", mmap_mode="r") for a in self.ARRAYS}
@@ -243,7 +296,9 @@ class _Cache:
             return None, f"unreadable ({e})"
         consistent = (len(state.tokens) == m["n_tokens"] and state.n_kept == m["n_kept"] == len(state.offsets) - 1
                       and state.offsets[-1] == len(state.tokens) and len(tokenizer) == m["vocab_size"])
-        return (state, None) if consistent else (None, "its arrays disagree with the manifest")
+        if not consistent:
+            return None, "its arrays disagree with the manifest"
+        return (state, None) if _covers(state) else (None, "its kept and dropped positions do not cover what it read")
 
     def _check_files(self, files: dict) -> str | None:
         """What differs between the files and the manifest's sizes and checksums; None if nothing."""
@@ -264,23 +319,47 @@ class _Cache:
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(getattr(state, name)))
             atomic_write_bytes(self.folder / f"{name}.npy", buf.getvalue())
-        old = (self.folder / "smiles.txt").read_bytes() if state.n_kept > len(new_smiles) else b""
+        keep = state.n_kept - len(new_smiles)  # lines of the old smiles.txt still kept
+        old = b"".join(s + b"\n" for s in (self.folder / "smiles.txt").read_bytes().split(b"\n", keep)[:keep]) \
+            if keep else b""
         atomic_write_bytes(self.folder / "smiles.txt", old + "".join(s + "\n" for s in new_smiles).encode())
         state.tokenizer.save(self.folder / "tokenizer.json")
         atomic_write_json(self.folder / "drops.json", {"drops": state.drops, "examples": state.examples})
-        atomic_write_json(self.folder / "manifest.json", {
+        manifest = {
             "format": CACHE_FORMAT,
             "files": {f: [(self.folder / f).stat().st_size, _crc32(self.folder / f)] for f in self.FILES},
             "n_lines": state.n_lines, "consumed": state.consumed, "n_kept": state.n_kept,
             "n_tokens": len(state.tokens), "vocab_size": len(state.tokenizer), "selfies": SELFIES_VERSION,
-            "encode_mol_per_s": state.encode_mol_per_s})
+            "encode_mol_per_s": state.encode_mol_per_s}
+        atomic_write_json(self.folder / "manifest.json", {**manifest, "checksum": _manifest_checksum(manifest)})
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's other fields: its counts (n_lines, consumed) are checked like the files."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _covers(state: _State) -> bool:
+    """True if every position read (0..consumed-1) is kept or dropped exactly once, none past the split."""
+    if not 0 <= state.consumed <= state.n_lines:
+        return False
+    parts = [np.asarray(state.positions, np.int64)] + [np.asarray(p, np.int64) for p in state.drops.values()]
+    every = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if len(every) != state.consumed or (len(every) and (every.min() < 0 or every.max() >= state.consumed)):
+        return False
+    seen = np.zeros(state.consumed, bool)
+    seen[every] = True
+    return bool(seen.all())
 
 
 def _cache_folder(source: SmilesFile, whole_file: bool, split: str, seed: int, fingerprint: dict) -> Path:
-    """Keyed on the bytes and on how they are read (layout, column, encoding), never on the file name."""
+    """Keyed on the bytes and on how they are read (layout, column, encoding): a renamed file finds
+    its cache, an edited one does not. The name starts with the file's (cut) stem only for people
+    looking at the folder; the hash alone decides."""
     key = (f"format={CACHE_FORMAT}|sha256={fingerprint['sha256']}|{source.key}|whole_file={whole_file}|"
            f"split={split}|seed={seed}|selfies={SELFIES_VERSION}|max_symbols={MAX_SYMBOLS}")
-    stem = source.path.name.split(".")[0]
+    stem = source.path.name.split(".")[0][:STEM_CHARS].lstrip("-") or "file"
     return CACHE_DIR / f"{stem}-{source.layout}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -294,17 +373,21 @@ def _encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target
     """(state with at least `target` kept molecules or the split exhausted, whether it was all cached, folder)."""
     fingerprint = _fingerprint(source, progress)
     cache = _Cache(_cache_folder(source, whole_file, split, seed, fingerprint))
+    n_data = _n_data_lines(source, fingerprint)
+    n_split = _split_size(n_data, whole_file, split)
     with _locked(cache.folder):
         state, problem = cache.read()
+        if state is not None and state.n_lines != n_split:
+            state, problem = None, f"the manifest says {state.n_lines:,} data lines, the split has {n_split:,}"
         if problem:
             warnings.warn(f"{cache.folder}: damaged cache ({problem}); rebuilding it", stacklevel=3)
-        if state is not None and (state.exhausted or (target is not None and state.n_kept >= target)):
-            return state, True, cache.folder
-        n_data = _n_data_lines(source, fingerprint)
-        order = _split_order(n_data, whole_file, split, seed)
-        if len(order) == 0:
+        if n_split == 0:
             raise CorpusError(f"{source.path}: no molecules in split {split!r} ({n_data} data lines; "
                               "a user file's validation split is the last 10% of its lines)")
+        order = _split_order(n_data, whole_file, split, seed)
+        retried = state is not None and _retry_transient(cache, state, source, order, workers, timeout_s, progress)
+        if state is not None and (state.exhausted or (target is not None and state.n_kept >= target)):
+            return state, not retried, cache.folder
         state = state or _empty_state(len(order))
         _fill(cache, state, order, source, len(order) if target is None else target, workers, timeout_s, progress)
         state, problem = cache.read()
@@ -320,10 +403,17 @@ def _fill(cache: _Cache, state: _State, order: np.ndarray, source: SmilesFile, t
     Works in rounds of at most ROUND_MOLECULES, writing the cache after each: memory stays
     bounded and an interrupted encode of a big file resumes from its last round."""
     n_encoded, seconds = 0, 0.0  # encoding alone, file reading excluded
+    if progress and min(target, state.n_lines) - state.n_kept > BIG_ENCODE:
+        n = min(target, state.n_lines) - state.n_kept
+        print(f"{source.path.name}: encoding up to {n:,} molecules (about {max(1, round(n / 60_000)):,} min at ~1,000 "
+              "molecules/s; cached for later runs; -n N encodes only the first N)", file=sys.stderr, flush=True)
     while state.n_kept < target and not state.exhausted:
         missing = target - state.n_kept
         n_take = min(missing + missing // 20 + 16, ROUND_MOLECULES)  # a margin of 5% + 16 for drops
         records = _pick(source, order[state.consumed: state.consumed + n_take], progress)
+        if not records:  # a consistent cache never gets here: never loop forever on one that is not
+            raise CorpusError(f"{cache.folder}: nothing left to read at position {state.consumed:,} of "
+                              f"{state.n_lines:,}; delete the folder to rebuild it")
         to_encode = [s for _, s, problem in records if problem is None]
         t0 = time.perf_counter()
         encoded = encode_smiles(to_encode, workers, timeout_s, progress)
@@ -334,6 +424,57 @@ def _fill(cache: _Cache, state: _State, order: np.ndarray, source: SmilesFile, t
     if progress and n_encoded:
         print(f"{source.path.name}: encoded {n_encoded:,} molecules in {seconds:.1f} s "
               f"({n_encoded / seconds:,.0f} molecules/s)", file=sys.stderr)
+
+
+def _retry_transient(cache: _Cache, state: _State, source: SmilesFile, order: np.ndarray, workers,
+                     timeout_s: float, progress: bool) -> bool:
+    """Encode again the molecules a cache dropped for a timeout or a crash; True if any was retried.
+
+    Those drops say how loaded the machine was, not what the molecule is: kept as final, a corpus
+    would depend on the load of the day it was built. A retried molecule that now encodes cuts the
+    cache back to its position (what follows was taken along the permutation without it), so the
+    corpus equals the one a calm machine builds; one still failing stays dropped until next time
+    (a molecule that always hangs costs `timeout_s` a load)."""
+    transient = sorted(p for r in TRANSIENT for p in state.drops.get(r, []))
+    if not transient:
+        return False
+    records = _pick(source, order[np.asarray(transient, np.int64)], progress)
+    encoded = encode_smiles([smiles for _, smiles, _ in records], workers, timeout_s, progress)
+    reasons = {p: reason for p, (selfies, reason) in zip(transient, encoded)}
+    cut = next((p for p, (selfies, _) in zip(transient, encoded)
+                if selfies is not None and len(_SYMBOL.findall(selfies)) <= MAX_SYMBOLS), None)
+    if cut is not None:
+        _truncate(state, cut)
+    if _redrop(state, {p: r or "too_long" for p, r in reasons.items() if p < state.consumed}) or cut is not None:
+        cache.write(state, [])
+    return True
+
+
+def _redrop(state: _State, reasons: dict) -> bool:
+    """Move dropped positions to their new reasons; True if any moved."""
+    moved = {p: r for r in TRANSIENT for p in state.drops.get(r, []) if p in reasons and reasons[p] != r}
+    if not moved:
+        return False
+    for reason in list(state.drops):
+        state.drops[reason] = [p for p in state.drops[reason] if p not in moved]
+    for p, reason in sorted(moved.items()):
+        state.drops.setdefault(reason, []).append(p)
+    state.drops = {r: sorted(v) for r, v in state.drops.items() if v}
+    state.examples = [[p, line, text, moved.get(p, reason)] for p, line, text, reason in state.examples]
+    return True
+
+
+def _truncate(state: _State, position: int) -> None:
+    """Cut `state` back to the molecules before permutation position `position`."""
+    k = int(np.searchsorted(np.asarray(state.positions), position))
+    state.offsets = np.array(state.offsets[: k + 1])
+    state.tokens = np.array(state.tokens[: state.offsets[-1]])
+    state.positions = np.array(state.positions[:k])
+    used = int(state.tokens.max()) + 1 if len(state.tokens) else 4  # ids come in order of first appearance
+    state.tokenizer = Tokenizer(state.tokenizer.symbols[4:used])
+    state.drops = {r: v for r, p in state.drops.items() if (v := [x for x in p if x < position])}
+    state.examples = [e for e in state.examples if e[0] < position]
+    state.consumed = position
 
 
 def _append(state: _State, records: list, encoded: Iterator, path: Path) -> list[str]:
@@ -452,7 +593,7 @@ def load(source: str = "moses", split: str = "train", n_molecules: int | None = 
     lacks become [UNK]), e.g. validation molecules onto the training vocabulary. The file's
     layout is read from its content unless `format` ('pubchem', 'smi' or 'csv') says it.
     """
-    _check_args(split, n_molecules, timeout_s)
+    _check_args(split, n_molecules, timeout_s, seed)
     smiles_file, whole_file = _source_file(source, split, format)
     state, cached, folder = _encoded(smiles_file, whole_file, split, seed, n_molecules, workers, timeout_s, progress)
     if state.n_kept == 0:
@@ -467,13 +608,15 @@ def load(source: str = "moses", split: str = "train", n_molecules: int | None = 
     return _subset(state, folder, report, tokenizer)
 
 
-def _check_args(split: str, n_molecules: int | None, timeout_s: float) -> None:
+def _check_args(split: str, n_molecules: int | None, timeout_s: float, seed: int) -> None:
     if split not in SPLITS:
         raise CorpusError(f"split must be one of {SPLITS}, got {split!r}")
     if n_molecules is not None and n_molecules <= 0:
         raise CorpusError(f"n_molecules must be > 0, got {n_molecules}")
-    if timeout_s <= 0:
-        raise CorpusError(f"timeout_s must be > 0, got {timeout_s}")
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):  # nan passes <= 0
+        raise CorpusError(f"timeout must be a number of seconds > 0, got {timeout_s}")
+    if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**63):
+        raise CorpusError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def _report(state: _State, source: str, split: str, seed: int, n: int | None, cached: bool) -> EncodeReport:
@@ -558,7 +701,7 @@ def describe(source: str, *, seed: int = 0, workers: int | None = None, timeout_
     """Encode every split of a file (cached, as training would) and say what the whole file holds.
 
     MOSES keeps its splits in two files: `split` picks the one described."""
-    _check_args(split, None, timeout_s)
+    _check_args(split, None, timeout_s, seed)
     smiles_file, whole_file = _source_file(source, split, format)
     fingerprint = _fingerprint(smiles_file, progress)
     report = FileReport(source="moses" if whole_file else str(smiles_file.path), layout=smiles_file.describe(),
@@ -649,7 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(seed=args.seed, workers=args.workers, timeout_s=args.timeout, format=args.format)
     try:
         if args.n is None:
-            print(describe(args.path, split=args.split, **common))
+            report = describe(args.path, split=args.split, **common)
+            print(report)
+            if report.kept == 0:
+                raise CorpusError(f"{report.source}: no molecule could be encoded")
         else:
             print(load(args.path, args.split, args.n, **common).report)
     except CorpusError as e:

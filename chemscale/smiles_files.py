@@ -4,13 +4,15 @@ Layouts: 'pubchem' (`CID<TAB>SMILES`, PubChem's CID-SMILES dump), 'smi' (one SMI
 an optional name after whitespace) and 'csv' (a header line with a `smiles` column, any case;
 comma, tab or semicolon separated). The file name decides nothing: a PubChem dump called
 `mols.txt` is still read as CID + SMILES, and gzip is recognised by its magic bytes. The text
-encoding is UTF-8 unless the bytes say otherwise (a UTF-16/32 byte-order mark, UTF-16 without
-one, or bytes that are not UTF-8, read as Latin-1), so a file saved by Windows tools is read
-as the molecules it holds instead of one invalid SMILES a line.
+encoding is UTF-8 unless the bytes say otherwise (a UTF-16/32 byte-order mark, UTF-16/32
+without one, or bytes that are not UTF-8, read as Latin-1), so a file saved by Windows tools is
+read as the molecules it holds instead of one invalid SMILES a line. Lines may end in LF, CRLF
+or a lone CR (classic Mac OS). Other compressed formats and binary data are refused in one line.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import importlib.util
@@ -32,6 +34,13 @@ _DELIMITERS = (",", "\t", ";")
 _BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
          (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))  # utf-32-le first: it starts like utf-16-le
 CLIP_CHARS = 60  # longer offending lines are shown cut, with their length
+# compressed formats Python could read but chemscale does not: said, with how to decompress
+_OTHER_COMPRESSION = ((b"BZh", "bzip2", "bunzip2 -k FILE"), (b"\xfd7zXZ\x00", "xz", "unxz -k FILE"),
+                      (b"PK\x03\x04", "zip", "unzip FILE"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd FILE"),
+                      (b"7z\xbc\xaf\x27\x1c", "7-Zip", "7z x FILE"))
+_NO_BOM = ("utf-32-le", "utf-32-be", "utf-16-le", "utf-16-be")  # tried in this order on text with NUL bytes
+_CONTROL = frozenset(chr(c) for c in range(32) if chr(c) not in "\t\n\r\f\v") | {"\x7f"}
+MAX_CONTROL_FRACTION = 0.01  # text has (almost) no control characters; binary data has ~12%
 
 
 class CorpusError(ValueError):
@@ -66,27 +75,33 @@ class SmilesFile:
     detected: bool  # False when the layout was given (format=...)
     column: int = 0  # csv: index of the smiles column
     delimiter: str = ","  # csv
+    header_at: int = 0  # line number of a header line (a CSV's, or 'SMILES Name' of a .smi); 0 if none
+    newline: str = "\n"  # "\r" for a file whose lines end in a lone CR
 
     @property
     def header_lines(self) -> int:
-        return 1 if self.layout == "csv" else 0
+        """Lines before the first data line: the header and any blank lines above it."""
+        return self.header_at
 
     @property
     def key(self) -> str:
         """What, besides the bytes, decides which molecules are read: part of the cache key."""
-        return f"layout={self.layout}|column={self.column}|delimiter={self.delimiter!r}|encoding={self.encoding}"
+        return (f"layout={self.layout}|column={self.column}|delimiter={self.delimiter!r}|encoding={self.encoding}|"
+                f"header_at={self.header_at}|newline={self.newline!r}")
 
     def describe(self) -> str:
         how = "detected from the content" if self.detected else "given by --format"
-        gz = ", gzip" if self.gzipped else ""
-        return f"layout '{self.layout}' ({LAYOUTS[self.layout]}; {how}), encoding {self.encoding}{gz}"
+        extra = (", gzip" if self.gzipped else "") + (", lines end in CR" if self.newline == "\r" else "")
+        if self.header_at and self.layout != "csv":
+            extra += f", header line {self.header_at} skipped"
+        return f"layout '{self.layout}' ({LAYOUTS[self.layout]}; {how}), encoding {self.encoding}{extra}"
 
     def lines(self) -> Iterator[tuple[int, str]]:
         """(1-based line number, text) of every line, header included; a corrupt .gz names its line."""
         line_no = 0
         try:
             with _open_bytes(self.path, self.gzipped) as f:
-                for line_no, text in enumerate(_decoded_lines(f, self.encoding), start=1):
+                for line_no, text in enumerate(_decoded_lines(f, self.encoding, self.newline), start=1):
                     yield line_no, text
         except (EOFError, OSError, zlib.error) as e:
             raise CorpusError(f"{self.path}: line {line_no + 1}: cannot read past line {line_no} ({e}); "
@@ -102,7 +117,9 @@ class SmilesFile:
         if not text:
             return "", "empty"
         if self.layout == "csv":
-            row = text.split(self.delimiter) if '"' not in text else next(csv.reader([text], delimiter=self.delimiter))
+            row = text.split(self.delimiter) if '"' not in text else _csv_row(text, self.delimiter)
+            if row is None:  # a field over csv's limit is far over the corpus's too
+                return text, "too_long" if len(text) > csv.field_size_limit() else "malformed"
             value = row[self.column].strip() if self.column < len(row) else ""
         elif self.layout == "smi":
             value = text.split(None, 1)[0]
@@ -120,12 +137,15 @@ def open_smiles_file(path: str | os.PathLike, format: str | None = None) -> Smil
         raise CorpusError(f"{path}: format must be one of {', '.join(LAYOUTS)}, got {format!r}")
     gzipped, head = _head(path)
     encoding = _encoding(path, head)
-    sample = _sample_lines(head, encoding, whole=len(head) < SNIFF_BYTES)
+    newline = _newline(head, encoding)
+    sample, first_at = _sample_lines(head, encoding, newline, whole=len(head) < SNIFF_BYTES)
     layout = format or _detect_layout(sample)
     if layout != "csv":
-        return SmilesFile(path, layout, encoding, gzipped, detected=format is None)
-    column, delimiter = _csv_column(path, sample[0] if sample else "")
-    return SmilesFile(path, "csv", encoding, gzipped, format is None, column, delimiter)
+        named = layout == "smi" and sample and sample[0].split(None, 1)[0].lower() == "smiles"  # RDKit's header
+        return SmilesFile(path, layout, encoding, gzipped, format is None, header_at=first_at if named else 0,
+                          newline=newline)
+    column, delimiter = _csv_column(path, sample[0] if sample else "", first_at)
+    return SmilesFile(path, "csv", encoding, gzipped, format is None, column, delimiter, first_at, newline)
 
 
 def read_smiles(path: str | os.PathLike, format: str | None = None) -> Iterator[tuple[int, str]]:  # noqa: A002
@@ -158,7 +178,11 @@ def _open_bytes(path: Path, gzipped: bool):
 def _head(path: Path) -> tuple[bool, bytes]:
     """(gzip-compressed?, the first SNIFF_BYTES of the content); a truncated .gz gives what it holds."""
     with _open_bytes(path, False) as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
+        magic = f.read(8)
+    gzipped = magic.startswith(b"\x1f\x8b")
+    for start, name, command in _OTHER_COMPRESSION:
+        if magic.startswith(start):
+            raise CorpusError(f"{path}: {name}-compressed data; decompress it first ({command}) or gzip it")
     head = b""
     try:
         with _open_bytes(path, gzipped) as f:
@@ -170,46 +194,73 @@ def _head(path: Path) -> tuple[bool, bytes]:
 
 
 def _encoding(path: Path, head: bytes) -> str:
-    """'utf-8', 'utf-16'/'utf-32' (byte-order mark), 'utf-16-le'/'-be' (no mark) or 'latin-1'."""
+    """'utf-8', 'utf-16'/'utf-32' (byte-order mark), 'utf-16/32-le/-be' (no mark) or 'latin-1'.
+
+    Text without a mark but with NUL bytes is tried as UTF-32 then UTF-16: the first codec that
+    decodes it strictly into text that is at least 30% ASCII (SMILES are) without control characters
+    wins. Otherwise UTF-8 or Latin-1, unless over 1% of it is control characters: binary data."""
     for bom, codec in _BOMS:
         if head.startswith(bom):
             return codec
     if b"\x00" in head:
-        even, odd = head[0::2].count(0), head[1::2].count(0)
-        half = len(head) // 2
-        if odd > 0.9 * half and even < 0.1 * half:
-            return "utf-16-le"
-        if even > 0.9 * half and odd < 0.1 * half:
-            return "utf-16-be"
-        raise CorpusError(f"{path}: binary data (NUL bytes in the first {len(head):,} bytes), not a text file of "
-                          "SMILES; if it is text in another encoding, convert it: iconv -t UTF-8 FILE > FILE.smi")
+        for codec in _NO_BOM:
+            text = _text_of(head, codec)
+            if text and not _binary(text) and sum(c < "\x80" for c in text) > 0.3 * len(text):
+                return codec
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.reason != "unexpected end of data":  # not merely a character cut at the end of the sample
-            return "latin-1"
-    return "utf-8"
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = head.decode("latin-1"), "latin-1"
+    if _binary(text):
+        raise _binary_error(path, head, "NUL bytes" if b"\x00" in head else "control characters")
+    return encoding
 
 
-def _decoded_lines(f, encoding: str) -> Iterator[str]:
+def _text_of(head: bytes, codec: str) -> str | None:
+    """`head` decoded strictly (a character cut at the end is left out), None if it is not `codec`."""
+    try:
+        return codecs.getincrementaldecoder(codec)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
+
+
+def _binary(text: str) -> bool:
+    """True if more than 1% of the characters are control characters (not tab, newline, CR, FF, VT)."""
+    return sum(c in _CONTROL for c in text) > MAX_CONTROL_FRACTION * max(len(text), 1)
+
+
+def _binary_error(path: Path, head: bytes, what: str) -> CorpusError:
+    return CorpusError(f"{path}: binary data ({what} in the first {len(head):,} bytes), not a text file of "
+                       "SMILES; if it is text in another encoding, convert it: iconv -t UTF-8 FILE > FILE.smi")
+
+
+def _newline(head: bytes, encoding: str) -> str:
+    """'\r' if the sample's lines end in a lone CR (classic Mac OS), else '\n'."""
+    text = _text_of(head, encoding) or ""
+    return "\r" if "\r" in text and "\n" not in text else "\n"
+
+
+def _decoded_lines(f, encoding: str, newline: str = "\n") -> Iterator[str]:
     """Lines of a binary stream as text without their line ending.
 
     UTF-8 and Latin-1 split the bytes (fast); a stray non-UTF-8 byte in a molecule's name must
-    not stop a 10M-line file, so it is replaced. UTF-16/32 go through a text decoder."""
-    if encoding in ("utf-8", "latin-1"):
+    not stop a 10M-line file, so it is replaced. UTF-16/32 and CR-only files go through a text decoder."""
+    if encoding in ("utf-8", "latin-1") and newline == "\n":
         for raw in f:
             yield raw.decode(encoding, "replace").rstrip("\r\n").lstrip("\ufeff")
     else:
-        for text in io.TextIOWrapper(f, encoding=encoding, errors="replace", newline="\n"):
+        for text in io.TextIOWrapper(f, encoding=encoding, errors="replace", newline=newline):
             yield text.rstrip("\r\n").lstrip("\ufeff")
 
 
-def _sample_lines(head: bytes, encoding: str, whole: bool) -> list[str]:
-    """Non-blank lines of the sample (the last one dropped if it may be cut)."""
-    lines = list(_decoded_lines(io.BytesIO(head), encoding))
+def _sample_lines(head: bytes, encoding: str, newline: str, whole: bool) -> tuple[list[str], int]:
+    """(non-blank lines of the sample (the last one dropped if it may be cut), the first one's line number)."""
+    lines = list(_decoded_lines(io.BytesIO(head), encoding, newline))
     if not whole:
         lines = lines[:-1]
-    return [s for s in lines if s.strip()][:SNIFF_LINES]
+    first_at = next((i for i, s in enumerate(lines, start=1) if s.strip()), 0)
+    return [s for s in lines if s.strip()][:SNIFF_LINES], first_at
 
 
 def _detect_layout(sample: list[str]) -> str:
@@ -224,19 +275,28 @@ def _detect_layout(sample: list[str]) -> str:
     return "pubchem" if numbered > len(sample) / 2 else "smi"
 
 
+def _csv_row(text: str, delimiter: str) -> list[str] | None:
+    """The fields of one CSV line; None if it is not one (a CR or quote out of place, a field over
+    csv's limit of 131,072 characters): such a line is dropped as malformed, never a traceback."""
+    try:
+        return next(csv.reader([text], delimiter=delimiter), [])
+    except csv.Error:
+        return None
+
+
 def _header_column(header: str) -> tuple[int, str] | None:
     """(index, delimiter) of a 'smiles' column in a header line, any case; None if there is none."""
     for delimiter in _DELIMITERS:
-        names = [h.strip().lower() for h in next(csv.reader([header], delimiter=delimiter), [])]
+        names = [h.strip().lower() for h in _csv_row(header, delimiter) or []]
         if "smiles" in names:
             return names.index("smiles"), delimiter
     return None
 
 
-def _csv_column(path: Path, header: str) -> tuple[int, str]:
+def _csv_column(path: Path, header: str, line_no: int) -> tuple[int, str]:
     found = _header_column(header)
     if found is None:
-        columns = next(csv.reader([header]), [])
+        columns = _csv_row(header, ",") or [header]
         found = repr(columns) if len(repr(columns)) <= 200 else f"{repr(columns)[:180]}... ({len(columns)} columns)"
-        raise CorpusError(f"{path}: line 1: no 'smiles' column (any case); columns found: {found}")
+        raise CorpusError(f"{path}: line {max(line_no, 1)}: no 'smiles' column (any case); columns found: {found}")
     return found

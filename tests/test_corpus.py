@@ -88,9 +88,10 @@ def test_format_overrides_the_detected_layout(tmp_path, capsys):
     assert list(read_smiles(path, format="smi")) == [(1, "1"), (2, "2")]  # the CIDs, as asked
     with pytest.raises(CorpusError, match=r"cids\.txt: format must be one of pubchem, smi, csv, got 'sdf'"):
         corpus.open_smiles_file(path, format="sdf")
-    assert corpus.main([str(path), "--format", "smi", "--workers", "1"]) == 0
-    assert "layout 'smi' (one SMILES per line, an optional name after whitespace; given by --format)" in \
-        capsys.readouterr().out
+    assert corpus.main([str(path), "--format", "smi", "--workers", "1"]) == 2  # the CIDs: no molecule kept
+    said = capsys.readouterr()
+    assert "layout 'smi' (one SMILES per line, an optional name after whitespace; given by --format)" in said.out
+    assert said.err.endswith(f"\nerror: {path}: no molecule could be encoded\n")
     with pytest.raises(CorpusError, match=r"cids\.txt: line 1: no 'smiles' column"):
         quiet_load(str(path), format="csv")
 
@@ -552,3 +553,263 @@ def test_a_big_encode_writes_rounds_and_resumes_after_an_interruption(monkeypatc
 def test_a_file_too_short_for_a_validation_split(tmp_path):
     with pytest.raises(CorpusError, match=r"bad\.smi: no molecules in split 'val' \(9 data lines"):
         quiet_load(str(write(tmp_path / "bad.smi", BAD_SMI)), "val")
+
+
+# --- the hostile review of items 6, 7, 10, 11, 12 (each test failed before its fix) ----------------
+
+def rewrite_manifest(folder: Path, checksum: bool, **changes) -> None:
+    """Edit manifest.json's counts, with a recomputed checksum (a consistent forgery) or without."""
+    manifest = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items() if k != "checksum"}
+    manifest.update(changes)
+    if checksum:
+        manifest["checksum"] = corpus._manifest_checksum(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def bounded_encoder(monkeypatch, limit: int = 10) -> list[int]:
+    """Count encode_smiles calls and fail past `limit`: a load that loops forever fails instead."""
+    calls, real = [], corpus.encode_smiles
+
+    def wrapper(smiles, *args, **kwargs):
+        calls.append(len(smiles))
+        assert len(calls) <= limit, "the load keeps encoding: it loops"
+        return real(smiles, *args, **kwargs)
+
+    monkeypatch.setattr(corpus, "encode_smiles", wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("field", ["n_lines", "consumed"])
+def test_a_manifest_with_changed_counts_is_rebuilt_never_looped_on_or_duplicated(cache_dir, monkeypatch, field,
+                                                                                   checksum):
+    """Item 11: n_lines one too many made every load loop forever; consumed set back re-read molecules
+    already kept (60 SMILES, 40 distinct). The manifest is checksummed, and its counts checked against
+    the split and the kept and dropped positions even when the checksum was forged."""
+    target = None if field == "n_lines" else 20
+    first = quiet_load(str(FIXTURE), n_molecules=target)
+    (folder,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rewrite_manifest(folder, checksum, **{field: manifest[field] + (1 if field == "n_lines" else -10)})
+    bounded_encoder(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = quiet_load(str(FIXTURE), n_molecules=None if target is None else 60)
+    assert any("damaged cache" in str(w.message) for w in caught)
+    assert len(set(again.smiles())) == len(again) == (180 if target is None else 60)
+    assert again.smiles()[: len(first)] == first.smiles()
+
+
+def test_a_pass_that_reads_nothing_raises_instead_of_looping(tmp_path, monkeypatch):
+    bounded_encoder(monkeypatch)
+    path = write(tmp_path / "a.smi", "CCO\nCCN\n")
+    source = corpus.open_smiles_file(path)
+    cache = corpus._Cache(tmp_path / "folder")
+    state = corpus._empty_state(3)  # claims a third line the order does not have
+    state.consumed = 2
+    with pytest.raises(CorpusError, match="nothing left to read at position 2 of 3"):
+        corpus._fill(cache, state, np.arange(2), source, 3, 1, 5.0, False)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_an_edited_line_count_memo_is_recounted(tmp_path, cache_dir, monkeypatch, big):
+    """Item 2: sources.json's n_lines was trusted: 100 there made a 200-line file 100 lines long."""
+    if big:  # the stat-keyed memo of files too big to hash on every load
+        monkeypatch.setattr(corpus, "HASH_ALWAYS_BYTES", 0)
+    path = tmp_path / "mols.smi"
+    path.write_bytes(FIXTURE.read_bytes())
+    assert len(quiet_load(str(path))) == 180
+    memo = json.loads((cache_dir / "sources.json").read_text())
+    (cache_dir / "sources.json").write_text(json.dumps({k: {**v, "n_lines": 100} for k, v in memo.items()}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(quiet_load(str(path))) == 180
+    assert any("does not match its checksum; recounting" in str(w.message) for w in caught)
+
+
+@LINUX_PROC
+def test_a_same_size_edit_with_its_mtime_restored_is_seen(tmp_path, monkeypatch):
+    """Item 2: the memo was keyed on (path, size, mtime): an edit followed by `touch -r` kept the old count
+    and the old molecules. The ctime, which no user can set, is in the key."""
+    monkeypatch.setattr(corpus, "HASH_ALWAYS_BYTES", 0)
+    path = tmp_path / "mols.smi"
+    path.write_bytes(FIXTURE.read_bytes())
+    before = path.stat()
+    quiet_load(str(path)), quiet_load(str(path), "val")
+    lines = FIXTURE.read_text().split("\n")
+    lines[0] = "C" * len(lines[0])  # same size, another molecule
+    deadline = time.monotonic() + 10
+    while path.stat().st_ctime_ns == before.st_ctime_ns and time.monotonic() < deadline:
+        time.sleep(0.01)  # the kernel's clock ticks coarsely: make sure the edit gets a new ctime
+        path.write_text("\n".join(lines))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    train, val = quiet_load(str(path)), quiet_load(str(path), "val")
+    assert sorted(train.smiles() + val.smiles()) == sorted(x for x in lines if x)
+
+
+@pytest.mark.parametrize("case", ["cr endings", "cr in line 1", "quote and cr", "huge quoted field"])
+def test_lines_the_csv_module_refuses_are_dropped_not_a_traceback(tmp_path, capsys, case):
+    """Item 3: csv.Error escaped as a traceback (exit 1)."""
+    molecules = FIXTURE.read_text().split()[:30]
+    expected_drops: dict = {}
+    if case == "cr endings":  # classic Mac OS: every line ends in a lone CR
+        path = write(tmp_path / "mac.smi", "\r".join(molecules) + "\r")
+    elif case == "cr in line 1":
+        path = write(tmp_path / "stray.smi", "CC(\rO ethanol\n" + "\n".join(molecules) + "\n")
+        expected_drops = {"invalid_smiles": [1]}  # the CR splits the line's fields: CC( is no SMILES
+    elif case == "quote and cr":
+        path = write(tmp_path / "q.csv", "id,smiles\n" + "".join(f'{i},{m}\n' for i, m in enumerate(molecules))
+                     + '31,"CCO"\rx\n')
+        expected_drops = {"malformed": [32]}
+    else:
+        path = write(tmp_path / "big.csv", "id,smiles\n" + "".join(f'{i},{m}\n' for i, m in enumerate(molecules))
+                     + '31,"' + "C" * 140_000 + '"\n')
+        expected_drops = {"too_long": [32]}
+    assert corpus.main([str(path), "--workers", "1"]) == 0, capsys.readouterr().err
+    report = describe(str(path), workers=1, progress=False)
+    assert report.kept == 30 and report.dropped == expected_drops
+    assert report.n_lines == 30 + (case != "cr endings") + ("csv" in path.suffix)
+    if case == "cr endings":
+        assert "lines end in CR" in report.layout
+
+
+def test_binary_junk_without_nul_bytes_is_refused_in_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.smi"
+    junk.write_bytes(bytes(b for b in np.random.default_rng(0).integers(1, 256, 4000, dtype=np.uint8)))
+    assert corpus.main([str(junk)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {junk}: binary data (control characters in the first 4,000")
+
+
+def test_a_csv_header_after_blank_lines(tmp_path):
+    """Item 4: the header was found on line 3 but line 1 was skipped, so 'smiles' was read as a molecule."""
+    molecules = FIXTURE.read_text().split()[:30]
+    path = write(tmp_path / "blank.csv", "\n\nid,smiles\n" + "".join(f"{i},{m}\n" for i, m in enumerate(molecules)))
+    report = describe(str(path), workers=1, progress=False)
+    assert (report.kept, report.dropped, report.n_lines) == (30, {}, 33)
+    assert list(read_smiles(path))[0] == (4, molecules[0])
+
+
+def test_timeouts_and_crashes_are_retried_on_the_next_load(tmp_path, monkeypatch):
+    """Item 5: a molecule that timed out on a loaded machine stayed dropped in the cache for good, so the
+    corpus depended on the load of the day. It is retried; once it encodes, the corpus equals a calm build."""
+    flag = tmp_path / "machine-is-busy"
+    slow = FIXTURE.read_text().split()[corpus._split_order(200, False, "train", 0)[0]]  # a training molecule
+
+    def encoder(smiles):  # hangs on one molecule while the flag file exists (forked workers see it)
+        if smiles == slow and flag.exists():
+            threading.Event().wait()
+        return sf.encoder(smiles)
+
+    monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
+    calm = quiet_load(str(FIXTURE), workers=1, timeout_s=3.0)
+    monkeypatch.setattr(corpus, "CACHE_DIR", tmp_path / "busy_cache")
+    flag.touch()
+    busy = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
+    assert busy.report.dropped == {"timeout": 1} and slow not in busy.smiles()
+    flag.unlink()
+    again = quiet_load(str(FIXTURE), workers=1, timeout_s=3.0)
+    assert again.report.dropped == {} and not again.report.cached
+    assert again.smiles() == calm.smiles() and np.array_equal(again.tokens, calm.tokens)
+    assert again.tokenizer.symbols == calm.tokenizer.symbols
+    assert quiet_load(str(FIXTURE), workers=1).report.cached  # nothing transient left: cached again
+
+
+def test_a_molecule_that_still_hangs_stays_dropped_and_the_rest_is_kept(tmp_path, monkeypatch):
+    slow = FIXTURE.read_text().split()[corpus._split_order(200, False, "train", 0)[0]]  # a training molecule
+
+    def encoder(smiles):
+        if smiles == slow:
+            threading.Event().wait()
+        return sf.encoder(smiles)
+
+    monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
+    first = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
+    again = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
+    assert first.report.dropped == again.report.dropped == {"timeout": 1}
+    assert again.smiles() == first.smiles() and len(again) == 179
+
+
+def test_a_very_long_file_name(tmp_path):
+    """Item 6: the cache folder took the whole stem: a 250-character name was 'File name too long'."""
+    path = tmp_path / ("a" * 246 + ".smi")
+    path.write_bytes(FIXTURE.read_bytes())
+    assert len(quiet_load(str(path))) == 180
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--seed", "-1"], "error: seed must be an integer >= 0, got -1"),
+    (["--timeout", "nan"], "error: timeout must be a number of seconds > 0, got nan"),
+    (["--timeout", "inf"], "error: timeout must be a number of seconds > 0, got inf"),
+])
+def test_bad_arguments_are_one_error_line(tmp_path, capsys, args, said):
+    """Items 7, 8: --seed -1 was a numpy traceback; --timeout nan silently turned the timeout off."""
+    path = write(tmp_path / "a.smi", "CCO\n")
+    assert corpus.main([str(path), *args]) == 2
+    assert capsys.readouterr().err == said + "\n"
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """Item 7: CHEMSCALE_RUNS=/dev/null/x was a NotADirectoryError traceback."""
+    monkeypatch.setattr(corpus, "CACHE_DIR", Path("/dev/null/x/cache/corpus"))
+    assert corpus.main([str(write(tmp_path / "a.smi", "CCO\n"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /dev/null/x/cache/corpus: cannot create the corpus cache folder (")
+    assert err.count("\n") == 1 and "CHEMSCALE_RUNS" in err
+
+
+@pytest.mark.parametrize("encoding", ["utf-32-le", "utf-32-be", "utf-16-le", "utf-16-be"])
+def test_utf16_and_utf32_without_a_byte_order_mark_with_non_ascii_names(tmp_path, encoding):
+    """Item 9: UTF-32 without a BOM, and UTF-16 without one holding non-ASCII names, were 'binary data'."""
+    path = tmp_path / "win.smi"
+    molecules = FIXTURE.read_text().split()[:30]
+    name = "\u4e59\u9187\u00e9" * 12  # more non-ASCII than ASCII in the names: few NUL bytes in UTF-16
+    path.write_bytes("".join(f"{m} {name} {i}\r\n" for i, m in enumerate(molecules)).encode(encoding))
+    assert corpus.open_smiles_file(path).encoding == encoding
+    assert [s for _, s in read_smiles(path)] == molecules
+
+
+@pytest.mark.parametrize("kind", ["bzip2", "xz", "zip", "zstd"])
+def test_other_compressed_files_are_named_with_how_to_decompress(tmp_path, capsys, kind):
+    """Item 10: they were 'binary data ... convert it with iconv'."""
+    import bz2
+    import lzma
+    import zipfile
+    data = FIXTURE.read_bytes()
+    path = tmp_path / "mols.smi"
+    if kind == "bzip2":
+        path.write_bytes(bz2.compress(data))
+    elif kind == "xz":
+        path.write_bytes(lzma.compress(data))
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("mols.smi", data)
+    else:  # a zstd frame's magic number, then its (here unused) content
+        path.write_bytes(b"\x28\xb5\x2f\xfd" + data)
+    assert corpus.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {kind}-compressed data; decompress it first") and err.count("\n") == 1
+
+
+def test_rdkit_smiles_name_header_is_skipped_and_said(tmp_path):
+    """Item 11: RDKit's SmilesWriter header 'SMILES Name' was reported as an invalid SMILES on line 1."""
+    molecules = FIXTURE.read_text().split()[:30]
+    path = write(tmp_path / "rdkit.smi", "SMILES Name\n" + "".join(f"{m} mol{i}\n" for i, m in enumerate(molecules)))
+    report = describe(str(path), workers=1, progress=False)
+    assert (report.kept, report.dropped) == (30, {}) and "header line 1 skipped" in report.layout
+
+
+def test_a_big_encode_says_what_it_will_do_first(tmp_path, monkeypatch, capsys):
+    """Item 11: `python -m chemscale.corpus moses` encoded 1.58M molecules (~30 min) without a word."""
+    monkeypatch.setattr(corpus, "BIG_ENCODE", 100)
+    load(str(FIXTURE), workers=1)
+    assert "moses_200.smi: encoding up to 180 molecules (about 1 min at ~1,000 molecules/s; cached for later " \
+           "runs; -n N encodes only the first N)\n" in capsys.readouterr().err
+    load(str(FIXTURE), workers=1)  # cached: says nothing
+    assert "encoding up to" not in capsys.readouterr().err
+
+
+def test_the_cache_folder_name_is_cut_and_a_leading_dash_dropped(tmp_path):
+    source = corpus.open_smiles_file(write(tmp_path / ("-" + "b" * 100 + ".smi"), "CCO\n"))
+    folder = corpus._cache_folder(source, False, "train", 0, {"sha256": "0" * 64})
+    assert folder.name.startswith("b" * (corpus.STEM_CHARS - 1) + "-smi-train-") and len(folder.name) < 80
