@@ -10,6 +10,8 @@ Nested subsets: the molecules of a split are visited in one fixed permutation (b
 Only the needed prefix is encoded; a larger request encodes just the missing part and extends
 the cache. Token ids are append-only in order of first appearance along the permutation, so
 the vocabulary of the first n molecules is a prefix of the cache's, whatever was encoded before.
+Drops for a timeout or a worker crash depend on the machine's load, not the molecule: they are
+retried on every load, and one that then encodes cuts the cache back to it and refills.
 
     python -m chemscale.corpus PATH [--format pubchem|smi|csv]  # the whole file: lines, kept, dropped, splits
     python -m chemscale.corpus PATH -n N [--split val]          # the first N molecules of a split
