@@ -8,6 +8,11 @@ clipping (`GradScaler.unscale_`); PyTorch's `GradScaler.step` then sees the opti
 unscaled and passes the fused kernel no scale, only the inf check, which is PyTorch's documented
 pattern for clipping under AMP. The fused AdamW stays: on this CPU its step takes 2.8 ms against
 14.5 ms for the foreach one at width 256 (3.2M parameters), ~4% of a training step.
+
+Measured with it (width 256, depth 4, 10,000 MOSES molecules, batch 64, 600 steps, lr 1e-3, one
+thread each, both runs at once on the AVX512-BF16/AMX 2-core machine): validation loss 0.9151 in
+bf16-mixed against 0.9115 in fp32 (+0.4%), training 1,597 against 1,171 tokens/s (the machine
+was busy, so the speed ratio is rough).
 """
 
 from __future__ import annotations
