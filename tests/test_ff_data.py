@@ -282,7 +282,7 @@ def test_rmd17_is_read_in_kcal_per_mol(tmp_path):
     np.testing.assert_allclose(frames.energy, e * 0.0433641, rtol=1e-6)
     np.testing.assert_allclose(frames.forces, f.reshape(-1, 3) * 0.0433641, rtol=1e-6)
     np.testing.assert_allclose(frames.positions, r.reshape(-1, 3))
-    with pytest.warns(FFUnitWarning, match="most likely in kcal/mol"):  # asked for: read, with a word
+    with pytest.warns(FFUnitWarning, match="(most likely|may be) in kcal/mol"):  # asked for: read, with a word
         as_ev = read(tmp_path / "rmd17_ethanol.npz", energy_unit="eV")
     np.testing.assert_allclose(as_ev.energy, e)
 
@@ -319,7 +319,7 @@ def test_ani1x_is_read_in_hartree_and_nans_are_dropped_and_counted(tmp_path):
     assert frames.dropped == Counter(nan_energy=1, nan_forces=1) and len(frames) == 5
     np.testing.assert_allclose(frames.energy[:3], e[[0, 2, 4]] * 27.211386, rtol=1e-6)
     assert sorted(set(frames.group)) == [0, 1]
-    folder = data.generate(str(path))  # a user's file becomes a cached dataset, drops recorded
+    folder = data.generate(data.as_recipe(str(path), val_fraction=0))  # a cached dataset, drops recorded
     assert json.loads((folder / "meta.json").read_text())["dropped"] == {"nan_energy": 1, "nan_forces": 1}
 
 
@@ -589,7 +589,7 @@ def test_a_cold_trajectory_is_a_close_call_read_with_a_warning(md_dir, tmp_path)
     cold.forces *= 0.2
     cold.energy = cold.energy.mean() + 0.2 * (cold.energy - cold.energy.mean())
     path = write_in_unit(tmp_path / "cold.npz", cold, "kcal/mol")
-    with pytest.warns(FFUnitWarning, match="cold.npz: the numbers do not look like kcal/mol .*most likely in eV"):
+    with pytest.warns(FFUnitWarning, match="cold.npz: the numbers do not look like kcal/mol .*may be in eV, but the evidence is weak"):
         frames = read(path)
     np.testing.assert_allclose(frames.forces, cold.forces, rtol=1e-9)
 
@@ -673,3 +673,182 @@ def test_cache_dir_changes_with_the_generating_code_and_versions(tmp_path, monke
         mp.setattr(data, "_versions", lambda: {"tblite": "0.0.1"})
         assert data.dataset_dir(recipe) not in (before, after)
     assert data.dataset_dir(recipe) == before and data.generate(recipe) == before and len(build.calls) == 2
+
+
+# ---------------------------------------------------------------- hostile review of the data side (issue 8, items 8-10)
+
+def xtb_frames(md_dir, n=None):
+    """The tiny xTB ethanol training frames (eV, Å), the first `n` of them."""
+    frames = data.load(md_dir, "train").frames
+    return frames if n is None else frames.take(range(n))
+
+
+def test_too_few_molecules_or_frames_for_three_splits_is_refused(md_dir, tmp_path):
+    xtb = xtb_frames(md_dir)
+    one = write_in_unit(tmp_path / "one.npz", xtb.take([0]), "kcal/mol")
+    with pytest.raises(FFDataError, match=r"one.npz: 1 structure\(s\): too few for train/val/test splits"):
+        data.generate(str(one))
+    water = molecule("H2O")
+    path = write_ani1x(tmp_path / "two.h5", {  # two formulas, 20 structures: whole molecules go to one split
+        "C2H6O": (xtb.numbers[:9], xtb.positions.reshape(-1, 9, 3), xtb.energy / 27.211386,
+                  xtb.forces.reshape(-1, 9, 3) / 27.211386),
+        "H2O": (water.numbers, water.positions[None].repeat(3, 0), np.array([-5.07, -5.06, -5.08]),
+                np.full((3, 3, 3), 0.02))})
+    with pytest.raises(FFDataError, match=r"two.h5: 23 structures of 2 molecules .*too few for train/val/test"):
+        data.generate(str(path))
+
+
+def test_unit_warnings_are_recorded_and_shown_on_every_load(md_dir, tmp_path):
+    hartree = write_in_unit(tmp_path / "hartree.npz", xtb_frames(md_dir), "Hartree")
+    with pytest.warns(FFUnitWarning, match="hartree.npz: the numbers do not look like kcal/mol"):
+        folder = data.generate(data.as_recipe(str(hartree), energy_unit="kcal/mol"))
+    recorded = json.loads((folder / "meta.json").read_text())["warnings"]
+    assert recorded[0]["category"] == "FFUnitWarning" and "do not look like kcal/mol" in recorded[0]["message"]
+    for source in (str(hartree), folder):  # the cached dataset, by its file and by its folder
+        with pytest.warns(FFUnitWarning, match="hartree.npz: the numbers do not look like kcal/mol"):
+            data.load(source, "train", energy_unit="kcal/mol" if source != folder else None)
+
+
+def test_nonfinite_numbers_never_reach_the_cache(md_dir, tmp_path, monkeypatch):
+    def nan_build(recipe, progress=True):
+        splits = fake_build()(recipe)
+        splits["train"].positions[0, 0] = np.nan
+        return splits
+
+    monkeypatch.setattr(data, "build", nan_build)
+    with pytest.raises(FFDataError, match=r"md:ethanol \[train\]: positions of frame 0 is NaN or infinite"):
+        data.generate(generate.MDRecipe(**TINY_MD), progress=False)
+    assert not list(data.CACHE_DIR.glob("md-*"))
+    xtb = xtb_frames(md_dir)
+    bad = xtb.take(range(len(xtb)))
+    bad.positions[12, 1] = np.nan
+    with pytest.raises(FFDataError, match=r"nan_coords.npz: coordinates of frame 1 is NaN"):
+        read(write_in_unit(tmp_path / "nan_coords.npz", bad, "kcal/mol"))
+    huge = xtb.take(range(len(xtb)))
+    huge.energy[0] = 1e305
+    with pytest.raises(FFDataError, match=r"huge.npz: energy of frame 0 is beyond 1e\+07 eV per atom"):
+        read(write_in_unit(tmp_path / "huge.npz", huge, "eV"), energy_unit="eV")
+    z, r, e, f = xtb.numbers[:9], xtb.positions.reshape(-1, 9, 3), xtb.energy / 27.211386, xtb.forces.reshape(-1, 9, 3)
+    r = r.copy()
+    r[2, 0, 0] = np.nan
+    e = e.copy()
+    e[5] = 1e307  # Hartree: overflows to inf in eV
+    path = write_ani1x(tmp_path / "ani.h5", {"C2H6O": (z, r, e, f / 27.211386)})
+    with pytest.raises(FFDataError, match=r"ani.h5: energy of frame \d+ is NaN or infinite \(in eV\)"):
+        read(path)
+    e[5] = e[4]
+    frames = read(write_ani1x(tmp_path / "ani_nancoord.h5", {"C2H6O": (z, r, e, f / 27.211386)}))
+    assert frames.dropped == Counter(nan_coordinates=1) and len(frames) == len(e) - 1
+
+
+@pytest.mark.parametrize("numbers, expected", [
+    ([0, 6, 8], r"atomic number 0 \(atom 0\) is not an element"),
+    ([6.4, 6, 8], r"atomic numbers must be whole numbers, got 6.4"),
+    ([-1, 6, 8], r"atomic number -1 \(atom 0\) is not an element"),
+    ([200, 6, 8], r"atomic number 200 \(atom 0\) is not an element"),
+])
+def test_atomic_numbers_must_be_elements(tmp_path, numbers, expected):
+    z, r, e, f = ethanol_arrays(n=5)
+    z = np.array(numbers + list(z[3:]), dtype=float if 6.4 in numbers else np.int64)
+    with pytest.raises(FFDataError, match="z.npz: " + expected):
+        read(write_rmd17(tmp_path / "z.npz", z, r, e, f))
+
+
+def test_odd_files_are_one_clear_error(md_dir, tmp_path):
+    z, r, e, f = ethanol_arrays(n=5)
+    with pytest.raises(FFDataError, match=r"zero.npz: no structures \(0 frames\)"):
+        read(write_rmd17(tmp_path / "zero.npz", z, r[:0], e[:0], f[:0]))
+    np.save(tmp_path / "arr.npy", r)
+    (tmp_path / "arr.npy").rename(tmp_path / "arr.npz")
+    with pytest.raises(FFDataError, match=r"arr.npz: a single .npy array, not an .npz archive"):
+        read(tmp_path / "arr.npz")
+    np.savez(tmp_path / "pickled.npz", nuclear_charges=z, coords=r, energies=np.array([{}] * 5, dtype=object), forces=f)
+    with pytest.raises(FFDataError, match=r"pickled.npz: not a readable .npz file \(holds Python objects"):
+        read(tmp_path / "pickled.npz")
+    compound = np.zeros(5, dtype=[("a", "f8"), ("b", "f8")])
+    path = write_ani1x(tmp_path / "compound.h5", {"C2H6O": (z, r, compound, f / 627.5)})
+    with pytest.raises(FFDataError, match=r"compound.h5 \[group 'C2H6O'\]: energies of type .* are not real numbers"):
+        read(path)
+    with pytest.raises(ConfigError, match="key 'seed' must be an integer >= 0, got -1"):
+        data.as_recipe(str(path), seed=-1)
+    with pytest.raises(ConfigError, match="key 'seed' must be an integer >= 0, got -1"):
+        data.as_recipe("md:ethanol", seed=-1)
+
+
+def test_frames_must_agree_on_a_declared_unit(tmp_path):
+    path = write_extxyz(tmp_path / "h2.xyz", [-31.0, -31.1, -31.05, -30.9], 1.0)
+    text = path.read_text().splitlines()
+    header = next(k for k, line in enumerate(text) if "energy=" in line and k > 3)  # a later frame's comment line
+    text[header] += " energy_unit=Hartree"
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(FFDataError, match=r"h2.xyz: 1 frame\(s\) declare energy_unit=Hartree but 3 .*declare none"):
+        read(path)
+
+
+def test_robust_spread_and_constant_energies(md_dir, tmp_path):
+    xtb = xtb_frames(md_dir)
+    outlier = xtb.take(range(len(xtb)))
+    outlier.energy[3] = 0.0  # one broken frame must not decide the unit
+    with no_unit_warning():
+        read(write_in_unit(tmp_path / "one_zero.npz", outlier, "kcal/mol"))
+    flat = xtb.take(range(len(xtb)))
+    flat.energy[:] = -4200.0
+    with pytest.raises(FFDataError, match=r"const.npz: the energies do not vary"):
+        read(write_in_unit(tmp_path / "const.npz", flat, "kcal/mol"))
+
+
+def test_energies_and_forces_in_different_units_are_named(md_dir, tmp_path):
+    xtb = xtb_frames(md_dir)
+    n = int(xtb.n_atoms[0])
+    z, r = xtb.numbers[:n], xtb.positions.reshape(-1, n, 3)
+    kcal, f = EV_PER["kcal/mol"], xtb.forces.reshape(-1, n, 3)
+    path = write_rmd17(tmp_path / "e_ev_f_kcal.npz", z, r, xtb.energy, f / kcal)
+    with pytest.warns(FFUnitWarning, match=r"e_ev_f_kcal.npz: energies and forces do not look like the same unit.*"
+                                           r"fits best in eV.*in kcal/mol/Å"):
+        read(path)
+    path = write_rmd17(tmp_path / "e_ha_f_kcal.npz", z, r, xtb.energy / EV_PER["Hartree"], f / kcal)
+    with pytest.raises(FFDataError, match=r"e_ha_f_kcal.npz: energies and forces do not look like the same unit"):
+        read(path)
+
+
+@pytest.mark.parametrize("unit, ratio", [("Bohr", "1.8"), ("nm", "0.09")])
+def test_coordinates_not_in_angstrom_are_refused(md_dir, tmp_path, unit, ratio):
+    xtb = xtb_frames(md_dir)
+    scaled = xtb.take(range(len(xtb)))
+    scaled.positions /= {"Bohr": 0.529177, "nm": 10.0}[unit]
+    with pytest.raises(FFDataError, match=rf"coords.npz: the coordinates do not look like Å.* {ratio}\d* times their "
+                                          rf"bond length"):
+        read(write_in_unit(tmp_path / "coords.npz", scaled, "kcal/mol"))
+
+
+@pytest.mark.parametrize("molecule_text, expected", [
+    ("[Na+]", "is a single atom"), ("C.C", "has 2 disconnected fragments"), ("C*", r"atomic number\(s\) \[0\]"),
+    ("[U]", r"atomic number\(s\) \[92\]: GFN2-xTB covers elements 1-86"),
+])
+def test_md_molecules_xtb_cannot_run_are_refused_up_front(molecule_text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        data.as_recipe(f"md:{molecule_text}")
+
+
+def test_xtb_failure_is_one_error(capsys):
+    argv = ["md:ethanol", "n_train=1", "n_val=0", "n_test=0", "equilibration_steps=0", "timestep_fs=1e9"]
+    assert data.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: md:ethanol [train]: xTB failed after 0 of 1 frames (CalculationFailed"), err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--energy-unit", "Bohr"], r"^error: \S*hartree.npz: key 'energy_unit' = 'Bohr': 'Bohr' is not an energy unit"),
+    (["--energy-unit", ""], r"key 'energy_unit' = '': unknown unit ''"),
+    (["energy_unit=Hartree", "--energy-unit", "eV"], r"energy_unit='Hartree' and --energy-unit 'eV' disagree"),
+])
+def test_cli_unit_options_are_checked(md_dir, tmp_path, capsys, argv, expected):
+    hartree = write_in_unit(tmp_path / "hartree.npz", xtb_frames(md_dir), "Hartree")
+    assert data.main([str(hartree), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and __import__("re").search(expected, err), err
+
+
+def test_a_recipe_name_and_a_field_that_contradict_it_are_refused():
+    with pytest.raises(ConfigError, match="md:ethanol: names molecule 'ethanol', but molecule='benzene'"):
+        data.as_recipe("md:ethanol", molecule="benzene")

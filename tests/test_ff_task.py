@@ -111,3 +111,17 @@ def test_ff_sweep_axes_and_bad_model_name():
         ("schnet", 8), ("schnet", 16), ("painn", 8), ("painn", 16)}
     with pytest.raises(ConfigError, match="name"):
         sweep.grid("ff", tiny_ff_config(), name=["dimenet"])
+
+
+def test_a_dataset_without_val_or_test_structures_is_refused(tmp_path):
+    """An empty held-out split would report errors of 0.0: refused by validate and build, naming the sizes."""
+    from chemscale.ff import task
+
+    config = tiny_ff_config()
+    config["data"] = {"source": "md:ethanol", "n_train": 4,
+                      "recipe": {"n_train": 4, "n_val": 0, "n_test": 2, "equilibration_steps": 0}}
+    expected = r"cfg \[data\]: the val split\(s\) of 'md:ethanol' hold no structures \(splits: .*'val': 0"
+    with pytest.raises(ConfigError, match=expected):
+        task.validate(config, "cfg", data=True)
+    with pytest.raises(ConfigError, match=expected):
+        task.build(config, None, tmp_path, "cfg")

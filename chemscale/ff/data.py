@@ -37,7 +37,7 @@ import numpy as np
 from chemscale import paths
 from chemscale.config import ConfigError, from_dict, require
 from chemscale.ff import readers, store
-from chemscale.ff.frames import SPLITS, FFDataError, Frames, unit_name
+from chemscale.ff.frames import SPLITS, FFDataError, FFDataWarning, Frames, check_values, energy_factor
 from chemscale.ff.generate import ConformerRecipe, MDRecipe, build
 
 CACHE_DIR = paths.CACHE / "ff"
@@ -60,8 +60,12 @@ class FileRecipe:
         require(Path(self.path).is_file(), "path", f"no such file: {self.path}")
         require(0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1,
                 "val_fraction/test_fraction", "must be >= 0 and sum to < 1")
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
         if self.energy_unit is not None:
-            unit_name(self.energy_unit, self.path)
+            try:
+                energy_factor(self.energy_unit)
+            except FFDataError as e:  # the caller names the file
+                raise ConfigError(f"key 'energy_unit' = {self.energy_unit!r}: {str(e).removeprefix(': ')}") from None
 
     def label(self) -> str:
         return f"file-{Path(self.path).stem}"
@@ -87,6 +91,9 @@ def as_recipe(source, **overrides):
         return from_dict(RECIPES[kind], fields, f"{kind} recipe")
     text = str(source)
     kind, _, rest = text.partition(":")
+    named = {"md": "molecule", "conformers": "source"}.get(kind)
+    if rest and named in overrides and overrides[named] != rest:
+        raise ConfigError(f"{text}: names {named} {rest!r}, but {named}={overrides[named]!r} was also given; give one")
     if kind == "md" and rest:
         return from_dict(MDRecipe, {"molecule": rest, **overrides}, text)
     if kind == "conformers" and rest:
@@ -142,17 +149,27 @@ def generate(recipe, progress: bool = True) -> Path:
     store.remove_stale_temps(final)
     problem = store.verify(final)
     if problem is None:
+        _reemit_warnings(final)
         return final
     if final.exists():
         print(f"{final}: {problem}; rebuilding it", file=sys.stderr)
         shutil.rmtree(final)
     tmp = store.temp_dir(final)
     try:
-        splits = _frames(recipe, progress)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FFDataWarning)
+            splits = _frames(recipe, progress)
+        for w in caught:  # others go on as they came
+            if not issubclass(w.category, FFDataWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if len(splits["train"]) == 0:
             raise FFDataError(f"{recipe}: no training structures (dropped: {dict(splits['train'].dropped)})")
+        for name, frames in splits.items():
+            check_values(frames, f"{_source_name(recipe)} [{name}]")
         meta = {"recipe": {"kind": recipe.kind, **dataclasses.asdict(recipe)}, "format": FORMAT_VERSION,
-                "code": code_digest(), "versions": _versions()}
+                "code": code_digest(), "versions": _versions(),
+                "warnings": [{"category": w.category.__name__, "message": str(w.message)}
+                             for w in caught if issubclass(w.category, FFDataWarning)]}
         store.write(tmp, splits, fit_reference_energies(splits["train"]), meta)
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished the same build first
@@ -161,21 +178,44 @@ def generate(recipe, progress: bool = True) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _reemit_warnings(final)
     return final
+
+
+def _source_name(recipe) -> str:
+    return recipe.path if isinstance(recipe, FileRecipe) else f"{recipe.kind}:{getattr(recipe, 'molecule', None) or recipe.source}"
+
+
+def _reemit_warnings(directory: Path) -> None:
+    """Warn again, on every load, what reading the source warned about when the dataset was built."""
+    categories = {c.__name__: c for c in (FFDataWarning, readers.FFUnitWarning)}
+    for w in store.read_meta(directory).get("warnings", []):
+        warnings.warn(w["message"], categories.get(w["category"], FFDataWarning), stacklevel=4)
 
 
 def _frames(recipe, progress: bool) -> dict[str, Frames]:
     if isinstance(recipe, FileRecipe):
         frames = readers.read(recipe.path, recipe.energy_unit)
-        return split_frames(frames, recipe.val_fraction, recipe.test_fraction, recipe.seed)
+        return split_frames(frames, recipe.val_fraction, recipe.test_fraction, recipe.seed, recipe.path)
     return build(recipe, progress)
 
 
-def split_frames(frames: Frames, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Frames]:
-    """Random train/val/test split; by group (molecule, formula) when there are several, else by structure."""
-    units = frames.group if len(np.unique(frames.group)) > 1 else np.arange(len(frames))
+def split_frames(frames: Frames, val_fraction: float, test_fraction: float, seed: int,
+                 where: str = "") -> dict[str, Frames]:
+    """Random train/val/test split; by group (molecule, formula) when there are several, else by structure.
+
+    A split asked for (fraction > 0) gets at least one unit; too few units for three splits is
+    an error, not an empty validation or test split (whose error would read 0).
+    """
+    grouped = len(np.unique(frames.group)) > 1
+    units = frames.group if grouped else np.arange(len(frames))
     ids = np.random.default_rng(seed).permutation(np.unique(units))
-    n_test, n_val = round(test_fraction * len(ids)), round(val_fraction * len(ids))
+    n_test, n_val = (max(round(f * len(ids)), 1 if f > 0 else 0) for f in (test_fraction, val_fraction))
+    if n_test + n_val >= len(ids):
+        what = (f"{len(frames)} structures of {len(ids)} molecules (formula groups; a molecule's structures stay in "
+                f"one split)") if grouped else f"{len(frames)} structure(s)"
+        raise FFDataError(f"{where}: {what}: too few for train/val/test splits (val_fraction={val_fraction} needs "
+                          f"{n_val}, test_fraction={test_fraction} needs {n_test}, and training at least 1)")
     chosen = {"test": ids[:n_test], "val": ids[n_test:n_test + n_val], "train": ids[n_test + n_val:]}
     splits = {name: frames.take(np.flatnonzero(np.isin(units, chosen[name]))) for name in SPLITS}
     for name in ("val", "test"):  # drops happened while reading, before splitting
@@ -266,6 +306,7 @@ def _directory(source, energy_unit: str | None, progress: bool) -> Path:
         problem = store.verify(Path(source))
         if problem:
             raise FFDataError(f"{source}: is a directory but not a complete chemscale dataset folder: {problem}")
+        _reemit_warnings(Path(source))
         return Path(source)
     overrides = {"energy_unit": energy_unit} if energy_unit is not None else {}
     return generate(as_recipe(source, **overrides), progress)
@@ -323,7 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--energy-unit", help="energy unit of a data file (default: its declared or documented one)")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        shown = set()  # a dataset's recorded warnings come again with each split loaded: print each once
+
+        def show(message, *_, **__):
+            if str(message) not in shown:
+                shown.add(str(message))
+                print(f"warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show
         try:
             _describe_source(args.source, args.overrides, args.energy_unit)
         except (FFDataError, ConfigError) as e:
@@ -337,7 +385,10 @@ def _describe_source(source: str, override_texts: list[str], energy_unit: str | 
     from ase.data import chemical_symbols
 
     overrides = dict(_parse_override(o) for o in override_texts)
-    if energy_unit:
+    if energy_unit is not None:
+        if overrides.get("energy_unit", energy_unit) != energy_unit:
+            raise ConfigError(f"energy_unit={overrides['energy_unit']!r} and --energy-unit {energy_unit!r} disagree; "
+                              f"give one")
         overrides["energy_unit"] = energy_unit
     if Path(source).is_dir():
         if overrides:

@@ -39,6 +39,48 @@ class FFDataError(ValueError):
     """A force-field data file or cached dataset cannot be used; the message names the file."""
 
 
+class FFDataWarning(UserWarning):
+    """Something about a dataset's source the user should know on every load (recorded in meta.json)."""
+
+
+MAX_Z = 118
+MAX_ABS_ENERGY_EV_PER_ATOM = 1e7  # an all-electron uranium atom is ~8e5 eV: anything beyond is not an energy
+MAX_ABS_FORCE_EV_PER_A = 1e6
+
+
+def check_values(frames: Frames, where) -> None:
+    """Refuse non-finite or impossible numbers (atomic numbers 1-118, energies, forces, positions), naming a frame.
+
+    Readers check before their unit check; `data.generate` checks every split of every recipe
+    before it is stored, so nothing broken reaches the cache.
+    """
+    if len(frames) == 0:
+        return
+    bad_z = (frames.numbers < 1) | (frames.numbers > MAX_Z)
+    if bad_z.any():
+        k = int(np.searchsorted(np.cumsum(frames.n_atoms), np.argmax(bad_z), side="right"))
+        raise FFDataError(f"{where}: atomic number {int(frames.numbers[np.argmax(bad_z)])} in frame {k} is not an "
+                          f"element (1-{MAX_Z})")
+    rows = np.repeat(np.arange(len(frames)), frames.n_atoms)
+    per_atom = np.abs(frames.energy) / np.maximum(frames.n_atoms, 1)
+    checks = (("energy", ~np.isfinite(frames.energy), "NaN or infinite (in eV)"),
+              ("positions", _frame_any(rows, ~np.isfinite(frames.positions).all(1), len(frames)), "NaN or infinite"),
+              ("forces", _frame_any(rows, ~np.isfinite(frames.forces).all(1), len(frames)), "NaN or infinite (in eV/Å)"),
+              ("energy", per_atom > MAX_ABS_ENERGY_EV_PER_ATOM,
+               f"beyond {MAX_ABS_ENERGY_EV_PER_ATOM:g} eV per atom in magnitude: not an energy"),
+              ("forces", _frame_any(rows, np.abs(frames.forces).max(1) > MAX_ABS_FORCE_EV_PER_A, len(frames)),
+               f"beyond {MAX_ABS_FORCE_EV_PER_A:g} eV/Å in magnitude: not a force"))
+    for name, bad, what in checks:
+        if bad.any():
+            raise FFDataError(f"{where}: {name} of frame {int(np.argmax(bad))} is {what} "
+                              f"({int(bad.sum())} frame(s) affected)")
+
+
+def _frame_any(rows: np.ndarray, per_atom: np.ndarray, n_frames: int) -> np.ndarray:
+    """(n_frames,) whether any atom of each frame is flagged."""
+    return np.bincount(rows[per_atom], minlength=n_frames) > 0
+
+
 def unit_name(unit: str, source: str = "") -> str:
     """Canonical spelling of an energy or distance unit ('kcal mol-1' -> 'kcal/mol')."""
     key = str(unit).strip().lower().replace(" ", "").replace("^", "")

@@ -32,6 +32,7 @@ from chemscale.config import ConfigError, require
 from chemscale.ff.frames import SPLITS, FFDataError, Frames
 
 CHNO = frozenset({1, 6, 7, 8})
+MAX_XTB_Z = 86  # GFN2-xTB has parameters for H to Rn
 
 MOLECULES = {  # the rMD17 molecules by name; any other SMILES works too
     "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
@@ -64,13 +65,14 @@ class MDRecipe:
     seed: int = 0
 
     def __post_init__(self):
-        smiles(self.molecule)  # raises for a name that is neither known nor a SMILES
+        check_md_molecule(self.molecule)  # raises for a name that is neither known nor a SMILES xTB can run
         require(min(self.n_train, self.n_val, self.n_test) >= 0 and self.n_train > 0, "n_train/n_val/n_test",
                 "must be >= 0, n_train > 0")
         require(self.stride >= 10, "stride", f"must be >= 10 (frames closer in time are correlated), got {self.stride}")
         require(self.temperature_k > 0 and self.timestep_fs > 0 and self.friction_per_fs > 0,
                 "temperature_k/timestep_fs/friction_per_fs", "must be > 0")
         require(self.equilibration_steps >= 0, "equilibration_steps", "must be >= 0")
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
@@ -105,6 +107,7 @@ class ConformerRecipe:
         require(self.sigma_a >= 0, "sigma_a", "must be >= 0")
         require(self.max_heavy_atoms > 0 and self.max_scf_iterations > 0, "max_heavy_atoms/max_scf_iterations",
                 "must be > 0")
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train_molecules, "val": self.n_val_molecules, "test": self.n_test_molecules}
@@ -168,6 +171,26 @@ def smiles(molecule: str) -> str:
     return text
 
 
+def check_md_molecule(molecule: str) -> None:
+    """Refuse, before any xTB call, what MD of one molecule cannot run: single atoms, several fragments,
+    dummy atoms (*) and elements GFN2-xTB has no parameters for."""
+    from rdkit import Chem, rdBase
+
+    with rdBase.BlockLogs():
+        mol = Chem.MolFromSmiles(smiles(molecule))
+        numbers = [a.GetAtomicNum() for a in Chem.AddHs(mol).GetAtoms()]
+        fragments = len(Chem.GetMolFrags(mol))
+    unsupported = sorted({z for z in numbers if not 1 <= z <= MAX_XTB_Z})
+    if unsupported:
+        raise ConfigError(f"key 'molecule' = {molecule!r} has atomic number(s) {unsupported}: GFN2-xTB covers "
+                          f"elements 1-{MAX_XTB_Z} (a '*' is a dummy atom, 0)")
+    if len(numbers) < 2:
+        raise ConfigError(f"key 'molecule' = {molecule!r} is a single atom: it has no forces to learn")
+    if fragments > 1:
+        raise ConfigError(f"key 'molecule' = {molecule!r} has {fragments} disconnected fragments ('.'): MD of one "
+                          f"molecule needs one")
+
+
 def xtb_calculator(charge: int = 0, max_iterations: int = 250):
     """tblite's GFN2-xTB ASE calculator, silent."""
     from tblite.ase import TBLite
@@ -201,6 +224,7 @@ def formal_charge(smiles_text: str) -> int:
 
 def md_trajectory(recipe: MDRecipe, split: str, bar) -> Frames:
     """One split's trajectory: its own velocities and noise, from the shared relaxed start."""
+    from ase.calculators.calculator import CalculationFailed, InputError
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
@@ -218,15 +242,21 @@ def md_trajectory(recipe: MDRecipe, split: str, bar) -> Frames:
     atoms.set_constraint(FixCom())  # ASE's replacement for Langevin(fixcm=True); recorded forces are unconstrained
     dyn = Langevin(atoms, timestep=recipe.timestep_fs * units.fs, temperature_K=recipe.temperature_k,
                    friction=recipe.friction_per_fs / units.fs, fixcm=False, rng=rng)
-    dyn.run(recipe.equilibration_steps)
-    bar.update(recipe.equilibration_steps)
     positions, forces, energies = [], [], []
-    for _ in range(n_frames):
-        dyn.run(recipe.stride)  # forces at the new positions are computed by the step itself: no extra call
-        positions.append(atoms.get_positions())
-        forces.append(atoms.get_forces(apply_constraint=False))
-        energies.append(atoms.get_potential_energy())
-        bar.update(recipe.stride)
+    try:
+        dyn.run(recipe.equilibration_steps)
+        bar.update(recipe.equilibration_steps)
+        for _ in range(n_frames):
+            dyn.run(recipe.stride)  # forces at the new positions are computed by the step itself: no extra call
+            positions.append(atoms.get_positions())
+            forces.append(atoms.get_forces(apply_constraint=False))
+            energies.append(atoms.get_potential_energy())
+            bar.update(recipe.stride)
+    except (CalculationFailed, InputError) as e:
+        raise FFDataError(f"md:{recipe.molecule} [{split}]: xTB failed after {len(energies)} of {n_frames} frames "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
+                          f"a temperature_k of {recipe.temperature_k:g} K or a timestep_fs of {recipe.timestep_fs:g} "
+                          f"fs may tear the molecule apart") from None
     return Frames.from_trajectory(atoms.numbers, positions, forces, energies, group=SPLITS.index(split))
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chemscale.ff.frames import (EV_PER, FFDataError, Frames, distance_factor, energy_factor, resolve_unit,
-                                  unit_name)
+from chemscale.ff.frames import (EV_PER, MAX_Z, FFDataError, FFDataWarning, Frames, check_values, distance_factor,
+                                  energy_factor, resolve_unit, unit_name)
 
 RMD17_KEYS = ("nuclear_charges", "coords", "energies", "forces")
 SGDML_KEYS = ("z", "R", "E", "F")
@@ -88,10 +88,13 @@ def read_sgdml(path, energy_unit: str | None = None) -> Frames:
 
 def _npz_keys(path: Path) -> list[str]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return list(npz.files)
+        npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FFDataError(f"{path}: not a readable .npz file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+        raise _unreadable_npz(path, e) from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load also reads a bare .npy array
+        raise FFDataError(f"{path}: a single .npy array, not an .npz archive of named arrays")
+    with npz:
+        return list(npz.files)
 
 
 def _load_npz(path, required, fmt: str, optional=()) -> dict[str, np.ndarray]:
@@ -103,18 +106,51 @@ def _load_npz(path, required, fmt: str, optional=()) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in (*required, *optional) if k in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a member cut short
-        raise FFDataError(f"{path}: not a readable .npz file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a member cut short, or pickled
+        raise _unreadable_npz(path, e) from None
+
+
+def _unreadable_npz(path, e: Exception) -> FFDataError:
+    """The error for an .npz numpy cannot read: pickled objects (never loaded: unsafe) or a damaged file."""
+    if "allow_pickle" in str(e):
+        return FFDataError(f"{path}: not a readable .npz file (holds Python objects (pickle), not arrays of numbers)")
+    return FFDataError(f"{path}: not a readable .npz file (truncated or corrupt?): {type(e).__name__}: {e}")
 
 
 def _molecule_frames(path, numbers, coords, energies, forces, ev_per_unit: float, ang_per_unit: float) -> Frames:
     """Frames of one molecule's trajectory, shapes and finiteness checked, converted to eV and Å."""
-    numbers, coords, forces = np.asarray(numbers).reshape(-1), np.asarray(coords), np.asarray(forces)
-    energies = np.asarray(energies, dtype=np.float64).reshape(-1)  # sGDML stores E as (F, 1)
+    numbers = _atomic_numbers(path, numbers)
+    coords, energies, forces = (_floats(path, name, a) for name, a in
+                                (("coordinates", coords), ("energies", energies), ("forces", forces)))
+    energies = energies.reshape(-1)  # sGDML stores E as (F, 1)
     _check_shapes(path, len(numbers), coords, energies, forces)
-    _check_finite(path, energies, forces.reshape(len(forces), -1))
+    if len(coords) == 0:
+        raise FFDataError(f"{path}: no structures (0 frames)")
+    _check_finite(path, energies, forces.reshape(len(forces), -1), coords.reshape(len(coords), -1))
     return Frames.from_trajectory(numbers, coords * ang_per_unit, forces * (ev_per_unit / ang_per_unit),
                                   energies * ev_per_unit)
+
+
+def _atomic_numbers(where, numbers) -> np.ndarray:
+    """Atomic numbers as int64, refusing non-integers and numbers that are not elements (1-118)."""
+    numbers = np.asarray(numbers).reshape(-1)
+    if numbers.dtype.kind not in "iuf":
+        raise FFDataError(f"{where}: atomic numbers of type {numbers.dtype} are not numbers")
+    if numbers.dtype.kind == "f" and not np.array_equal(numbers, np.round(numbers)):
+        raise FFDataError(f"{where}: atomic numbers must be whole numbers, got {numbers[numbers != np.round(numbers)][0]}")
+    bad = (numbers < 1) | (numbers > MAX_Z)
+    if bad.any():
+        raise FFDataError(f"{where}: atomic number {numbers[bad][0]:g} (atom {int(np.argmax(bad))}) is not an element "
+                          f"(1-{MAX_Z})")
+    return numbers.astype(np.int64)
+
+
+def _floats(where, name: str, array) -> np.ndarray:
+    """`array` as float64, or a clear error for text, records or complex numbers."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "iuf":
+        raise FFDataError(f"{where}: {name} of type {array.dtype} are not real numbers")
+    return array.astype(np.float64)
 
 
 def _check_shapes(where, n_atoms: int, coords, energies, forces) -> None:
@@ -128,13 +164,15 @@ def _check_shapes(where, n_atoms: int, coords, energies, forces) -> None:
         raise FFDataError(f"{where}: {len(energies)} energies for {len(coords)} frames")
 
 
-def _check_finite(where, energies, forces_per_frame) -> None:
-    """Raise naming the first frame whose energy or forces are NaN/inf (forces: one array per frame)."""
-    if isinstance(forces_per_frame, np.ndarray):  # (F, 3n): one molecule
-        bad_forces = ~np.isfinite(forces_per_frame).all(axis=1)
-    else:  # a list of per-frame arrays of different lengths
-        bad_forces = np.array([not np.isfinite(f).all() for f in forces_per_frame], dtype=bool)
-    for name, bad in (("energy", ~np.isfinite(energies)), ("forces", bad_forces)):
+def _check_finite(where, energies, forces_per_frame, coords_per_frame) -> None:
+    """Raise naming the first frame whose energy, forces or coordinates are NaN/inf (one array per frame)."""
+    def bad_frames(per_frame):
+        if isinstance(per_frame, np.ndarray):  # (F, 3n): one molecule
+            return ~np.isfinite(per_frame).all(axis=1)
+        return np.array([not np.isfinite(f).all() for f in per_frame], dtype=bool)  # frames of different sizes
+
+    for name, bad in (("energy", ~np.isfinite(energies)), ("forces", bad_frames(forces_per_frame)),
+                      ("coordinates", bad_frames(coords_per_frame))):
         if bad.any():
             raise FFDataError(f"{where}: {name} of frame {int(np.argmax(bad))} is NaN or infinite "
                               f"({int(bad.sum())} frame(s) affected)")
@@ -165,8 +203,9 @@ def read_ani1x(path, energy_unit: str | None = None, level: str = "wb97x_dz") ->
         raise FFDataError(f"{path}: no structures (dropped: {dict(dropped) or 'none'})")
     frames = Frames.concat(parts)
     frames.dropped = dropped
-    frames.energy *= energy_factor(unit)
-    frames.forces *= energy_factor(unit)
+    with np.errstate(over="ignore"):  # an overflow to inf is refused by name in check_unit
+        frames.energy *= energy_factor(unit)
+        frames.forces *= energy_factor(unit)
     return check_unit(frames, unit, origin, path)
 
 
@@ -195,15 +234,20 @@ def _ani1x_group(path, name: str, group, keys, group_id: int, dropped: Counter) 
         raise FFDataError(f"{where}: missing key(s) {missing}; found keys: {sorted(group.keys())}")
     try:
         numbers, coords, energies, forces = (np.asarray(group[k][()]) for k in keys)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise FFDataError(f"{where}: unreadable data (truncated or corrupt?): {e}") from None
-    energies = energies.astype(np.float64).reshape(-1)
+    numbers = _atomic_numbers(where, numbers)
+    coords, energies, forces = (_floats(where, name, a) for name, a in
+                                (("coordinates", coords), ("energies", energies), ("forces", forces)))
+    energies = energies.reshape(-1)
     _check_shapes(where, len(numbers), coords, energies, forces)
     nan_energy = ~np.isfinite(energies)
     nan_forces = ~nan_energy & ~np.isfinite(forces.reshape(len(forces), -1)).all(axis=1)
-    dropped["nan_energy"] += int(nan_energy.sum())
-    dropped["nan_forces"] += int(nan_forces.sum())
-    keep = ~(nan_energy | nan_forces)
+    nan_coords = ~nan_energy & ~nan_forces & ~np.isfinite(coords.reshape(len(coords), -1)).all(axis=1)
+    for reason, bad in (("nan_energy", nan_energy), ("nan_forces", nan_forces), ("nan_coordinates", nan_coords)):
+        if bad.any():
+            dropped[reason] += int(bad.sum())
+    keep = ~(nan_energy | nan_forces | nan_coords)
     return Frames.from_trajectory(numbers, coords[keep], forces[keep], energies[keep], group=group_id)
 
 
@@ -220,6 +264,12 @@ def read_extxyz(path, energy_unit: str | None = None) -> Frames:
     declared = {str(a.info["energy_unit"]) for a in images if "energy_unit" in a.info}
     if len(declared) > 1:
         raise FFDataError(f"{path}: frames declare different energy units {sorted(declared)}")
+    silent = [k for k, a in enumerate(images) if "energy_unit" not in a.info]
+    if declared and silent:
+        raise FFDataError(f"{path}: {len(images) - len(silent)} frame(s) declare energy_unit={next(iter(declared))} "
+                          f"but {len(silent)} (frame {silent[0]} first) declare none; every frame must declare the "
+                          f"same unit, or none")
+    _warn_periodic(path, images)
     unit, origin = _unit(energy_unit, next(iter(declared), None), "eV", path)
     labelled = [_energy_forces(path, k, a) for k, a in enumerate(images)]
     return check_unit(_atoms_frames(path, images, labelled, energy_factor(unit), 1.0), unit, origin, path)
@@ -241,8 +291,17 @@ def read_ase_db(path, energy_unit: str | None = None) -> Frames:
     if "forces" in declared:
         _check_forces_unit(path, declared["forces"], unit, metadata.get("_distance_unit", "Ang"))
     images = [row.toatoms() for row in rows]
+    _warn_periodic(path, images)
     labelled = [_row_energy_forces(path, k, row) for k, row in enumerate(rows)]
     return check_unit(_atoms_frames(path, images, labelled, energy_factor(unit), ang_per_unit), unit, origin, path)
+
+
+def _warn_periodic(path, images) -> None:
+    """Structures are read as isolated molecules: say so when the file has a periodic cell."""
+    periodic = [k for k, a in enumerate(images) if a.pbc.any()]
+    if periodic:
+        warnings.warn(f"{path}: {len(periodic)} frame(s) (frame {periodic[0]} first) have a periodic cell; it is "
+                      f"ignored, every structure is read as an isolated molecule", FFDataWarning, stacklevel=3)
 
 
 def _energy_forces(path, k: int, atoms) -> tuple[float, np.ndarray]:
@@ -281,10 +340,12 @@ def _atoms_frames(path, images, labelled, ev_per_unit: float, ang_per_unit: floa
     if not images:
         raise FFDataError(f"{path}: no structures")
     for k, (atoms, (_, forces)) in enumerate(zip(images, labelled)):
+        _atomic_numbers(f"{path} [frame {k}]", atoms.numbers)
         if forces.shape != (len(atoms), 3):
             raise FFDataError(f"{path}: atom counts do not match: frame {k} has {len(atoms)} atoms "
                               f"but forces of shape {forces.shape}")
-    _check_finite(path, np.array([e for e, _ in labelled]), [f.reshape(-1) for _, f in labelled])
+    _check_finite(path, np.array([e for e, _ in labelled]), [f.reshape(-1) for _, f in labelled],
+                  [a.positions.reshape(-1) for a in images])
     formulas = [a.get_chemical_formula() for a in images]
     group_of = {f: g for g, f in enumerate(dict.fromkeys(formulas))}
     return Frames.from_structures([a.numbers for a in images], [a.positions * ang_per_unit for a in images],
@@ -292,17 +353,27 @@ def _atoms_frames(path, images, labelled, ev_per_unit: float, ang_per_unit: floa
                                   [e * ev_per_unit for e, _ in labelled], [group_of[f] for f in formulas])
 
 
-# --- is the unit plausible? ---------------------------------------------------------------------
+# --- are the numbers plausible? ----------------------------------------------------------------
 
 # Molecular energies+forces data in eV and Å. Measured on GFN2-xTB data from `generate`: force
 # component RMS 0.88 eV/Å (ethanol MD, 500 K), 1.08 (aspirin), 2.5 (perturbed conformers);
-# energy spread (std of one molecule's energies / sqrt(atoms)) 0.033, 0.043, 0.077 eV. rMD17
-# (about 20 kcal/mol/Å) and ANI-1x (about 0.05 Hartree/Å) are near 1 eV/Å too.
+# energy spread (median absolute deviation of one molecule's energies, scaled to a standard
+# deviation, / sqrt(atoms)) 0.033, 0.043, 0.077 eV. rMD17 (about 20 kcal/mol/Å) and ANI-1x
+# (about 0.05 Hartree/Å) are near 1 eV/Å too. Colder data has both smaller (forces ~ sqrt(T),
+# spread ~ T), hotter data larger: outside these ranges is unusual, not impossible.
 TYPICAL = {"force_rms_ev_per_a": (0.2, 5.0), "energy_spread_ev": (0.005, 1.0)}
-CLEARLY_OFF_DECADES = 0.5  # another unit must fit this much better (summed over both measures) to refuse
+# Energy spread / force RMS is a length, whatever the energy unit: 0.038 Å for ethanol at 500 K,
+# 0.031 for perturbed conformers, 0.0045 at 5 K (it grows as sqrt(T)). Energies and forces in
+# different units (kcal/mol vs eV: 23x, vs Hartree: 627x) fall outside.
+TYPICAL_LENGTH_A = (0.003, 0.3)
+STRONG_DECADES = 0.5  # refuse an assumed unit only if every measure is this far off (or one measure 1.5 decades)
+# The closest pair of atoms of a molecule, as a multiple of the sum of their covalent radii:
+# about 0.85-1.1 in real molecules (bonds), 1.89 for Bohr read as Å, 0.1 for nm.
+BOND_RATIO = (0.55, 1.6)
+DISTANCE_SAMPLE = 300  # structures whose closest pair is measured
 
 
-class FFUnitWarning(UserWarning):
+class FFUnitWarning(FFDataWarning):
     """A data file's numbers look like another energy unit than the one it is read in."""
 
 
@@ -312,25 +383,44 @@ def _unit(asked: str | None, declared: str | None, documented: str, path) -> tup
     return unit, "asked" if asked is not None else "declared" if declared is not None else "assumed"
 
 
+def _group_spread(frames: Frames) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of >= 3 structures: robust energy spread per sqrt(atom) (eV) and whether it is exactly 0.
+
+    The spread is 1.4826 x the median absolute deviation, a standard deviation that one bad
+    frame cannot move.
+    """
+    spreads, flat = [], []
+    for g in np.unique(frames.group):
+        energy = frames.energy[frames.group == g]
+        if len(energy) >= 3:
+            mad = 1.4826 * np.median(np.abs(energy - np.median(energy)))
+            spreads.append(mad / np.sqrt(frames.n_atoms[frames.group == g].mean()))
+            flat.append(np.ptp(energy) == 0)
+    return np.array(spreads), np.array(flat, dtype=bool)
+
+
 def unit_measures(frames: Frames) -> dict[str, float]:
-    """Force component RMS (eV/Å) and median energy spread per sqrt(atom) (eV); a measure is absent if 0."""
-    measures = {"force_rms_ev_per_a": float(np.sqrt(np.mean(frames.forces ** 2))) if len(frames.forces) else 0.0}
-    _, group, count = np.unique(frames.group, return_inverse=True, return_counts=True)
-    mean = np.bincount(group, frames.energy) / count
-    var = np.bincount(group, (frames.energy - mean[group]) ** 2) / count
-    atoms = np.bincount(group, frames.n_atoms) / count
-    several = (count > 1) & (var > 0)
-    measures["energy_spread_ev"] = float(np.median(np.sqrt(var[several] / atoms[several]))) if several.any() else 0.0
+    """Median per-structure force RMS (eV/Å) and median robust energy spread per sqrt(atom) (eV); absent if 0."""
+    measures = {}
+    if len(frames.forces):
+        rows = np.repeat(np.arange(len(frames)), frames.n_atoms)
+        per_frame = np.sqrt(np.bincount(rows, (frames.forces ** 2).sum(1), len(frames)) / (3 * frames.n_atoms))
+        measures["force_rms_ev_per_a"] = float(np.median(per_frame))
+    spreads, _ = _group_spread(frames)
+    if (spreads > 0).any():
+        measures["energy_spread_ev"] = float(np.median(spreads[spreads > 0]))
     return {k: v for k, v in measures.items() if v > 0 and np.isfinite(v)}
 
 
 def _misfit(measures: dict[str, float], scale: float) -> float:
     """Decades by which `measures` times `scale` fall outside their typical ranges, summed."""
-    total = 0.0
-    for key, value in measures.items():
-        low, high = TYPICAL[key]
-        total += max(0.0, np.log10(low / (value * scale)), np.log10(value * scale / high))
-    return total
+    return sum(_off(key, value * scale) for key, value in measures.items())
+
+
+def _off(key: str, value: float) -> float:
+    """Decades by which one measure falls outside its typical range (0 inside)."""
+    low, high = TYPICAL[key]
+    return max(0.0, np.log10(low / value), np.log10(value / high))
 
 
 def likely_unit(measures: dict[str, float], unit: str) -> str:
@@ -344,24 +434,100 @@ def likely_unit(measures: dict[str, float], unit: str) -> str:
 
 
 def check_unit(frames: Frames, unit: str, origin: str, path) -> Frames:
-    """`frames` if their numbers fit `unit`; else refuse (unit assumed) or warn (declared, asked, or a close call).
+    """`frames` if their numbers are sound and fit `unit`; else refuse or warn.
 
-    Typical molecular data is what `TYPICAL` says; a file that fits another unit clearly better
-    was almost surely written in it.
+    Impossible numbers and coordinates that are not in Å are refused (`check_values`,
+    `check_distances`), so are energies that do not vary. A unit only assumed from the format
+    is refused when the evidence against it is strong (every measure far off, another unit
+    fitting); weaker evidence, or a unit the file declares or the caller asks for, only warns.
+    Energies and forces that point to different units are named as such.
     """
+    check_values(frames, path)
+    check_distances(frames, path)
+    _check_energies_vary(frames, path)
     measures = unit_measures(frames)
+    off = {k: _off(k, v) for k, v in measures.items()}
+    if len(measures) == 2:
+        length = measures["energy_spread_ev"] / measures["force_rms_ev_per_a"]  # Å: the same in every energy unit
+        mismatch = max(0.0, np.log10(TYPICAL_LENGTH_A[0] / length), np.log10(length / TYPICAL_LENGTH_A[1]))
+        if mismatch > 0:
+            message = _mismatch_message(path, measures, unit, length)
+            if origin == "assumed" and mismatch >= 1.0:
+                raise FFDataError(message)
+            warnings.warn(message, FFUnitWarning, stacklevel=3)
+            return frames
+    if not off or (min(off.values()) == 0 and max(off.values()) < STRONG_DECADES):
+        return frames  # a measure that fits and the other not far off: cold or hot data look like this
     best = likely_unit(measures, unit)
-    gain = _misfit(measures, 1.0) - _misfit(measures, EV_PER[best] / EV_PER[unit])
-    if best == unit or gain <= 0:
+    if best == unit or _misfit(measures, EV_PER[best] / EV_PER[unit]) >= _misfit(measures, 1.0):
         return frames
-    message = _unit_message(path, measures, unit, origin, best)
-    if origin == "assumed" and gain >= CLEARLY_OFF_DECADES:
+    strong = min(off.values()) >= STRONG_DECADES and (len(off) == 2 or max(off.values()) >= 1.5)
+    message = _unit_message(path, measures, unit, origin, best, strong)
+    if origin == "assumed" and strong:
         raise FFDataError(message)
     warnings.warn(message, FFUnitWarning, stacklevel=3)
     return frames
 
 
-def _unit_message(path, measures: dict[str, float], unit: str, origin: str, best: str) -> str:
+def _alone(key: str, value: float, unit: str) -> str:
+    """The energy unit in which one measure (read in `unit`) sits best in its typical range."""
+    centre = np.mean(np.log10(TYPICAL[key]))
+    return min(EV_PER, key=lambda c: (round(_off(key, value * EV_PER[c] / EV_PER[unit]), 6), c != unit,
+                                      abs(np.log10(value * EV_PER[c] / EV_PER[unit]) - centre)))
+
+
+def _mismatch_message(path, measures: dict[str, float], unit: str, length: float) -> str:
+    """Energies and forces fit different units: say which, and what they are read as."""
+    e_best = _alone("energy_spread_ev", measures["energy_spread_ev"], unit)
+    f_best = _alone("force_rms_ev_per_a", measures["force_rms_ev_per_a"], unit)
+    return (f"{path}: energies and forces do not look like the same unit: their ratio (energy spread / force RMS, "
+            f"a length whatever the energy unit) is {length:.3g} Å where molecular data has "
+            f"{TYPICAL_LENGTH_A[0]:g}-{TYPICAL_LENGTH_A[1]:g} Å; read as {unit}, the energy spread "
+            f"{measures['energy_spread_ev']:.3g} eV/sqrt(atom) fits best in {e_best} and the force RMS "
+            f"{measures['force_rms_ev_per_a']:.3g} eV/Å in {f_best}/Å. Check that the file's energies and forces "
+            f"are in the same unit")
+
+
+def _check_energies_vary(frames: Frames, path) -> None:
+    """Refuse a file whose molecules' energies are all constant while their forces are not (energies missing?)."""
+    _, flat = _group_spread(frames)
+    if len(flat) and flat.all() and np.abs(frames.forces).max(initial=0.0) > 0:
+        raise FFDataError(f"{path}: the energies do not vary: every molecule with 3 or more structures has the same "
+                          f"energy in all of them ({frames.energy[0]:.6g} eV first), while the forces are not zero; "
+                          f"energies missing or overwritten?")
+
+
+def check_distances(frames: Frames, path) -> None:
+    """Refuse coordinates that are not in Å: the closest atoms of a molecule are about one bond length apart.
+
+    Measured on up to `DISTANCE_SAMPLE` structures (seeded): the median, over structures, of
+    the closest pair's distance divided by the sum of the pair's covalent radii.
+    """
+    from ase.data import covalent_radii
+
+    several = np.flatnonzero(frames.n_atoms > 1)
+    if not len(several):
+        return
+    sample = np.random.default_rng(0).permutation(several)[:DISTANCE_SAMPLE]
+    starts, ratios, closest = frames.atom_start, [], []
+    for k in sample:
+        atoms = slice(starts[k], starts[k] + frames.n_atoms[k])
+        r, radii = frames.positions[atoms], covalent_radii[frames.numbers[atoms]]
+        d = np.linalg.norm(r[:, None] - r[None], axis=-1) + np.diag(np.full(len(r), np.inf))
+        ratio = d / (radii[:, None] + radii[None])
+        i, j = np.unravel_index(np.argmin(ratio), ratio.shape)
+        ratios.append(ratio[i, j])
+        closest.append(d[i, j])
+    median = float(np.median(ratios))
+    if not BOND_RATIO[0] <= median <= BOND_RATIO[1]:
+        raise FFDataError(f"{path}: the coordinates do not look like Å: the closest atoms of a structure are "
+                          f"{np.median(closest):.3g} Å apart (median over {len(sample)} structures), "
+                          f"{median:.3g} times their bond length (covalent radii), where molecules have about 1 "
+                          f"({BOND_RATIO[0]:g}-{BOND_RATIO[1]:g}); Bohr read as Å gives 1.9, nm 0.1. Convert the "
+                          f"coordinates to Å")
+
+
+def _unit_message(path, measures: dict[str, float], unit: str, origin: str, best: str, strong: bool) -> str:
     """One paragraph: what the numbers are in `unit`, what is typical, what they would be in `best`, what to do."""
     scale = EV_PER[best] / EV_PER[unit]
     names = {"force_rms_ev_per_a": ("force RMS", "eV/Å"), "energy_spread_ev": ("energy spread", "eV/sqrt(atom)")}
@@ -374,6 +540,8 @@ def _unit_message(path, measures: dict[str, float], unit: str, origin: str, best
                          f"to read it as {unit} anyway",
               "declared": f"correct the file's declared unit if it is {best}",
               "asked": f"pass energy_unit={best!r} if the file is in {best}"}[origin]
+    verdict = (f"The file is most likely in {best}" if strong else
+               f"The file may be in {best}, but the evidence is weak (very cold or hot data, or unusual molecules, "
+               f"look like this too)")
     return (f"{path}: the numbers do not look like {unit} ({how}): read as {unit} they give {now}, where molecular "
-            f"data typically has {typical}; in {best} they would be {then}. The file is most likely in {best}: "
-            f"{advice}")
+            f"data typically has {typical}; in {best} they would be {then}. {verdict}: {advice}")

@@ -255,11 +255,22 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
         except ffdata.FFDataError as e:
             raise ConfigError(f"{source} [data]: {e}") from None
         too_many = {split: counts[split]["structures"] for split, n in asked.items() if n > counts[split]["structures"]}
+        _require_held_out(dcfg.source, {split: counts[split]["structures"] for split in counts}, source)
     if too_many:
         split, available = next(iter(too_many.items()))
         raise ConfigError(f"{source} [data]: n_{split} = {asked[split]:,} structures, but the {split} split of "
                           f"{dcfg.source!r} has {available:,}"
                           + ("; raise the recipe's size or ask for fewer" if planned else ""))
+
+
+def _require_held_out(data_source: str, sizes: dict[str, int], source: str) -> None:
+    """Refuse a dataset with an empty validation or test split: its errors would read 0, not 'unmeasured'."""
+    from chemscale.config import ConfigError
+
+    empty = [split for split in ("val", "test") if sizes.get(split, 0) == 0]
+    if empty:
+        raise ConfigError(f"{source} [data]: the {' and '.join(empty)} split(s) of {data_source!r} hold no structures "
+                          f"(splits: {sizes}); a run needs both to report errors on held-out data")
 
 
 def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
@@ -271,6 +282,7 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     train_set = ffdata.load(recipe, "train", dcfg.n_train, seed=0, progress=False)
     val_set = ffdata.load(recipe, "val", dcfg.n_val or None, seed=0, progress=False)
     test_set = ffdata.load(recipe, "test", None, progress=False)
+    _require_held_out(dcfg.source, {"train": len(train_set), "val": len(val_set), "test": len(test_set)}, source)
     elements = sorted(set(train_set.elements) | set(val_set.elements) | set(test_set.elements))
     model = models.build(mcfg.name, width=mcfg.width, depth=mcfg.depth, cutoff=mcfg.cutoff, elements=elements,
                          n_rbf=mcfg.n_rbf)
