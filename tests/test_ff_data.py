@@ -668,7 +668,7 @@ def test_cache_dir_changes_with_the_generating_code_and_versions(tmp_path, monke
         mp.setattr(generate, "__file__", str(changed))
         after = data.generate(recipe, progress=False)
         assert after != before and len(build.calls) == 2  # rebuilt, not served from the warm cache
-        assert json.loads((after / "meta.json").read_text())["code"] == data.code_digest()
+        assert json.loads((after / "meta.json").read_text())["code"] == data.code_digest("md")
     with monkeypatch.context() as mp:
         mp.setattr(data, "_versions", lambda: {"tblite": "0.0.1"})
         assert data.dataset_dir(recipe) not in (before, after)
@@ -852,3 +852,50 @@ def test_cli_unit_options_are_checked(md_dir, tmp_path, capsys, argv, expected):
 def test_a_recipe_name_and_a_field_that_contradict_it_are_refused():
     with pytest.raises(ConfigError, match="md:ethanol: names molecule 'ethanol', but molecule='benzene'"):
         data.as_recipe("md:ethanol", molecule="benzene")
+
+
+def test_ambiguous_npz_aliased_h5_groups_and_periodic_cells_are_named(md_dir, tmp_path):
+    z, r, e, f = ethanol_arrays(n=5)
+    np.savez(tmp_path / "both.npz", nuclear_charges=z, coords=r, energies=e, forces=f, z=z, R=r, E=e, F=f)
+    with pytest.warns(UserWarning, match=r"both.npz: has both rMD17 keys .* read as rMD17"):
+        read(tmp_path / "both.npz")
+    path = write_ani1x(tmp_path / "alias.h5", {"C2H6O": (z, r, e / 627.5, f / 627.5)})
+    with h5py.File(path, "a") as h5:
+        h5["hard"] = h5["C2H6O"]
+        h5["soft"] = h5py.SoftLink("/C2H6O")
+    with pytest.warns(UserWarning, match=r"alias.h5: group 'hard' is a link to 'C2H6O'"):
+        frames = read(path)
+    assert len(frames) == 5 and not frames.dropped  # read once; no zero counts either
+    periodic = write_extxyz(tmp_path / "periodic.xyz", [-31.0, -31.1, -31.05, -30.9], 1.0)
+    periodic.write_text(periodic.read_text().replace('pbc="F F F"', 'Lattice="9 0 0 0 9 0 0 0 9" pbc="T T T"'))
+    with pytest.warns(UserWarning, match=r"periodic.xyz: 4 frame\(s\) .*periodic cell; it is ignored"):
+        read(periodic)
+
+
+def test_file_cache_is_keyed_by_content_and_generated_data_by_generating_code(md_dir, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    xtb = xtb_frames(md_dir)
+    kcal = write_in_unit(tmp_path / "kcal.npz", xtb, "kcal/mol")
+    first = data.dataset_dir(data.as_recipe(str(kcal)))
+    stat = kcal.stat()
+    shutil.copy(write_in_unit(tmp_path / "other.npz", xtb.take(range(10)), "kcal/mol"), kcal)
+    os.utime(kcal, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old date: only the content tells
+    assert data.dataset_dir(data.as_recipe(str(kcal))) != first
+    md = generate.MDRecipe(**TINY_MD)
+    before = data.dataset_dir(md)
+    changed = tmp_path / "readers.py"  # an edited reader's message: generated datasets are not rebuilt
+    changed.write_text(open(data.readers.__file__).read() + "\n# a reworded message\n")
+    monkeypatch.setattr(data.readers, "__file__", str(changed))
+    assert data.dataset_dir(md) == before and data.dataset_dir(data.as_recipe(str(kcal))) != first
+
+
+def test_a_dataset_folder_is_checksummed_once_per_process(md_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(store, "sha256", lambda path: calls.append(path) or store.hashlib.sha256(
+        path.read_bytes()).hexdigest())
+    monkeypatch.setattr(store, "_VERIFIED", {})
+    for split in ("train", "val", "test", "train"):
+        data.load(md_dir, split)
+    assert len(calls) == len(store.FILES)  # every file once, not once per load

@@ -116,24 +116,37 @@ def dataset_dir(recipe) -> Path:
     packages that do (`_versions`): a warm cache can hide neither a regression nor a fix.
     """
     key = {"kind": recipe.kind, "format": FORMAT_VERSION, **dataclasses.asdict(recipe),
-           "code": code_digest(), "versions": _versions()}
+           "code": code_digest(recipe.kind), "versions": _versions()}
     source = recipe.path if isinstance(recipe, FileRecipe) else getattr(recipe, "source", "moses")
-    if source != "moses":  # a changed file is a different dataset
-        stat = Path(source).stat()
-        key["file"] = [str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns]
+    if source != "moses":  # a changed file is a different dataset: its content decides, not its date
+        key["file"] = [str(Path(source).resolve()), file_digest(source)]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return CACHE_DIR / f"{recipe.label()}-{digest}"
 
 
-# Modules whose every line may shape a dataset's numbers (generation, reading, units, storage);
-# of this module only the functions that do (a changed CLI or docstring keeps the caches).
-SHAPING_MODULES = ("chemscale.ff.generate", "chemscale.ff.readers", "chemscale.ff.frames", "chemscale.ff.store")
+_FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256: each file hashed once per process
 
 
-def code_digest() -> str:
-    """SHA-256 (16 hex digits) of the source of the code that turns a recipe into stored numbers."""
+def file_digest(path) -> str:
+    """SHA-256 of a source file's bytes, computed once per process for a given path, size and mtime."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        _FILE_DIGESTS[key] = store.sha256(Path(path))
+    return _FILE_DIGESTS[key]
+
+
+# Modules whose every line may shape a dataset's numbers, per kind of recipe: a generated dataset
+# does not depend on the readers, a file's does not depend on xTB generation; of this module only
+# the functions that do (a changed CLI or docstring keeps the caches).
+SHAPING_MODULES = {"generated": ("chemscale.ff.generate", "chemscale.ff.frames", "chemscale.ff.store"),
+                   "file": ("chemscale.ff.readers", "chemscale.ff.frames", "chemscale.ff.store")}
+
+
+def code_digest(kind: str = "generated") -> str:
+    """SHA-256 (16 hex digits) of the source of the code that turns a recipe of `kind` into stored numbers."""
     h = hashlib.sha256()
-    for name in SHAPING_MODULES:
+    for name in SHAPING_MODULES["file" if kind == "file" else "generated"]:
         h.update(Path(importlib.import_module(name).__file__).read_bytes())
     for function in (_frames, split_frames, fit_reference_energies, composition):
         h.update(inspect.getsource(function).encode())
@@ -167,7 +180,7 @@ def generate(recipe, progress: bool = True) -> Path:
         for name, frames in splits.items():
             check_values(frames, f"{_source_name(recipe)} [{name}]")
         meta = {"recipe": {"kind": recipe.kind, **dataclasses.asdict(recipe)}, "format": FORMAT_VERSION,
-                "code": code_digest(), "versions": _versions(),
+                "code": code_digest(recipe.kind), "versions": _versions(),
                 "warnings": [{"category": w.category.__name__, "message": str(w.message)}
                              for w in caught if issubclass(w.category, FFDataWarning)]}
         store.write(tmp, splits, fit_reference_energies(splits["train"]), meta)
@@ -363,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe fields as key=value, e.g. n_train=5000")
     parser.add_argument("--energy-unit", help="energy unit of a data file (default: its declared or documented one)")
     args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:  # `| head`: the reader has gone, nothing left to say
+        sys.stderr.close()
+        return 0
+
+
+def _main(args) -> int:
     with warnings.catch_warnings():
         shown = set()  # a dataset's recorded warnings come again with each split loaded: print each once
 

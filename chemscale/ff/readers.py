@@ -49,6 +49,9 @@ def read(path, energy_unit: str | None = None) -> Frames:
     suffix = path.suffix.lower()
     if suffix == ".npz":
         keys = _npz_keys(path)
+        if {"nuclear_charges", "coords"} & set(keys) and {"R", "z"} & set(keys):
+            warnings.warn(f"{path}: has both rMD17 keys {list(RMD17_KEYS)} and sGDML keys {list(SGDML_KEYS)}; read "
+                          f"as rMD17, the sGDML arrays are ignored", FFDataWarning, stacklevel=2)
         if "nuclear_charges" in keys or "coords" in keys:
             return read_rmd17(path, energy_unit)
         if "R" in keys or "z" in keys:
@@ -218,12 +221,27 @@ def _ani1x_groups(path, h5, keys) -> list:
 
     datasets = sorted(name for name, item in h5.items() if not isinstance(item, h5py.Group))
     if not datasets:
-        return list(h5.items())
+        return _distinct_groups(path, h5.items())
     if set(keys) <= set(datasets):
         return [("/", h5)]
     raise FFDataError(f"{path}: dataset(s) {datasets} at the top level, but an ANI-1x file holds one group per "
                       f"formula with datasets {list(keys)} (or, for a single molecule, those datasets at its top "
                       f"level; missing: {[k for k in keys if k not in datasets]})")
+
+
+def _distinct_groups(path, items) -> list:
+    """(name, group) pairs, each HDF5 object once: a soft or hard link to a group read already is skipped
+    (its structures would otherwise be counted twice, and could land in two splits)."""
+    seen, groups = {}, []
+    for name, group in items:
+        key = hash(group.id)  # the same for every link to one object
+        if key in seen:
+            warnings.warn(f"{path}: group {name!r} is a link to {seen[key]!r}; its structures are read once",
+                          FFDataWarning, stacklevel=4)
+            continue
+        seen[key] = name
+        groups.append((name, group))
+    return groups
 
 
 def _ani1x_group(path, name: str, group, keys, group_id: int, dropped: Counter) -> Frames:

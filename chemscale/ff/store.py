@@ -92,13 +92,34 @@ def _write_npz(path: Path, frames: Frames) -> None:
 def write_manifest(directory: Path) -> None:
     """Size and SHA-256 of every file in `directory` except the manifest itself."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    atomic_write_json(directory / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files})
+    atomic_write_json(directory / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files})
+
+
+_VERIFIED: dict[Path, tuple] = {}  # folder -> (name, size, mtime) of its files when last verified intact
 
 
 def verify(directory: Path) -> str | None:
-    """None if `directory` is a complete dataset matching its manifest, else what is wrong."""
+    """None if `directory` is a complete dataset matching its manifest, else what is wrong.
+
+    Checksums are computed once per process while no file's size or mtime changes (a CLI call
+    loads every split of one folder).
+    """
     if not directory.is_dir():
         return "no such dataset folder"
+    signature = _signature(directory)
+    if _VERIFIED.get(directory) == signature:
+        return None
+    problem = _verify(directory)
+    if problem is None:
+        _VERIFIED[directory] = signature
+    return problem
+
+
+def _signature(directory: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()))
+
+
+def _verify(directory: Path) -> str | None:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -109,7 +130,7 @@ def verify(directory: Path) -> str | None:
         path = directory / name
         if not path.is_file() or path.stat().st_size != entry.get("bytes"):
             return f"{name} is missing or has the wrong size"
-        if _sha256(path) != entry.get("sha256"):
+        if sha256(path) != entry.get("sha256"):
             return f"{name} does not match its checksum"
     return None
 
@@ -137,7 +158,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
