@@ -133,7 +133,7 @@ def test_pyproject_ranges_hold_the_tested_pins():
 
 def test_docs_cite_only_files_in_the_repository():
     for name in ("requirements.txt", "requirements-nodeps.txt", "pyproject.toml", "environment.yml", "README.md"):
-        for cited in re.findall(r"\b([A-Za-z_-]+\.md)\b", (paths.ROOT / name).read_text()):
+        for cited in re.findall(r"(?<![\w.])([A-Za-z_-]+\.md)\b(?!\.\w)", (paths.ROOT / name).read_text()):
             assert (paths.ROOT / cited).exists(), f"{name} cites {cited}, which is not in the repository"
 
 
