@@ -11,12 +11,16 @@ last checkpoint). Every run is `python -m chemscale.train RUN_DIR` in its own pr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +32,9 @@ from chemscale.config import ConfigError
 
 SECTIONS = ("model", "data", "train")
 EXIT_MARK = "chemscale.sweep: the run's process exited with code"  # appended to train.log on failure
+STOP_MARK = "chemscale.sweep: stopped by an interrupt; the run resumes from its last checkpoint next time"
+PARENT_ENV = "CHEMSCALE_SWEEP_PARENT"  # pid of the sweep; its child dies with it (chemscale.train.die_with_parent)
+GRACE_S = 10.0  # seconds an interrupted run gets to exit after SIGTERM before SIGKILL
 
 
 class SweepFailed(RuntimeError):
@@ -119,16 +126,83 @@ def _train_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "chemscale.train", str(run_dir)]
 
 
-def _run_local(run_dir: Path, threads: int) -> int:
-    """Train one run in a child process, its output in RUN_DIR/train.log; returns the exit code."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+class _Children:
+    """The training processes this sweep started, so an interrupt (Ctrl-C, Jupyter's stop) can end them.
+
+    Each child runs in its own session: a terminal's Ctrl-C reaches the sweep only, which
+    stops the children itself (SIGTERM to each child's process group, so DDP ranks go too;
+    SIGKILL after `GRACE_S`) and then re-raises. Once stopping, no new child is started.
+    """
+
+    def __init__(self):
+        self.lock, self.live, self.stopping = threading.Lock(), set(), False
+
+    def start(self, command, **kwargs) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(command, start_new_session=True, **kwargs)
+            self.live.add(process)
+            return process
+
+    def done(self, process: subprocess.Popen) -> None:
+        with self.lock:
+            self.live.discard(process)
+
+    def stop(self) -> None:
+        """SIGTERM to every child's process group, SIGKILL to those still alive after GRACE_S; wait for all."""
+        with self.lock:
+            self.stopping = True
+            live = list(self.live)
+        _signal_groups(live, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        while any(p.poll() is None for p in live) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_groups([p for p in live if p.poll() is None], signal.SIGKILL)
+        for p in live:
+            p.wait()
+
+
+def _signal_groups(processes: list[subprocess.Popen], sig: int) -> None:
+    for p in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+
+
+def _run_local(run_dir: Path, threads: int, children: _Children | None = None) -> int | None:
+    """Train one run in a child process, its output in RUN_DIR/train.log; returns the exit code (None if
+    the sweep was interrupted before it started)."""
+    children = children or _Children()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")]))}
     with open(run_dir / "train.log", "ab") as log:
-        code = subprocess.run(_train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
-                              cwd=paths.ROOT).returncode
-        if code:  # also for a run killed without a traceback (e.g. out of memory): it is marked crashed
+        process = children.start(_train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 cwd=paths.ROOT)
+        if process is None:
+            return None
+        try:
+            code = process.wait()
+        finally:
+            children.done(process)
+        if children.stopping:
+            log.write(f"\n{STOP_MARK}\n".encode())
+        elif code:  # also for a run killed without a traceback (e.g. out of memory): it is marked crashed
             log.write(f"\n{EXIT_MARK} {code}\n".encode())
     return code
+
+
+def _run_all_local(todo: list[Path], parallel: int, threads: int, bar) -> None:
+    """Train `todo`, `parallel` at a time; on an interrupt, stop every child and re-raise."""
+    children = _Children()
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        for _ in pool.map(lambda d: _run_local(d, threads, children), todo):
+            bar.update(1)
+    except BaseException:  # KeyboardInterrupt above all: the children must not train on unseen
+        children.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _default_parallel() -> tuple[int, int]:
@@ -163,10 +237,10 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         default_parallel, default_threads = _default_parallel()
         parallel, threads = parallel or default_parallel, threads or max(1, default_threads // (parallel or 1))
         bar = tqdm(total=len(dirs), initial=len(dirs) - len(todo), desc="runs", disable=not progress)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            for _ in pool.map(lambda d: _run_local(d, threads), todo):
-                bar.update(1)
-        bar.close()
+        try:
+            _run_all_local(todo, parallel, threads, bar)
+        finally:
+            bar.close()
     else:
         _run_submitit(todo, executor, slurm or {}, root)
     df = collect_dirs(dirs)

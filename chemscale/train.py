@@ -573,7 +573,28 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
+def die_with_parent() -> None:
+    """Under a sweep (its pid in $CHEMSCALE_SWEEP_PARENT), end this process when the sweep dies.
+
+    A sweep killed with SIGKILL cannot stop its children, and a child left training holds
+    train.lock for hours. Linux's PR_SET_PDEATHSIG has the kernel send SIGTERM when the parent
+    goes; if it went before the call, exit now. The variable is removed so that processes this
+    one starts (DDP ranks) do not take the sweep for their parent. No-op off Linux.
+    """
+    parent = os.environ.pop("CHEMSCALE_SWEEP_PARENT", None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):
+        sys.exit("chemscale.train: the sweep that started this run is gone; not training")
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m chemscale.train", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="run folder holding config.json")
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")

@@ -2,7 +2,9 @@
 failures that do not stop a sweep (and a sweep where all fail), resuming killed runs, parallel runs."""
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,3 +188,61 @@ def test_submitit_local_executor(runs_root):
     configs = sweep.grid("s", tiny_lm_config(max_steps=4, val_every_steps=2), width=[16])
     df = sweep.run(configs, executor="submitit-local", progress=False, root=runs_root)
     assert list(df["status"]) == ["finished"]
+
+
+# ---------------------------------------------------------------- interrupts: no run left training unseen
+
+SWEEP_SCRIPT = """
+import sys
+from chemscale import sweep
+from conftest import tiny_lm_config
+sweep.run([tiny_lm_config(max_steps=100_000, val_every_steps=5)], progress=False, root=sys.argv[1])
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie no reaper has collected counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait(condition, what: str, limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what} after {limit_s} s"
+        time.sleep(0.1)
+
+
+def _start_sweep(runs_root: Path) -> tuple[subprocess.Popen, int, Path]:
+    """A sweep in its own process, once its run trains: (sweep, the training child's pid, run folder)."""
+    run_dir = runs_root / "t" / runs.run_id(tiny_lm_config(max_steps=100_000, val_every_steps=5))
+    lock = run_dir / train.LOCK
+    if lock.exists():
+        lock.write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(paths.ROOT), str(Path(__file__).parent)])}
+    process = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, str(runs_root)], env=env, cwd=paths.ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: process.poll() is not None or (lock.exists() and lock.read_text().startswith("pid ")
+                                                 and (run_dir / runs.CHECKPOINT).exists()), "the run to train")
+    assert process.poll() is None, process.communicate()
+    return process, int(lock.read_text().split()[1]), run_dir
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_an_interrupted_or_killed_sweep_leaves_no_run_training(runs_root):
+    """Ctrl-C (SIGINT) stops the sweep's running child and re-raises; a SIGKILLed sweep's child dies with it."""
+    fcntl = pytest.importorskip("fcntl")
+    sweep_process, child, run_dir = _start_sweep(runs_root)
+    sweep_process.send_signal(signal.SIGINT)
+    _wait(lambda: sweep_process.poll() is not None, "the interrupted sweep to return")
+    assert "KeyboardInterrupt" in sweep_process.communicate()[1], "the interrupt is re-raised"
+    _wait(lambda: not _alive(child), "the interrupted sweep's child to stop", limit_s=5)
+    with open(run_dir / train.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nothing trains it
+    assert sweep.collect("t", runs_root)["status"].tolist() == ["pending"], "an interrupt is not a crash"
+    sweep_process, child, _ = _start_sweep(runs_root)
+    sweep_process.kill()
+    sweep_process.communicate()
+    _wait(lambda: not _alive(child), "the killed sweep's child to die with it", limit_s=30)
