@@ -899,3 +899,25 @@ def test_a_dataset_folder_is_checksummed_once_per_process(md_dir, monkeypatch):
     for split in ("train", "val", "test", "train"):
         data.load(md_dir, split)
     assert len(calls) == len(store.FILES)  # every file once, not once per load
+
+
+def test_forces_decide_how_sure_the_unit_check_is(md_dir, tmp_path):
+    """kcal/mol read as eV: forces 23x too large, the energy spread still plausible: refused (forces decide)."""
+    xtb = xtb_frames(md_dir)
+    with pytest.raises(FFDataError, match=r"kcal.xyz: the numbers do not look like eV .*most likely in kcal/mol"):
+        _read_assumed_ev(tmp_path, xtb)
+
+
+def _read_assumed_ev(tmp_path, frames):
+    """`frames` written in kcal/mol to an extxyz without a declared unit (so eV is assumed), then read."""
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    per, images = 1 / EV_PER["kcal/mol"], []
+    for k in range(len(frames)):
+        a = slice(frames.atom_start[k], frames.atom_start[k] + frames.n_atoms[k])
+        atoms = Atoms(frames.numbers[a], frames.positions[a])
+        atoms.calc = SinglePointCalculator(atoms, energy=frames.energy[k] * per, forces=frames.forces[a] * per)
+        images.append(atoms)
+    ase.io.write(tmp_path / "kcal.xyz", images, format="extxyz")
+    return read(tmp_path / "kcal.xyz")

@@ -479,12 +479,22 @@ def check_unit(frames: Frames, unit: str, origin: str, path) -> Frames:
     best = likely_unit(measures, unit)
     if best == unit or _misfit(measures, EV_PER[best] / EV_PER[unit]) >= _misfit(measures, 1.0):
         return frames
-    strong = min(off.values()) >= STRONG_DECADES and (len(off) == 2 or max(off.values()) >= 1.5)
+    strong = _strong(measures, off, EV_PER[best] / EV_PER[unit])
     message = _unit_message(path, measures, unit, origin, best, strong)
     if origin == "assumed" and strong:
         raise FFDataError(message)
     warnings.warn(message, FFUnitWarning, stacklevel=3)
     return frames
+
+
+def _strong(measures: dict[str, float], off: dict[str, float], scale: float) -> bool:
+    """Whether the numbers all but prove the unit wrong: forces far off (they change only as sqrt(T), the
+    energy spread as T, so forces decide) and every measure typical once converted by `scale`."""
+    force_off = off.get("force_rms_ev_per_a")
+    fits = _misfit(measures, scale) == 0
+    if force_off is None:
+        return fits and off["energy_spread_ev"] >= 1.5
+    return fits and force_off >= (STRONG_DECADES if len(measures) == 2 else 1.0)
 
 
 def _alone(key: str, value: float, unit: str) -> str:
