@@ -7,6 +7,8 @@ the recipe, the source file, the code that shapes the numbers and the package ve
 folder laid out and verified as `store` describes (schnetpack ASEAtomsData per split, units in
 its metadata, plus contiguous arrays), written under a temporary name and renamed into place
 when complete: an interrupted or damaged build is rebuilt, never reused.
+Nothing non-finite reaches the cache; a file too small for three non-empty splits is refused;
+what reading the source warned about is kept in meta.json and warned again on every load.
 `load(source, split, n)` returns an `FFDataset` whose `energy` has the per-element reference
 energies (least squares on the training split) subtracted, the same ones for every split.
 Batches for training: `ff_loader` (in `chemscale.ff.loader`).

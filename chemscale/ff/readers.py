@@ -14,11 +14,17 @@ reads a file in its declared unit, else the format's documented one; an explicit
 contradicts the file's declaration raises (`frames.resolve_unit`). Every error is an
 `FFDataError` naming the file.
 
-The numbers are then checked against the unit (`check_unit`): molecular data has forces of
-about 1 eV/Å, so a Hartree file read as kcal/mol (forces 627x too small) or an eV file read as
-kcal/mol (23x) stands out. A unit only assumed from the format is refused when another unit
-fits clearly better; a unit the file declares, or the caller asks for, only draws a warning, so
+The numbers are then checked (`check_unit`): atomic numbers must be elements, every number
+finite and possible (`frames.check_values`), coordinates in Å (the closest atoms about a bond
+length apart), energies must vary. Then the unit: molecular data has forces of about 1 eV/Å,
+so a Hartree file read as kcal/mol (forces 627x too small) or an eV file read as kcal/mol (23x)
+stands out; energy spread / force RMS is a length in any energy unit, so energies and forces in
+different units stand out too. A unit only assumed from the format is refused when the evidence
+is strong (forces far off, every measure fitting another unit); weak evidence (cold or hot
+data look alike), or a unit the file declares or the caller asks for, only draws a warning, so
 `energy_unit=` is the way to insist. kcal/mol and kJ/mol (4.2x apart) cannot be told apart.
+Warnings are `FFDataWarning`s; `data.generate` records them in meta.json and repeats them on
+every load.
 """
 
 from __future__ import annotations
