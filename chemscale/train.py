@@ -80,6 +80,14 @@ class Diverged(RuntimeError):
     """The training or validation loss became NaN or infinite."""
 
 
+class DamagedRun(RuntimeError):
+    """A file of a run folder cannot be trusted to resume from; the message names it and --retrain."""
+
+
+class BadMetrics(DamagedRun):
+    """metrics.csv does not hold the rows up to the checkpoint."""
+
+
 class RunInProgress(RuntimeError):
     """Another process is training this run folder."""
 
@@ -183,17 +191,53 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> int:
         """Keep only rows with step <= `step` (the checkpoint's; 0 for a start from scratch), rewritten
-        atomically; returns how many rows were dropped. A row cut short by a crash is dropped too."""
-        if not self.path.exists():
-            return 0
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if _complete_row(r, self.columns) and int(r["step"]) <= step]
+        atomically; returns how many rows were dropped.
+
+        From scratch every earlier row goes, whatever the file holds. From a checkpoint the file
+        must hold each training step up to it once (the checkpoint is written after they are
+        flushed), and only its last row may be cut short (a crash mid-append); anything else (a
+        lost header, missing rows, bytes that are not text) raises `BadMetrics` instead of
+        resuming a run whose curve would silently lack its start.
+        """
         from chemscale.config import atomic_write_text
 
+        if step == 0:
+            dropped = self.path.exists()
+            atomic_write_text(self.path, ",".join(self.columns) + "\n")
+            return int(dropped)
+        rows = self._read()
+        kept = [r for r in rows if int(r["step"]) <= step]
+        trained = [int(r["step"]) for r in kept if r["train_loss"]]
+        if trained != list(range(1, step + 1)):
+            missing = sorted(set(range(1, step + 1)) - set(trained))
+            what = f"steps {missing[0]}-{missing[-1]}" if missing else "a step twice"
+            raise self._damaged(f"lacks the training loss of {len(missing) or 'some'} of the steps up to the "
+                                f"checkpoint's step {step} ({what})")
         lines = [",".join(self.columns)] + [",".join(r.get(c) or "" for c in self.columns) for r in kept]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
         return len(rows) - len(kept)
+
+    def _read(self) -> list[dict]:
+        """Every complete row; a missing file, another header or an incomplete row before the last raise."""
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header, rows = tuple(reader.fieldnames or ()), list(reader)
+        except FileNotFoundError:
+            raise self._damaged("is missing, but last.ckpt is there") from None
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise self._damaged(f"is not a metrics file ({type(e).__name__}: {e})") from None
+        if header != self.columns:
+            raise self._damaged(f"does not start with the header {','.join(self.columns)}")
+        bad = [i for i, r in enumerate(rows) if not _complete_row(r, self.columns)]
+        if bad and bad[0] < len(rows) - 1:
+            raise self._damaged(f"row {bad[0] + 2} is incomplete")
+        return [r for r in rows if _complete_row(r, self.columns)]
+
+    def _damaged(self, what: str) -> "BadMetrics":
+        run_dir = self.path.parent
+        return BadMetrics(f"{self.path}: {what}; the run cannot resume with its curve intact. To train it again "
+                          f"from step 0, moving earlier outputs aside: python -m chemscale.train {run_dir} --retrain")
 
     def add(self, **row) -> None:
         self.rows.append(row)
@@ -204,7 +248,7 @@ class MetricsLog:
             return
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer = csv.DictWriter(f, fieldnames=self.columns, lineterminator="\n")
             if new:
                 writer.writeheader()
             for row in self.rows:
@@ -427,7 +471,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
     return Bookkeeping(), early
 
 
-class BadCheckpoint(RuntimeError):
+class BadCheckpoint(DamagedRun):
     """last.ckpt exists but cannot be read."""
 
 
@@ -502,6 +546,10 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     _quiet_lightning()
 
     book, early = _callbacks(run_dir, tcfg, getattr(task, "EXTRA_COLUMNS", ()))
+    if _is_launcher():
+        # From a checkpoint: drop the rows logged after it (and refuse a file that lost rows before it).
+        # From scratch: drop every row of an earlier attempt (a deleted last.ckpt), else counted twice.
+        book.metrics.truncate_after(step)
     task = task.build(config, tcfg, run_dir, source)
     trainer = pl.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=tcfg.strategy,
@@ -516,10 +564,6 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     from chemscale.precision import allow_fused_clipping
 
     allow_fused_clipping(trainer)  # mixed precision + grad clipping + ChemGPT's fused AdamW (issue 8)
-    if trainer.is_global_zero:
-        # From a checkpoint: drop the rows logged after it. From scratch: drop every row of an earlier
-        # attempt (a deleted last.ckpt), which would otherwise be counted twice.
-        book.metrics.truncate_after(step)
 
     status, reason = "finished", None
     t0 = time.perf_counter()
@@ -606,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = runs.is_finished(Path(args.run_dir)) and not args.retrain
     try:
         result = train(args.run_dir, progress=args.progress, retrain=args.retrain)
-    except (ConfigError, RunInProgress, BadCheckpoint) as e:
+    except (ConfigError, RunInProgress, DamagedRun) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if finished:

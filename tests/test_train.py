@@ -146,6 +146,31 @@ def test_metrics_without_a_checkpoint_start_again_from_scratch(runs_root, monkey
     assert [s for s, _ in train_losses] == list(range(1, 21)) and [s for s, _ in val_losses] == [10, 20]
 
 
+def test_damaged_metrics_are_refused_not_silently_shortened(runs_root, monkeypatch):
+    """Rows before the checkpoint cannot be rebuilt: a resume refuses, naming the file and --retrain."""
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _train_until_crash(monkeypatch, run_dir, 15)  # checkpoint and rows up to step 10
+    path = run_dir / runs.METRICS
+    good = path.read_bytes()
+    damaged = {"header removed": good.split(b"\n", 1)[1], "cut mid-row": good[: len(good) // 2],
+               "empty": b"", "random bytes": bytes(range(256)) * 80, "missing": None}
+    for what, content in damaged.items():
+        path.unlink(missing_ok=True)
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(train.BadMetrics, match="--retrain") as err:
+            train.train(run_dir)
+        assert str(path) in str(err.value), what
+        assert content is None and not path.exists() or path.read_bytes() == content, f"{what}: left as it was"
+    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
+                          cwd=paths.ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    path.write_bytes(good)
+    assert train.train(run_dir)["resumed_from_step"] == 10
+    assert b"\r" not in path.read_bytes(), "one line ending, whether appended or rewritten (item 9)"
+    assert [s for s, _ in _losses(run_dir)[0]] == list(range(1, 21))
+
+
 def test_truncated_checkpoint_names_the_file_and_the_way_out(runs_root, monkeypatch):
     run_dir = runs.create("t", tiny_lm_config(), runs_root)
     _train_until_crash(monkeypatch, run_dir, 15)
