@@ -10,8 +10,10 @@ data loaders; this module owns everything around them:
 - `metrics.csv`: the training loss and learning rate of every step (buffered in memory and
   appended at each validation, because per-step file writes cost ~20% of a small model's step)
   and every validation; after a restart, rows past the checkpoint (all rows, when there is no
-  checkpoint) are dropped so nothing is counted twice;
-- `last.ckpt`: written atomically at each validation, with the random generators' states; a
+  checkpoint) are dropped so nothing is counted twice, and a file that lost rows before the
+  checkpoint is refused;
+- `last.ckpt`: written atomically at each validation, with the random generators' states and its
+  sha256 in `last.ckpt.sha256` (checked on resume: a changed byte is refused, not trained on); a
   restarted run resumes from it and, its data order a function of (seed, epoch) resumed at the
   checkpoint's batch (`ResumableSampler`), repeats the uninterrupted run's losses exactly;
 - divergence: a NaN/inf training loss is caught at the step it happens (`LossWatch`), a NaN/inf
@@ -462,7 +464,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             tmp = run_dir / f".{runs.CHECKPOINT}.tmp"
             trainer.save_checkpoint(tmp)
             if trainer.is_global_zero:
-                os.replace(tmp, run_dir / runs.CHECKPOINT)
+                _commit_checkpoint(tmp, run_dir)
 
     early = []
     if tcfg.patience:
@@ -519,15 +521,60 @@ def _move_outputs(run_dir: Path) -> Path | None:
     return dest
 
 
+CHECKSUM = "last.ckpt.sha256"  # {"sha256": of last.ckpt, "previous": of the one before}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _commit_checkpoint(tmp: Path, run_dir: Path) -> None:
+    """Move a new checkpoint to last.ckpt with its sha256 in last.ckpt.sha256, each written atomically.
+
+    The checksum file is written first and names the previous checkpoint's sum too, so a crash
+    between the two writes leaves a pair that verifies; a byte changed later (a disk, a copy)
+    does not, and a resume would otherwise train on from corrupted optimizer state.
+    """
+    sums = run_dir / CHECKSUM
+    previous = _read_checksums(sums)[:1]
+    atomic_write_json(sums, {"sha256": _sha256(tmp), "previous": previous[0] if previous else None})
+    os.replace(tmp, run_dir / runs.CHECKPOINT)
+
+
+def _read_checksums(path: Path) -> list[str]:
+    """The sums a checkpoint may have (current, previous); [] for a missing or unreadable file."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        return [v for v in (data.get("sha256"), data.get("previous")) if isinstance(v, str)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _way_out(run_dir: Path) -> str:
+    return (f"To train the run again from step 0, moving earlier outputs aside: "
+            f"python -m chemscale.train {run_dir} --retrain")
+
+
 def _checkpoint_step(ckpt: Path, run_dir: Path) -> int:
-    """The optimizer step a checkpoint was saved at; a damaged file is named with the way out."""
+    """The optimizer step a checkpoint was saved at, after checking its sha256; a damaged file is named
+    with the way out."""
+    sums = _read_checksums(run_dir / CHECKSUM)
+    if not sums:
+        raise BadCheckpoint(f"{ckpt}: its checksum file {run_dir / CHECKSUM} is missing or unreadable, so the "
+                            f"checkpoint cannot be trusted. {_way_out(run_dir)}")
+    if _sha256(ckpt) not in sums:
+        raise BadCheckpoint(f"{ckpt}: its sha256 differs from the one recorded in {run_dir / CHECKSUM} when it was "
+                            f"written; the file is damaged (a disk error, an interrupted copy?). {_way_out(run_dir)}")
     try:
         return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
-    except Exception as e:  # truncated, zeroed or not a checkpoint: torch raises OSError, RuntimeError, EOFError...
-        raise BadCheckpoint(
-            f"{ckpt}: cannot read this checkpoint ({type(e).__name__}: {e}); it is damaged (a full disk, an "
-            f"interrupted copy?). To train the run again from step 0, move earlier outputs aside with: "
-            f"python -m chemscale.train {run_dir} --retrain") from None
+    except Exception as e:  # not a checkpoint: torch raises OSError, RuntimeError, EOFError...
+        raise BadCheckpoint(f"{ckpt}: cannot read this checkpoint ({type(e).__name__}: {e}). "
+                            f"{_way_out(run_dir)}") from None
 
 
 def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> dict:

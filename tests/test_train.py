@@ -191,6 +191,27 @@ def test_truncated_checkpoint_names_the_file_and_the_way_out(runs_root, monkeypa
     assert (moved / runs.CHECKPOINT).read_bytes() == truncated, "the damaged file is moved aside, not deleted"
 
 
+def test_a_checkpoint_changed_after_it_was_written_is_refused(runs_root, monkeypatch):
+    """Flipped bytes load without error (they land in the optimizer's state, then NaN); the sha256 catches them."""
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    _train_until_crash(monkeypatch, run_dir, 15)
+    ckpt = run_dir / runs.CHECKPOINT
+    good = ckpt.read_bytes()
+    middle = len(good) // 2
+    ckpt.write_bytes(good[:middle] + b"\xff" * 8 + good[middle + 8:])
+    with pytest.raises(train.BadCheckpoint, match="sha256 differs.*--retrain") as err:
+        train.train(run_dir)
+    assert str(ckpt) in str(err.value)
+    ckpt.write_bytes(good)
+    newer = run_dir / ".newer.ckpt"
+    newer.write_bytes(good + b"another checkpoint")
+    with monkeypatch.context() as m:  # a crash between the checksum's write and the checkpoint's move
+        m.setattr(train.os, "replace", lambda *a: (_ for _ in ()).throw(_Crash("killed")))
+        with pytest.raises(_Crash):
+            train._commit_checkpoint(newer, run_dir)
+    assert train.train(run_dir)["resumed_from_step"] == 10, "the previous checkpoint's sum is kept beside the new one"
+
+
 def test_finished_run_is_left_alone_unless_retrained(runs_root):
     run_dir = runs.create("t", tiny_lm_config(), runs_root)
     train.train(run_dir)
