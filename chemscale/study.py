@@ -14,8 +14,10 @@ off, so opening a committed notebook never rewrites it (`make setup` runs it).
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -30,10 +32,13 @@ from chemscale.config import ConfigError, atomic_write_json, atomic_write_text
 PROFILES = ("smoke", "cpu", "gpu")
 KERNEL = "chemscale"  # the Jupyter kernel of this environment, named in every notebook's metadata
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
-# A string parameter is a file path when it has a folder or a data-file suffix; 'moses' and
-# recipes such as 'md:ethanol' are names, not paths.
+# Parameters named *_source, *_path or *_file are data: their value is a file path when it has a
+# folder or a data-file suffix ('moses' and recipes such as 'md:ethanol' are names, not paths).
+# No other parameter is ever read as a path: run_name: test.csv is a folder name.
+_DATA_KEY = re.compile(r"(?:^|_)(?:source|path|file)$")
 _PATH_SUFFIXES = {".gz", ".bz2", ".xz", ".smi", ".txt", ".csv", ".tsv", ".npz", ".h5", ".hdf5", ".xyz", ".extxyz"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_YAML11_SCALARS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
 class NotebookFailed(RuntimeError):
@@ -41,11 +46,55 @@ class NotebookFailed(RuntimeError):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML reads `3e-4` as a string (YAML 1.1 wants `3.0e-4`); here it is the float YAML 1.2 says."""
+    """YAML 1.2 scalars and strict mappings, so a value means what it looks like.
+
+    PyYAML follows YAML 1.1: `seed: 010` would be 8 (octal), `1:30` would be 90 (base 60),
+    `on:`/`yes:` would be the key True, and `3e-4` a string. Here ints are decimal (or 0o/0x),
+    booleans only true/false, `3e-4` a float; a repeated key or a key that is not a name is an
+    error naming its line instead of the last value silently winning.
+    """
+
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_SCALARS]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_written(key_node, key)!r} is not a parameter name; quote it if it is one",
+                    key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' repeats the one on line {seen[key]}; keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        if text.lower().startswith(("0o", "0x")):
+            return int(text, 0)
+        return int(text, 10)  # "010" is ten, as written
 
 
+def _written(node, value):
+    """A key as the file spells it (`~`, `1`), for messages."""
+    return node.value if isinstance(node, yaml.ScalarNode) else value
+
+
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(  # before float: "10" is an int
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
 _Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+               r"|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _Yaml12Loader.construct_yaml_int)
 
 
 def notebooks() -> list[Path]:
@@ -70,6 +119,8 @@ def read_params(path: Path) -> dict:
         raise ConfigError(f"{shown}: params file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{shown}: cannot read the params file ({e.__class__.__name__}: {e})") from None
+    except yaml.constructor.ConstructorError as e:  # a repeated key, a key that is not a name
+        raise ConfigError(f"{shown}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -91,13 +142,27 @@ def _type_message(source: str, notebook: Path, key: str, value, type_name: str) 
                f"but {notebook.name} declares it {type_name}")
     if isinstance(value, str) and type_name in ("int", "float"):
         message += "; write it as a number without quotes"
+    elif isinstance(value, str) and type_name == "bool":
+        message += "; write true or false"
     elif isinstance(value, float) and type_name == "int" and value.is_integer():
         message += f"; write it as an integer, e.g. {int(value)}"
     return message
 
 
+def _default(spec: dict):
+    """The notebook's default value of a parameter (its source text evaluated), or None."""
+    try:
+        return ast.literal_eval(spec.get("default") or "None")
+    except (ValueError, SyntaxError):
+        return None
+
+
 def check_params(notebook: Path, params: dict, source: str) -> None:
-    """Every key must be a parameter of the notebook, with a value of the annotated type."""
+    """Every key must be a parameter of the notebook, with a value of the annotated type.
+
+    Lists must be non-empty, with items of the type of the default's items; numbers finite;
+    run_name a plain folder name. All before the notebook starts, not an hour into it.
+    """
     import papermill
 
     declared = papermill.inspect_notebook(str(notebook))
@@ -110,6 +175,40 @@ def check_params(notebook: Path, params: dict, source: str) -> None:
         is_bool_as_number = isinstance(value, bool) and type_name in ("int", "float")
         if allowed and (not isinstance(value, allowed) or is_bool_as_number):
             raise ConfigError(_type_message(source, notebook, key, value, type_name))
+        _check_value(f"{source}: parameter '{key}'", notebook, value, _default(declared[key]))
+        if key == "run_name":
+            _check_run_name(source, value)
+
+
+def _item_type(default) -> str | None:
+    """The one type name ('int', 'float', 'str', ...) of a default list's items, or None if mixed or empty."""
+    names = {type(v).__name__ for v in default} if isinstance(default, list) else set()
+    return names.pop() if len(names) == 1 else None
+
+
+def _check_value(what: str, notebook: Path, value, default) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{what} = {value!r}: a number must be finite")
+    if not isinstance(value, list):
+        return
+    if not value:
+        raise ConfigError(f"{what} = []: list at least one value")
+    item_type = _item_type(default)
+    for i, item in enumerate(value):
+        allowed = _TYPES.get(item_type)
+        if allowed and (not isinstance(item, allowed) or (isinstance(item, bool) and item_type != "bool")):
+            hint = (f"; write it as an integer, e.g. {int(item)}"
+                    if isinstance(item, float) and item_type == "int" and item.is_integer() else "")
+            raise ConfigError(f"{what}: item {i + 1} = {item!r} is {type(item).__name__}, but {notebook.name} "
+                              f"declares a list of {item_type} (default {default}){hint}")
+        _check_value(f"{what}: item {i + 1}", notebook, item, None)
+
+
+def _check_run_name(source: str, name) -> None:
+    """A run name is one folder under runs/: no '/', no '..', so runs never land outside CHEMSCALE_RUNS."""
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"{source}: parameter 'run_name' = {name!r} must be a plain folder name "
+                          f"(no '/', not '..'): the study's one folder under runs/")
 
 
 def _is_path(value) -> bool:
@@ -118,7 +217,7 @@ def _is_path(value) -> bool:
 
 
 def resolve_paths(params: dict, source: str, base: Path | None = None) -> dict:
-    """Params with every file path made absolute (the notebook runs in notebooks/), each checked to exist.
+    """Params with every data path made absolute (the notebook runs in notebooks/), each checked to be a file.
 
     Relative paths are relative to `base` (the directory `chemscale.study` is run from), so a
     missing PubChem or rMD17 file is reported before the notebook starts, naming the key.
@@ -126,12 +225,15 @@ def resolve_paths(params: dict, source: str, base: Path | None = None) -> dict:
     base = Path(base or Path.cwd())
     resolved = dict(params)
     for key, value in params.items():
-        if not _is_path(value):
+        if not (_DATA_KEY.search(key) and _is_path(value)):
             continue
         path = (base / Path(value).expanduser()).absolute()
         if not path.exists():
             raise ConfigError(f"{source}: parameter '{key}' = {value!r}: no such file ({path}); "
                               f"put the file there or point '{key}' at a local copy")
+        if path.is_dir():
+            raise ConfigError(f"{source}: parameter '{key}' = {value!r} is a folder ({path}); "
+                              f"point '{key}' at the data file inside it")
         resolved[key] = str(path)
     return resolved
 

@@ -1,6 +1,7 @@
 """`python -m chemscale.study`: params checked before anything runs, --params route, one-paragraph
 failures, the chemscale kernel and Lab settings, and the notebooks' closing checks."""
 
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -92,6 +93,92 @@ def test_relative_data_path_is_made_absolute(tmp_path):
     (tmp_path / "mine.smi").write_text("CCO\n")
     resolved = study.resolve_paths({"data_source": "mine.smi"}, "x.yaml", tmp_path)
     assert resolved["data_source"] == str(tmp_path / "mine.smi")
+
+
+def _checked(tmp_path, text, notebook=NB01):
+    """study.load_checked on a params file holding `text`, run from tmp_path (relative paths resolve there)."""
+    with contextlib.chdir(tmp_path):
+        return study.load_checked(notebook, _params(tmp_path, text))
+
+
+def test_only_data_parameters_are_paths(tmp_path):
+    """run_name: test.csv is a folder name and slurm_partition: gpu/a100 a partition, not files (item 4)."""
+    params = _checked(tmp_path, "run_name: test.csv\nslurm_partition: gpu/a100\n")
+    assert params == {"run_name": "test.csv", "slurm_partition": "gpu/a100"}
+
+
+@pytest.mark.parametrize("name", ["results/v1", "..", "/tmp/x", ""])
+def test_run_name_must_be_one_folder_under_runs(tmp_path, name):
+    (tmp_path / "results" / "v1").mkdir(parents=True)  # existed in cwd: was made an absolute path outside runs/
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'run_name' = .* must be a plain folder name"):
+        _checked(tmp_path, f"run_name: '{name}'\n")
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    (tmp_path / "pubchem").mkdir()
+    with pytest.raises(ConfigError, match=r"'data_source' = 'pubchem/' is a folder .*data file inside it"):
+        _checked(tmp_path, "data_source: pubchem/\n")
+
+
+# --- keys and YAML 1.1 surprises (items 5, 13) ---
+
+@pytest.mark.parametrize("text, message", [
+    ("1: 2\n", r"line 1: key '1' is not a parameter name"),
+    ("~: 3\n", r"line 1: key '~' is not a parameter name"),
+    ("seed: 1\nlr: 0.1\nseed: 2\n", r"line 3: key 'seed' repeats the one on line 1"),
+    ("recipe: {n_train: 5, n_train: 6}\n", r"line 1: key 'n_train' repeats"),
+])
+def test_keys_that_are_not_names_or_repeat_are_refused(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=rf"mine.yaml: {message}"):
+        study.read_params(_params(tmp_path, text))
+
+
+@pytest.mark.parametrize("key", ["on", "yes"])
+def test_yaml11_boolean_words_are_unknown_keys_not_a_crash(tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"unknown parameter\(s\) '{key}'"):
+        _checked(tmp_path, f"{key}: 1\n")
+
+
+def test_cli_non_string_key_is_one_error_line(tmp_path):
+    proc = _study("--params", _params(tmp_path, "on: 1\n1: 2\n"), "01_chemgpt_scaling")
+    assert proc.returncode == 2 and "mine.yaml: line 2: key '1' is not a parameter name" in _one_error_line(proc)
+
+
+def test_integers_read_as_written(tmp_path):
+    assert study.read_params(_params(tmp_path, "seed: 010\nmax_steps: 1_000\n")) == {"seed": 10, "max_steps": 1000}
+    with pytest.raises(ConfigError, match=r"'seed' = '1:30' is str, but .* declares it int"):
+        _checked(tmp_path, "seed: 1:30\n")
+    with pytest.raises(ConfigError, match=r"'save_figures' = 'yes' is str.*write true or false"):
+        _checked(tmp_path, "save_figures: yes\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('widths: ["a", 2]\n', r"'widths': item 1 = 'a' is str, but 01_chemgpt_scaling.ipynb declares a list of int"),
+    ("widths: [16, true]\n", r"'widths': item 2 = True is bool"),
+    ("n_molecules: [10, 1e2]\n", r"'n_molecules': item 2 = 100.0 is float.*write it as an integer, e.g. 100"),
+    ("widths: []\n", r"'widths' = \[\]: list at least one value"),
+    ("lr: .nan\n", r"'lr' = nan: a number must be finite"),
+    ("lr: -.inf\n", r"'lr' = -inf: a number must be finite"),
+])
+def test_values_are_checked_before_the_notebook_starts(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=rf"mine.yaml: parameter {message}"):
+        _checked(tmp_path, text)
+
+
+def test_list_items_of_the_gnn_notebook(tmp_path):
+    nb02 = paths.NOTEBOOKS / "02_gnn_scaling.ipynb"
+    with pytest.raises(ConfigError, match=r"'models': item 2 = 3 is int, but 02_gnn_scaling.ipynb declares a list of str"):
+        _checked(tmp_path, "models: [schnet, 3]\n", nb02)
+    assert _checked(tmp_path, "n_train: [10, 100]\nmodels: [painn]\n", nb02) == {"n_train": [10, 100],
+                                                                                  "models": ["painn"]}
+
+
+@pytest.mark.parametrize("profile", sorted(study.PROFILES))
+def test_every_profile_passes_the_checks(profile, monkeypatch, tmp_path):
+    """The shipped profiles pass; gpu names data files on a GPU server, so only their path check is skipped."""
+    monkeypatch.setattr(study, "resolve_paths", lambda params, source, base=None: params)
+    for nb in study.notebooks():
+        study.load_checked(nb, study.params_path(nb, profile))
 
 
 # --- YAML 1.1 floats ---
