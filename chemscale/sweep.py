@@ -71,12 +71,10 @@ def _set_axis(config: dict, key: str, value) -> None:
 
 def validate(config: dict, source: str = "<sweep config>") -> None:
     """Check every section of a run config now, before any run starts."""
-    from chemscale.train import parse_train_config, task_module
+    from chemscale.train import check_top_level, parse_train_config, task_module
 
     task = task_module(config.get("task"), source)
-    unknown = set(config) - {"study", "task", "seed", "meta", *SECTIONS}
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
+    check_top_level(config, task, source)
     parse_train_config(config, source)
     task.validate(config, source)
 

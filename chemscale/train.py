@@ -166,12 +166,28 @@ def complete_config(config: dict, source: str = "<config>") -> dict:
     made a float (`lr: 1` and `lr: 1.0` are one run). Raises `ConfigError` naming key and source.
     """
     task = task_module(config.get("task"), source)
+    check_top_level(config, task, source)
     full = {k: v for k, v in config.items() if k != "meta"}
     full["seed"] = config.get("seed", 0)
     full["train"] = _plain(parse_train_config(config, source))
     for section, cls in task.SECTIONS.items():
         full[section] = _plain(from_dict(cls, config.get(section, {}), f"{source} [{section}]"))
     return full
+
+
+TOP_LEVEL = ("study", "task", "seed", "meta", "train")  # top-level keys of every run config, besides task sections
+
+
+def check_top_level(config: dict, task, source: str) -> None:
+    """Refuse a top-level key no code reads (a typo like 'sead' would otherwise train with seed 0)."""
+    import difflib
+
+    known = (*TOP_LEVEL, *task.SECTIONS)
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}{hint}; known keys: {sorted(known)}")
 
 
 def _plain(section) -> dict:

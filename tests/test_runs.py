@@ -89,3 +89,16 @@ def test_a_config_that_does_not_validate_has_no_id():
         runs.run_id(tiny_lm_config(learning_rate=0.1))
     with pytest.raises(ConfigError, match="'task'"):
         runs.run_id({k: v for k, v in tiny_lm_config().items() if k != "task"})
+
+
+def test_an_unknown_top_level_key_is_refused_by_name(runs_root):
+    """A typo like 'sead' would otherwise be stored and trained with seed 0."""
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['sead'\] \(did you mean 'seed'\?\)"):
+        runs.create("typo", {**tiny_lm_config(), "sead": 1}, runs_root)
+    assert not (runs_root / "typo").exists()
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    config = json.loads((run_dir / runs.CONFIG).read_text())
+    (run_dir / runs.CONFIG).write_text(json.dumps({**config, "sead": 1}))  # added to a run by hand
+    with pytest.raises(ConfigError, match="unknown top-level key") as err:
+        train.train(run_dir)
+    assert str(run_dir / runs.CONFIG) in str(err.value) and "hash" not in str(err.value)
