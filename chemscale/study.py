@@ -345,6 +345,17 @@ def _resolve(names: list[str]) -> list[Path]:
     return found
 
 
+def _label(notebook: Path, source: Path) -> str:
+    """The executed copy's label for --params FILE: its stem, or params-<stem> when that is a profile's name.
+
+    `--params other/cpu.yaml` must not overwrite the cpu profile's executed notebook and log.
+    """
+    profile_file = params_path(notebook, source.stem)
+    if source.stem in PROFILES and source.absolute().resolve() != profile_file.absolute().resolve():
+        return f"params-{source.stem}"
+    return source.stem
+
+
 def _plan(args) -> list[tuple[Path, Path, str]]:
     """(notebook, params file, label of the executed copy) for each notebook to run."""
     selected = _resolve(args.notebooks)
@@ -352,7 +363,7 @@ def _plan(args) -> list[tuple[Path, Path, str]]:
         if len(args.notebooks) != 1:
             raise ConfigError(f"--params {args.params} needs exactly one NOTEBOOK (a params file belongs to one "
                               f"notebook), got {len(args.notebooks)}")
-        return [(selected[0], args.params, args.params.stem)]
+        return [(selected[0], args.params, _label(selected[0], args.params))]
     profile = args.profile or "cpu"
     return [(nb, params_path(nb, profile), profile) for nb in selected]
 

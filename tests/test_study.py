@@ -234,6 +234,18 @@ def test_params_route_runs_the_notebook_and_reports_failures_in_one_paragraph(tm
     assert "00_tiny.big.ipynb" in line
 
 
+@pytest.mark.parametrize("file, label", [("mine.yaml", "mine"), ("other/cpu.yaml", "params-cpu"),
+                                         ("other/smoke.yaml", "params-smoke")])
+def test_params_label_never_takes_a_profiles_name(file, label):
+    plan = study._plan(study._parser().parse_args(["--params", file, "01_chemgpt_scaling"]))
+    assert [(nb.name, str(source), got) for nb, source, got in plan] == [(NB01.name, file, label)]
+
+
+def test_the_profiles_own_file_keeps_its_label():
+    own = study.params_path(NB01, "cpu")
+    assert study._plan(study._parser().parse_args(["--params", str(own), "01_chemgpt_scaling"]))[0][2] == "cpu"
+
+
 def test_unknown_notebook_is_an_error():
     proc = _study("--profile", "smoke", "99_nothing")
     assert proc.returncode == 2 and "no notebook '99_nothing'" in _one_error_line(proc)
