@@ -22,7 +22,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 lines: a t
 
 
 def crashing_config(**train):
-    """A run that passes validation and crashes as it builds: no MOSES molecule fits 8 positions."""
+    """A run that passes validation and fails as it builds: no MOSES molecule fits 8 positions."""
     config = tiny_lm_config(**train)
     config["model"]["n_positions"] = 8
     return config
@@ -70,7 +70,7 @@ def test_failed_runs_are_reported_and_a_sweep_where_all_failed_says_so(runs_root
     crashed = runs_root / "t" / runs.run_id(crashing)
     for config in (crashing, diverging):
         assert f"{runs_root / 't' / runs.run_id(config)}/train.log: " in message
-    assert "Error" in message.split(f"{crashed}/train.log: ")[1].splitlines()[0]  # the crash, without opening the log
+    assert "n_positions = 8" in message.split(f"{crashed}/train.log: ")[1].splitlines()[0]  # why, without the log
     good = tiny_lm_config(max_steps=4, val_every_steps=2)
     df = sweep.run([good, crashing, diverging], progress=False, root=runs_root)  # the crashed run is retried
     assert df["status"].tolist() == ["finished", "crashed", "diverged"]
@@ -106,16 +106,31 @@ def test_data_is_checked_once_per_source_at_its_largest_size(monkeypatch, tmp_pa
     monkeypatch.setattr(corpus, "load", lambda source, split, n, **kw: calls.append((source, split, n))
                         or load(source, split, n, **kw))
     base = tiny_lm_config()
-    base["data"]["source"] = str(FIXTURE)
+    base["data"].update(source=str(FIXTURE), n_val_molecules=20)
     configs = sweep.grid("s", base, width=[16, 32], n_train_molecules=[50, 120, 80])
     sweep.check_data(configs)
-    assert calls == [(str(FIXTURE), "train", 120)]
+    assert calls == [(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20)]
     calls.clear()
     other = tiny_lm_config()
-    other["data"].update(source=str(tmp_path / "copy.smi"), n_train_molecules=150)
+    other["data"].update(source=str(tmp_path / "copy.smi"), n_train_molecules=150, n_val_molecules=10)
     (tmp_path / "copy.smi").write_bytes(FIXTURE.read_bytes())
     sweep.check_data(configs + [other])
-    assert sorted(calls) == sorted([(str(FIXTURE), "train", 120), (str(tmp_path / "copy.smi"), "train", 150)])
+    assert sorted(calls) == sorted([(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20),
+                                    (str(tmp_path / "copy.smi"), "train", 150), (str(tmp_path / "copy.smi"), "val", 10)])
+
+
+def test_a_validation_set_larger_than_the_split_is_refused_before_any_run(runs_root):
+    """A 200-line file has a validation split of 20: asking 64 would validate every run on 20, with only a warning."""
+    base = tiny_lm_config()
+    base["data"].update(source=str(FIXTURE), n_train_molecules=100)
+    with pytest.raises(ConfigError, match=r"n_val_molecules = 64, but the validation split of '.*moses_200.smi' "
+                                          r"leaves 20 molecules that encode; ask for at most 20"):
+        sweep.run(sweep.grid("s", base, width=[16]), progress=False, root=runs_root)
+    assert not (runs_root / "s").exists()
+    base["data"].update(source="moses", n_val_molecules=10_000_000)
+    with pytest.raises(ConfigError, match=r"n_val_molecules = 10,000,000, but the validation split of 'moses' "
+                                          r"leaves [\d,]+ molecules"):
+        sweep.check_data(sweep.grid("s", base, width=[16]))
 
 
 def test_force_field_sizes_are_checked_before_any_run(runs_root, tmp_path, monkeypatch):

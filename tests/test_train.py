@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from chemscale import paths, runs, train
+from chemscale import paths, runs, sweep, train
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
 
@@ -342,6 +342,23 @@ def test_cli_reports_config_errors(runs_root):
     proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
                           cwd=paths.ROOT)
     assert proc.returncode == 2 and "bogus" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_a_run_reports_the_molecules_it_trained_on_and_refuses_a_context_none_fits(runs_root):
+    """Molecules longer than n_positions are dropped: the result's n_train_molecules (a fit's x) counts the rest."""
+    config = tiny_lm_config(max_steps=4, val_every_steps=2)
+    config["model"]["n_positions"] = 40
+    result = train.train(runs.create("t", config, runs_root))
+    assert result["dropped_too_long"] > 0 and result["n_train_molecules_asked"] == 200
+    assert result["n_train_molecules"] < 200 and result["n_val_molecules"] <= 64
+    assert result["n_train_molecules"] + result["n_val_molecules"] + result["dropped_too_long"] == 200 + 64
+    assert sweep.collect("t", runs_root)["n_train_molecules"].tolist() == [result["n_train_molecules"]]
+    config["model"]["n_positions"] = 20  # no MOSES molecule is that short
+    run_dir = runs.create("t", config, runs_root)
+    with pytest.raises(ConfigError, match=r"n_positions = 20, but none of the 200 training molecules fits "
+                                          r"\(the shortest needs \d+ positions") as err:
+        train.train(run_dir)
+    assert str(run_dir / runs.CONFIG) in str(err.value) and not runs.is_finished(run_dir)
 
 
 def test_ddp_two_cpu_processes(runs_root):
