@@ -63,11 +63,9 @@ SECTIONS = {"model": LMModelConfig, "data": LMDataConfig}  # config sections thi
 class Task:
     """What the runner needs from a task: module, loaders, and end-of-run summaries."""
 
-    def __init__(self, module, train_loader, val_loader, train_corpus, data_cfg: LMDataConfig, dropped: int,
-                 n_train: int, n_val: int):
+    def __init__(self, module, train_loader, val_loader, train_corpus, data_cfg: LMDataConfig, dropped: int):
         self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
         self.train_corpus, self.data_cfg, self.dropped_too_long = train_corpus, data_cfg, dropped
-        self.n_train, self.n_val = n_train, n_val  # molecules that fit n_positions: what the run trains on
 
     def summary(self, book, train_seconds: float) -> dict:
         m = self.module
@@ -76,10 +74,7 @@ class Task:
             "n_params": m.model.n_params(non_embedding=False),
             "n_params_non_embedding": m.model.n_params(non_embedding=True),
             "flops_per_token": m.flops_per_token,
-            "n_train_molecules": self.n_train,  # trained on (a fit's x); the config's number is the asked one
-            "n_train_molecules_asked": self.data_cfg.n_train_molecules,
-            "n_val_molecules": self.n_val,
-            "n_val_molecules_asked": self.data_cfg.n_val_molecules,
+            "n_train_molecules": len(self.train_corpus),
             "dropped_too_long": self.dropped_too_long,
             "vocab_size": m.model.config.vocab_size,
             "tokens_seen": m.tokens_seen,
@@ -208,10 +203,9 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
     seed = int(config.get("seed", 0))
     train_corpus, val_corpus = load_data(data_cfg, seed=0)  # data seed fixed: nested subsets across seeds
+    keep_vocabulary(run_dir, train_corpus.tokenizer, data_cfg.source)
     train_idx = _fitting(train_corpus, model_cfg.n_positions)
     val_idx = _fitting(val_corpus, model_cfg.n_positions)
-    _check_fitting(train_corpus, train_idx, "training", model_cfg.n_positions, source)
-    _check_fitting(val_corpus, val_idx, "validation", model_cfg.n_positions, source)
     model = make_model(model_cfg, len(train_corpus.tokenizer))
     mean_len = float(np.diff(np.asarray(train_corpus.offsets))[train_idx].mean()) + 1  # + [BOS] or [EOS]
     module = ChemGPTModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, seed,
@@ -229,26 +223,14 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     val_loader = torch.utils.data.DataLoader(_Molecules(val_corpus, val_idx), batch_size=max(256, tcfg.batch_size),
                                              collate_fn=corpus.pad_batch, generator=torch.Generator())
     dropped = (len(train_corpus) - len(train_idx)) + (len(val_corpus) - len(val_idx))
-    return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped, len(train_idx), len(val_idx))
-
-
-def _check_fitting(tokens: corpus.TokenCorpus, fitting: np.ndarray, split: str, n_positions: int, source: str):
-    """Refuse a run in which no molecule of a split fits the context (it would crash or train on nothing)."""
-    if len(fitting):
-        return
-    from chemscale.config import ConfigError
-
-    shortest = int(np.diff(np.asarray(tokens.offsets)).min()) + 2
-    raise ConfigError(f"{source} [model]: n_positions = {n_positions}, but none of the {len(tokens):,} {split} "
-                      f"molecules fits (the shortest needs {shortest} positions with [BOS] and [EOS]); "
-                      f"raise n_positions")
+    return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped)
 
 
 def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
     """Check the `model` and `data` sections of a ChemGPT run config.
 
-    With `data`, also check that the training split holds `n_train_molecules` molecules and the
-    validation split `n_val_molecules`: the corpus would otherwise give fewer without a word, and runs asking for different sizes would
+    With `data`, also check that the training split holds `n_train_molecules` molecules: the
+    corpus would otherwise give fewer without a word, and runs asking for different sizes would
     train on the same set. A sweep checks once per source, with its largest size, before any
     run starts. MOSES encodes without loss, so its line count decides at once; a user file is
     encoded up to that size (what its first run would do anyway; cached, so cheap later).
@@ -262,27 +244,83 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
     if not data:
         return
-    for split, key, name in (("train", "n_train_molecules", "training"), ("val", "n_val_molecules", "validation")):
-        n = getattr(data_cfg, key)
-        if data_cfg.source == "moses":
-            with gzip.open(corpus.moses_path(split), "rb") as f:  # ~0.3 s; one header line
-                available = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
-        else:
-            with warnings.catch_warnings():  # the shortfall is reported below, as an error
-                warnings.simplefilter("ignore")
-                try:
-                    available = len(corpus.load(data_cfg.source, split, n, seed=0, progress=progress))
-                except corpus.CorpusError as e:
-                    raise ConfigError(f"{source} [data]: source {data_cfg.source!r}: {e}") from None
-        if available < n:
-            raise ConfigError(f"{source} [data]: {key} = {n:,}, but the {name} split of "
-                              f"{data_cfg.source!r} leaves {available:,} molecules that encode; "
-                              f"ask for at most {available:,}")
+    n = data_cfg.n_train_molecules
+    if data_cfg.source == "moses":
+        with gzip.open(corpus.moses_path("train"), "rb") as f:  # ~0.3 s; one header line
+            available = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
+    else:
+        with warnings.catch_warnings():  # the shortfall is reported below, as an error
+            warnings.simplefilter("ignore")
+            try:
+                available = len(corpus.load(data_cfg.source, "train", n, seed=0, progress=progress))
+            except corpus.CorpusError as e:
+                raise ConfigError(f"{source} [data]: source {data_cfg.source!r}: {e}") from None
+    if available < n:
+        raise ConfigError(f"{source} [data]: n_train_molecules = {n:,}, but the training split of "
+                          f"{data_cfg.source!r} leaves {available:,} molecules that encode; "
+                          f"ask for at most {available:,}")
 
 
-def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]:
-    """The best-validation ChemGPT of a finished run, with its training corpus (for the tokenizer)."""
-    run_dir = Path(run_dir)
+VOCAB, CORPUS_RECORD = "vocab.json", "corpus.json"  # written into the run folder when it starts
+
+
+class BestModelError(ValueError):
+    """A run's best model cannot be loaded as it was trained (damaged weights, another corpus); names the file."""
+
+
+def keep_vocabulary(run_dir: Path, tokenizer, source: str) -> None:
+    """Save the run's vocabulary and its corpus file's sha256 when it starts, so the model stays readable
+    (and exportable) if the file or the cache changes later; a resume whose corpus gives other ids is refused."""
+    from chemscale.tokenizer import Tokenizer
+
+    path = Path(run_dir) / VOCAB
+    if path.exists() and Tokenizer.load(path) != tokenizer:
+        raise BestModelError(f"{path}: the vocabulary this run started with differs from the one {source!r} gives "
+                             "now (was the file changed?); restore the file, or make a new run")
+    if not path.exists():
+        tokenizer.save(path)
+    atomic_write_json(Path(run_dir) / CORPUS_RECORD, {"source": source, "sha256": corpus_sha256(source)})
+
+
+def corpus_sha256(source: str) -> str:
+    """sha256 of the training file of a data source (memoised by the corpus module for big files)."""
+    smiles_file, _ = corpus._source_file(source, "train", None)
+    return corpus._fingerprint(smiles_file, progress=False)["sha256"]
+
+
+def run_vocabulary(run_dir: Path, data_cfg: LMDataConfig):
+    """The run's tokenizer: its vocab.json; without one, rebuilt from the corpus only if the file is the
+    one the run recorded (corpus.json), or MOSES for runs older than that record."""
+    from chemscale.tokenizer import Tokenizer
+
+    path = run_dir / VOCAB
+    if path.exists():
+        return Tokenizer.load(path)
+    record = _corpus_record(run_dir / CORPUS_RECORD)
+    if record is None and data_cfg.source != "moses":
+        raise BestModelError(f"{path}: missing, and the run records no fingerprint of {data_cfg.source!r} "
+                             "(corpus.json), so its token ids cannot be rebuilt safely; retrain the run")
+    if record is not None and record.get("sha256") != corpus_sha256(data_cfg.source):
+        raise BestModelError(f"{path}: missing, and {data_cfg.source!r} is not the file the run trained on "
+                             f"(sha256 {record.get('sha256')} in {run_dir / CORPUS_RECORD}); restore vocab.json "
+                             "or the file as it was")
+    return corpus.load(data_cfg.source, "train", data_cfg.n_train_molecules, seed=0, progress=False).tokenizer
+
+
+def _corpus_record(path: Path) -> dict | None:
+    """corpus.json of a run, None for runs older than it; a damaged one is named."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BestModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise BestModelError(f"{path}: expected a JSON object with 'source' and 'sha256'")
+    return record
+
+
+def _best_settings(run_dir: Path) -> tuple[LMModelConfig, LMDataConfig, Path]:
     config = runs.read_config(run_dir)
     source = str(run_dir / runs.CONFIG)
     model_cfg = from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
@@ -290,10 +328,44 @@ def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]
     best = run_dir / "best.pt"
     if not best.exists():  # before the corpus: loading it may encode molecules for minutes
         raise FileNotFoundError(f"{best}: the run has no best weights (did it finish?)")
+    return model_cfg, data_cfg, best
+
+
+def _with_weights(model: chemgpt.ChemGPT, best: Path) -> chemgpt.ChemGPT:
+    """`model` holding the weights of `best`; a damaged or foreign file is named with the way out."""
+    try:
+        model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated/empty: OSError, EOFError...; another model: RuntimeError (keys, shapes)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BestModelError(f"{best}: not the ChemGPT weights of this run ({type(e).__name__}: {first}); it is "
+                             f"damaged or from another run: python -m chemscale.train {best.parent} --retrain "
+                             "trains it again") from None
+    return model.eval()
+
+
+def load_best_model(run_dir: str | Path):
+    """The best-validation ChemGPT of a run and its tokenizer, from the run folder alone when it holds vocab.json."""
+    run_dir = Path(run_dir)
+    model_cfg, data_cfg, best = _best_settings(run_dir)
+    tokenizer = run_vocabulary(run_dir, data_cfg)
+    return _with_weights(make_model(model_cfg, len(tokenizer)), best), tokenizer
+
+
+def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]:
+    """The best-validation ChemGPT of a finished run, with its training corpus (for the tokenizer and novelty).
+
+    The corpus must give the ids the run kept in vocab.json: a changed file would otherwise be read
+    with the wrong vocabulary without a word."""
+    from chemscale.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    model_cfg, data_cfg, best = _best_settings(run_dir)
     train_corpus = corpus.load(data_cfg.source, "train", data_cfg.n_train_molecules, seed=0, progress=False)
-    model = make_model(model_cfg, len(train_corpus.tokenizer))
-    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
-    return model.eval(), train_corpus
+    kept = run_dir / VOCAB
+    if kept.exists() and Tokenizer.load(kept) != train_corpus.tokenizer:
+        raise BestModelError(f"{kept}: the vocabulary this run trained with differs from the one "
+                             f"{data_cfg.source!r} gives now (was the file changed?); restore the file")
+    return _with_weights(make_model(model_cfg, len(train_corpus.tokenizer)), best), train_corpus
 
 
 def generation_quality(run_dir: str | Path, n_samples: int = 1000, seed: int = 0) -> dict:

@@ -7,6 +7,7 @@ meaning once a corpus has been encoded with it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +18,25 @@ from chemscale.config import atomic_write_json
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 FORMAT = "chemscale-selfies-tokenizer"
+SYMBOL_PATTERN = r"\[[^\]]*\]|\."  # one SELFIES symbol, or '.' between fragments (as selfies.split_selfies)
+_SYMBOL = re.compile(SYMBOL_PATTERN)
+
+
+def split_symbols(text: str) -> list[str]:
+    """The SELFIES symbols of `text`, and each stretch of other text between them as one piece.
+
+    Unlike `selfies.split_selfies`, nothing is lost and nothing raises: "[C]x[O]" gives
+    `[C]`, `x`, `[O]` and "[C][C" gives `[C]`, `[C`, so a malformed string encodes with [UNK]
+    where it is malformed, exactly as the exported Hugging Face tokenizer splits it."""
+    pieces, end = [], 0
+    for m in _SYMBOL.finditer(text):
+        if m.start() > end:
+            pieces.append(text[end:m.start()])
+        pieces.append(m.group())
+        end = m.end()
+    if end < len(text):
+        pieces.append(text[end:])
+    return pieces
 
 
 class TokenizerError(ValueError):
@@ -53,8 +73,9 @@ class Tokenizer:
         return len(self.symbols)
 
     def encode(self, selfies_string: str, add_special: bool = True) -> list[int]:
-        """Token ids of a SELFIES string (unknown symbols -> [UNK]), framed by [BOS] ... [EOS]."""
-        ids = [self.index.get(s, UNK_ID) for s in sf.split_selfies(selfies_string)]
+        """Token ids of a SELFIES string, framed by [BOS] ... [EOS]; unknown symbols and text outside
+        `[...]` map to [UNK] (see `split_symbols`)."""
+        ids = [self.index.get(s, UNK_ID) for s in split_symbols(selfies_string)]
         return [BOS_ID, *ids, EOS_ID] if add_special else ids
 
     def decode(self, ids: Iterable[int]) -> str:

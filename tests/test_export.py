@@ -7,15 +7,17 @@ classes a user would call. Its logits, tokens and generations are compared with 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import selfies as sf
 import torch
 
 from chemscale import export, lm, molecules, runs, train
-from chemscale.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from chemscale.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from conftest import tiny_lm_config
 
 pytest.importorskip("transformers")
@@ -33,6 +35,8 @@ batch = tokenizer(selfies[:8], padding=True, return_tensors="pt")
 with torch.no_grad():
     logits = model(**batch).logits
     greedy = model.generate(do_sample=False)
+    prompt = tokenizer("[C][C]", return_tensors="pt")
+    continued = model.generate(**prompt, do_sample=False, max_length=12)
     torch.manual_seed(0)
     sampled = model.generate(do_sample=True, num_return_sequences=8)
 torch.save({
@@ -41,6 +45,8 @@ torch.save({
                                                                              skip_special_tokens=True),
     "batch": batch["input_ids"], "mask": batch["attention_mask"], "logits": logits,
     "greedy": greedy[0].tolist(), "sampled": sampled.tolist(),
+    "prompt": prompt["input_ids"][0].tolist(), "continued": continued[0].tolist(),
+    "with_eos": tokenizer([s + "[EOS]" for s in selfies])["input_ids"],
 }, result)
 """
 
@@ -65,6 +71,9 @@ def exported(trained_run, tmp_path_factory):
     return out
 
 
+MALFORMED = ["CCO", "[C] [C]", "[C]x[O]", "[C]..[O]", " [C]", "[C][C", "["]  # issue 8 review, item 12
+
+
 def _reload(out_dir, selfies, tmp_path):
     """Load the export with transformers' Auto classes in a fresh process without network or chemscale."""
     (tmp_path / "in.json").write_text(json.dumps(selfies))
@@ -79,12 +88,16 @@ def test_export_reloads_with_auto_classes_and_matches_chemscale(trained_run, exp
     model, train_corpus = lm.load_best(trained_run)
     tok = train_corpus.tokenizer
     selfies = [sf.encoder(s) for s in train_corpus.smiles()[:64]]  # real MOSES molecules
-    got = _reload(exported, selfies + ["[C][Xe][O]"], tmp_path)
+    malformed = ["[C][Xe][O]", *MALFORMED]
+    got = _reload(exported, selfies + malformed, tmp_path)
     assert got["classes"][1] == "GPTNeoForCausalLM" and not got["chemscale_imported"]
 
-    # the tokenizer: chemscale's ids ([BOS] ... [EOS], unknown symbols -> [UNK]) and SELFIES back
-    assert got["ids"] == [tok.encode(s) for s in selfies + ["[C][Xe][O]"]]
-    assert got["decoded"][:-1] == selfies == [tok.decode(tok.encode(s)) for s in selfies]
+    # the tokenizer: chemscale's ids, [BOS] then symbols (unknown ones and stray text -> [UNK]), no [EOS]
+    # (a prompt must not end the molecule); "...[EOS]" gives the training framing; SELFIES back
+    assert got["ids"] == [tok.encode(s)[:-1] for s in selfies + malformed]
+    assert got["with_eos"] == [tok.encode(s) for s in selfies + malformed]
+    assert got["decoded"][:len(selfies)] == selfies == [tok.decode(tok.encode(s)) for s in selfies]
+    assert got["prompt"] == tok.encode("[C][C]")[:-1] and got["continued"][:3] == got["prompt"]
 
     # the model: chemscale's logits on a right-padded batch, at every real token
     batch, mask = got["batch"], got["mask"].bool()
@@ -105,9 +118,8 @@ def test_export_reloads_with_auto_classes_and_matches_chemscale(trained_run, exp
     assert any(molecules.canonical(s) for s in smiles[1:]), "no sampled sequence is a molecule"
 
 
-def test_export_writes_card_and_keeps_vocabulary_in_run(trained_run, exported):
+def test_export_writes_card(trained_run, exported):
     model, train_corpus = lm.load_best(trained_run)
-    assert Tokenizer.load(trained_run / export.VOCAB) == train_corpus.tokenizer
     result = runs.read_result(trained_run)
     card = (exported / "README.md").read_text()
     assert f"{result['best_val_loss']:.4f} nats per token" in card
@@ -127,20 +139,51 @@ def _error(capsys, *argv) -> str:
     return err[0]
 
 
-def test_export_refuses_a_non_empty_folder_unless_forced(trained_run, exported, tmp_path, capsys):
+def test_export_replaces_only_an_earlier_export(trained_run, exported, tmp_path, capsys):
+    """--force replaces an earlier export, never a folder of the user's (a git repository: item 2)."""
     out = tmp_path / "out"
-    out.mkdir()
+    (out / ".git").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
-    assert "not empty" in _error(capsys, trained_run, out) and (out / "notes.txt").exists()
+    for argv in ([trained_run, out], [trained_run, out, "--force"]):
+        assert "not an earlier export" in _error(capsys, *argv)
+        assert (out / "notes.txt").exists() and (out / ".git").is_dir()
     assert "not a folder" in _error(capsys, trained_run, out / "notes.txt")
-    assert export.main([str(trained_run), str(out), "--force"]) == 0
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in exported.iterdir())
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+    again = tmp_path / "again"
+    shutil.copytree(exported, again)
+    (again / "stale.txt").write_text("from an older export")
+    assert "earlier export (pass --force" in _error(capsys, trained_run, again)
+    assert export.main([str(trained_run), str(again), "--force"]) == 0
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in exported.iterdir())
+    assert export.MARKER in os.listdir(again) and not (again / "stale.txt").exists()
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not hidden, f"temporary folders left behind: {hidden}"
     assert "the run" in _error(capsys, trained_run, trained_run.parent, "--force") and trained_run.exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export.main([str(trained_run), str(empty)]) == 0  # an empty folder is no obstacle
+
+
+def test_export_to_the_current_folder_cleans_after_a_killed_export(trained_run, tmp_path, monkeypatch, capsys):
+    """Items 10 and 11: '.' is refused in one line (replacing it would strand the shell); a killed
+    export's leftovers go; modes follow the umask."""
+    out = tmp_path / "here"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".here.export-{int(dead.stdout)}.tmp"  # a pid that no longer runs
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    monkeypatch.chdir(out)
+    for argv in (".", "--force"), (".",), (str(tmp_path), "--force"):
+        assert "the current folder" in _error(capsys, trained_run, *argv)
+    monkeypatch.chdir(tmp_path)
+    old_umask = os.umask(0o022)
+    try:
+        assert export.main([str(trained_run), "here"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert (out / "model.safetensors").is_file() and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755), "the umask decides, not mkdtemp's 0700"
 
 
 def test_export_refuses_runs_without_best_weights(runs_root, tmp_path, capsys):
@@ -152,13 +195,67 @@ def test_export_refuses_runs_without_best_weights(runs_root, tmp_path, capsys):
     assert "only ChemGPT runs" in _error(capsys, ff_run, tmp_path / "out")
 
 
-def test_export_refuses_a_vocabulary_that_changed(trained_run, tmp_path, capsys):
-    kept = trained_run / export.VOCAB
-    original = kept.read_bytes() if kept.exists() else None
-    Tokenizer(["[C]", "[N]"]).save(kept)
-    try:
-        assert "differs from the corpus cache" in _error(capsys, trained_run, tmp_path / "out")
-    finally:
-        kept.unlink()
-        if original is not None:
-            kept.write_bytes(original)
+def _copy_run(run_dir: Path, tmp_path: Path, leave_out=()) -> Path:
+    """A copy of a run folder (same name: its id), without the files named."""
+    copy = tmp_path / "copies" / run_dir.parent.name / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=lambda d, names: [n for n in names if n in leave_out])
+    return copy
+
+
+def test_damaged_runs_are_named_not_tracebacks(trained_run, tmp_path, capsys):
+    """Item 7: damaged or foreign weights, and an edited config.json, give one line naming the file."""
+    run = _copy_run(trained_run, tmp_path)
+    best, whole = run / "best.pt", (trained_run / "best.pt").read_bytes()
+    damaged = {"truncated": whole[:5000], "empty": b"", "foreign": None}
+    for what, content in damaged.items():
+        if content is None:
+            torch.save({"interaction.weight": torch.zeros(3, 3)}, best)  # another model's state dict
+        else:
+            best.write_bytes(content)
+        message = _error(capsys, run, tmp_path / what)
+        assert f"{best}: not the ChemGPT weights" in message and "--retrain" in message, (what, message)
+        assert not (tmp_path / what).exists()
+    best.write_bytes(whole)
+    config = json.loads((run / runs.CONFIG).read_text())
+    config["model"]["width"] = 32
+    (run / runs.CONFIG).write_text(json.dumps(config))
+    message = _error(capsys, run, tmp_path / "edited")
+    assert str(run / runs.CONFIG) in message and "hash to run id" in message
+
+
+def test_a_changed_vocabulary_is_refused(trained_run, tmp_path, capsys):
+    run = _copy_run(trained_run, tmp_path)
+    Tokenizer(["[C]", "[N]"]).save(run / export.VOCAB)
+    with pytest.raises(lm.BestModelError, match="vocab.json: the vocabulary this run trained with differs"):
+        lm.load_best(run)
+    assert f"{run / 'best.pt'}: not the ChemGPT weights" in _error(capsys, run, tmp_path / "out")
+
+
+def test_the_run_keeps_its_vocabulary_and_the_corpus_it_trained_on(runs_root, tmp_path, capsys):
+    """Items 1 and 8: a run on a user file saves vocab.json and the file's sha256 when it starts. Export
+    reads vocab.json (the file may be gone); without it, a changed file is refused, not silently used."""
+    lines = (Path(__file__).parent / "fixtures" / "moses_200.smi").read_text().splitlines()
+    smi = tmp_path / "mine.smi"
+    smi.write_text("\n".join(lines[:100]) + "\n")
+    config = tiny_lm_config(max_steps=4, val_every_steps=2)
+    config["data"] = {"source": str(smi), "n_train_molecules": 60, "n_val_molecules": 5}
+    run = runs.create("t", config, runs_root)
+    assert train.train(run)["status"] == "finished"
+    _, train_corpus = lm.load_best(run)
+    trained_vocab = train_corpus.tokenizer
+    assert Tokenizer.load(run / lm.VOCAB) == trained_vocab
+    import hashlib
+    assert json.loads((run / lm.CORPUS_RECORD).read_text())["sha256"] == hashlib.sha256(smi.read_bytes()).hexdigest()
+
+    smi.write_text("\n".join(lines[100:]) + "\n")  # other molecules: other ids
+    assert lm.load_best_model(run)[1] == trained_vocab  # vocab.json, not the changed file
+    with pytest.raises(lm.BestModelError, match="differs"):
+        lm.load_best(run)
+    assert export.main([str(run), str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "tokenizer.json").read_text())["model"]["vocab"] == trained_vocab.index
+    without = _copy_run(run, tmp_path, leave_out=[lm.VOCAB])
+    message = _error(capsys, without, tmp_path / "out")
+    assert f"{without / lm.VOCAB}: missing" in message and "not the file the run trained on" in message
+    assert not (without / lm.VOCAB).exists() and not (tmp_path / "out").exists()
+    smi.unlink()
+    assert export.main([str(run), str(tmp_path / "gone")]) == 0, "vocab.json suffices: no corpus needed"

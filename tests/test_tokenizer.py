@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import selfies as sf
 
-from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError
+from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError, split_symbols
 
 FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"
 
@@ -87,3 +87,15 @@ def test_malformed_file(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(TokenizerError, match="not found"):
         Tokenizer.load(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("text, symbols", [
+    ("CCO", ["CCO"]), ("[C] [C]", ["[C]", " ", "[C]"]), ("[C]x[O]", ["[C]", "x", "[O]"]),
+    ("[C]..[O]", ["[C]", ".", ".", "[O]"]), (" [C]", [" ", "[C]"]), ("[C][C", ["[C]", "[C"]), ("[", ["["]),
+])
+def test_malformed_selfies_keep_every_piece_as_unk(text, symbols):
+    """Issue 8 review, item 12: nothing is dropped and nothing raises; stray text is [UNK], as in the export."""
+    tok = Tokenizer(["[C]", "[O]"])
+    assert split_symbols(text) == symbols
+    assert tok.encode(text) == [BOS_ID, *(tok.index.get(s, UNK_ID) for s in symbols), EOS_ID]
+    assert "".join(split_symbols(text)) == text
