@@ -63,9 +63,11 @@ SECTIONS = {"model": LMModelConfig, "data": LMDataConfig}  # config sections thi
 class Task:
     """What the runner needs from a task: module, loaders, and end-of-run summaries."""
 
-    def __init__(self, module, train_loader, val_loader, train_corpus, data_cfg: LMDataConfig, dropped: int):
+    def __init__(self, module, train_loader, val_loader, train_corpus, data_cfg: LMDataConfig, dropped: int,
+                 n_train: int, n_val: int):
         self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
         self.train_corpus, self.data_cfg, self.dropped_too_long = train_corpus, data_cfg, dropped
+        self.n_train, self.n_val = n_train, n_val  # molecules that fit n_positions: what the run trains on
 
     def summary(self, book, train_seconds: float) -> dict:
         m = self.module
@@ -74,7 +76,10 @@ class Task:
             "n_params": m.model.n_params(non_embedding=False),
             "n_params_non_embedding": m.model.n_params(non_embedding=True),
             "flops_per_token": m.flops_per_token,
-            "n_train_molecules": len(self.train_corpus),
+            "n_train_molecules": self.n_train,  # trained on (a fit's x); the config's number is the asked one
+            "n_train_molecules_asked": self.data_cfg.n_train_molecules,
+            "n_val_molecules": self.n_val,
+            "n_val_molecules_asked": self.data_cfg.n_val_molecules,
             "dropped_too_long": self.dropped_too_long,
             "vocab_size": m.model.config.vocab_size,
             "tokens_seen": m.tokens_seen,
@@ -206,6 +211,8 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     keep_vocabulary(run_dir, train_corpus.tokenizer, data_cfg.source)
     train_idx = _fitting(train_corpus, model_cfg.n_positions)
     val_idx = _fitting(val_corpus, model_cfg.n_positions)
+    _check_fitting(train_corpus, train_idx, "training", model_cfg.n_positions, source)
+    _check_fitting(val_corpus, val_idx, "validation", model_cfg.n_positions, source)
     model = make_model(model_cfg, len(train_corpus.tokenizer))
     mean_len = float(np.diff(np.asarray(train_corpus.offsets))[train_idx].mean()) + 1  # + [BOS] or [EOS]
     module = ChemGPTModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, seed,
@@ -223,14 +230,26 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     val_loader = torch.utils.data.DataLoader(_Molecules(val_corpus, val_idx), batch_size=max(256, tcfg.batch_size),
                                              collate_fn=corpus.pad_batch, generator=torch.Generator())
     dropped = (len(train_corpus) - len(train_idx)) + (len(val_corpus) - len(val_idx))
-    return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped)
+    return Task(module, train_loader, val_loader, train_corpus, data_cfg, dropped, len(train_idx), len(val_idx))
+
+
+def _check_fitting(tokens: corpus.TokenCorpus, fitting: np.ndarray, split: str, n_positions: int, source: str):
+    """Refuse a run in which no molecule of a split fits the context (it would crash or train on nothing)."""
+    if len(fitting):
+        return
+    from chemscale.config import ConfigError
+
+    shortest = int(np.diff(np.asarray(tokens.offsets)).min()) + 2
+    raise ConfigError(f"{source} [model]: n_positions = {n_positions}, but none of the {len(tokens):,} {split} "
+                      f"molecules fits (the shortest needs {shortest} positions with [BOS] and [EOS]); "
+                      f"raise n_positions")
 
 
 def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
     """Check the `model` and `data` sections of a ChemGPT run config.
 
-    With `data`, also check that the training split holds `n_train_molecules` molecules: the
-    corpus would otherwise give fewer without a word, and runs asking for different sizes would
+    With `data`, also check that the training split holds `n_train_molecules` molecules and the
+    validation split `n_val_molecules`: the corpus would otherwise give fewer without a word, and runs asking for different sizes would
     train on the same set. A sweep checks once per source, with its largest size, before any
     run starts. MOSES encodes without loss, so its line count decides at once; a user file is
     encoded up to that size (what its first run would do anyway; cached, so cheap later).
@@ -244,21 +263,22 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
     if not data:
         return
-    n = data_cfg.n_train_molecules
-    if data_cfg.source == "moses":
-        with gzip.open(corpus.moses_path("train"), "rb") as f:  # ~0.3 s; one header line
-            available = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
-    else:
-        with warnings.catch_warnings():  # the shortfall is reported below, as an error
-            warnings.simplefilter("ignore")
-            try:
-                available = len(corpus.load(data_cfg.source, "train", n, seed=0, progress=progress))
-            except corpus.CorpusError as e:
-                raise ConfigError(f"{source} [data]: source {data_cfg.source!r}: {e}") from None
-    if available < n:
-        raise ConfigError(f"{source} [data]: n_train_molecules = {n:,}, but the training split of "
-                          f"{data_cfg.source!r} leaves {available:,} molecules that encode; "
-                          f"ask for at most {available:,}")
+    for split, key, name in (("train", "n_train_molecules", "training"), ("val", "n_val_molecules", "validation")):
+        n = getattr(data_cfg, key)
+        if data_cfg.source == "moses":
+            with gzip.open(corpus.moses_path(split), "rb") as f:  # ~0.3 s; one header line
+                available = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
+        else:
+            with warnings.catch_warnings():  # the shortfall is reported below, as an error
+                warnings.simplefilter("ignore")
+                try:
+                    available = len(corpus.load(data_cfg.source, split, n, seed=0, progress=progress))
+                except corpus.CorpusError as e:
+                    raise ConfigError(f"{source} [data]: source {data_cfg.source!r}: {e}") from None
+        if available < n:
+            raise ConfigError(f"{source} [data]: {key} = {n:,}, but the {name} split of "
+                              f"{data_cfg.source!r} leaves {available:,} molecules that encode; "
+                              f"ask for at most {available:,}")
 
 
 VOCAB, CORPUS_RECORD = "vocab.json", "corpus.json"  # written into the run folder when it starts
