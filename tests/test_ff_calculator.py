@@ -5,11 +5,14 @@ Runs are the tiny ones of `test_ff_task` (trained once per session through `chem
 
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from ase import Atoms, units
+from ase.build import molecule
+from ase.calculators.calculator import CalculationFailed, PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces
 from ase.md.verlet import VelocityVerlet
 
@@ -71,7 +74,11 @@ def test_md_example_of_the_docstring_runs():
     run_dir, _ = trained("schnet")
     example = re.search(r"Example.*?::\n\n(.*?)\n\n(?=\S)", calculator_module.__doc__, re.S).group(1)
     namespace = {"run_dir": run_dir}
-    exec(compile("\n".join(line[4:] for line in example.splitlines()), "example", "exec"), namespace)
+    with warnings.catch_warnings(record=True) as caught:  # pytest's config ignores DeprecationWarning
+        warnings.simplefilter("always")
+        exec(compile("\n".join(line[4:] for line in example.splitlines()), "example", "exec"), namespace)
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecated  # the example uses the installed ASE's current API (thermalize_momenta)
     atoms = namespace["atoms"]
     assert len(atoms) == 9 and np.isfinite(atoms.get_potential_energy()) and np.isfinite(atoms.get_forces()).all()
     assert namespace["dynamics"].nsteps == 20
@@ -123,9 +130,121 @@ def test_run_without_model_card_rebuilds_it_from_config_and_data(tmp_path):
 
 def test_errors_name_what_is_wrong(tmp_path):
     run_dir, _ = trained("schnet")
+    untrained = tmp_path / "untrained"
+    shutil.copytree(run_dir, untrained)
+    (untrained / "best.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"best.pt.*python -m chemscale.train"):
-        ChemscaleCalculator.from_run(tmp_path)
+        ChemscaleCalculator.from_run(untrained)
     atoms = Atoms("CN", positions=[[0, 0, 0], [1.2, 0, 0]])
     atoms.calc = ChemscaleCalculator.from_run(run_dir)
     with pytest.raises(ValueError, match=r"\['H', 'C', 'O'\].*\['N'\]"):
+        atoms.get_potential_energy()
+
+
+def test_a_path_that_is_no_run_folder_is_named_so(tmp_path):
+    """Not "no best model... train it", which would send the user training a folder that does not exist."""
+    with pytest.raises(FileNotFoundError, match=r"nonexistent: no such run folder"):
+        ChemscaleCalculator.from_run(tmp_path / "nonexistent")
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"a.txt: a file, not a run folder"):
+        ChemscaleCalculator.from_run(tmp_path / "a.txt")
+    with pytest.raises(FileNotFoundError, match=r"not a run folder \(no config.json\)"):
+        ChemscaleCalculator.from_run(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_weights_are_named_with_the_way_out(tmp_path, damage):
+    """A truncated or empty best.pt (full disk, interrupted copy): the file and --retrain, not a torch traceback."""
+    run_dir, _ = trained("schnet")
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    weights = copy / "best.pt"
+    weights.write_bytes(weights.read_bytes()[:3000] if damage == "truncated" else b"")
+    with pytest.raises(RuntimeError, match=rf"{re.escape(str(weights))}: cannot read.*chemscale.train .*--retrain"):
+        ChemscaleCalculator.from_run(copy)
+
+
+def test_dtype_and_device_by_name_or_a_clear_error():
+    """dtype="float64" is torch.float64; a wrong dtype or device name says what to pass instead."""
+    run_dir, _ = trained("schnet")
+    assert ChemscaleCalculator.from_run(run_dir, dtype="float64").model.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"dtype 'int64': not a floating-point.*'float64'"):
+        ChemscaleCalculator.from_run(run_dir, dtype="int64")
+    with pytest.raises(ValueError, match=r"device 'gpu': not a torch device; use 'cpu', 'cuda'"):
+        ChemscaleCalculator.from_run(run_dir, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda': torch sees no CUDA GPU"):
+            ChemscaleCalculator.from_run(run_dir, device="cuda")
+
+
+def test_stress_is_refused_with_what_the_calculator_gives():
+    run_dir, _ = trained("schnet")
+    atoms = molecule("CH3CH2OH", cell=[8.0, 8.0, 8.0], pbc=True)
+    atoms.calc = ChemscaleCalculator.from_run(run_dir)
+    with pytest.raises(PropertyNotImplementedError, match=r"stress: .*energy and forces only.*no stress"):
+        atoms.get_stress()
+
+
+def _nan_position(atoms):
+    atoms.positions[3, 1] = np.nan
+
+
+def _periodic_without_cell(atoms):
+    atoms.pbc = True  # molecule() leaves the cell zero
+
+
+def _periodic_along_a_zero_vector(atoms):
+    atoms.pbc, atoms.cell = [True, False, False], [0.0, 20.0, 20.0]
+
+
+def _flat_cell(atoms):
+    atoms.pbc, atoms.cell = True, [[10.0, 0, 0], [20.0, 0, 0], [0, 0, 10.0]]
+
+
+def _coincident_atoms(atoms):
+    atoms.positions[1] = atoms.positions[0]
+
+
+def _coincident_with_an_image(atoms):
+    atoms.pbc, atoms.cell = True, [10.0, 10.0, 10.0]
+    atoms.positions[1] = atoms.positions[0] + [10.0, 0.05, 0]
+
+
+@pytest.mark.parametrize("name", ["schnet", "painn"])
+@pytest.mark.parametrize("spoil, message", [
+    (_nan_position, r"atom\(s\) \[3\]: position not finite"),
+    (_periodic_without_cell, r"pbc=\[True, True, True\] but cell vector\(s\) \[0, 1, 2\] are zero.*atoms.pbc = False"),
+    (_periodic_along_a_zero_vector, r"pbc=\[True, False, False\] but cell vector\(s\) \[0\] are zero"),
+    (_flat_cell, r"linearly dependent"),
+    (_coincident_atoms, r"atoms 0 \(C\) and 1 \(C\) are 0 Å apart, closer than 0.1 Å"),
+    (_coincident_with_an_image, r"atoms 0 \(C\) and 1 \(C\) \(with a periodic image\) are 0.05 Å apart"),
+])
+def test_structures_without_a_meaningful_energy_are_refused(name, spoil, message):
+    """Before: a finite energy with a NaN atom left out, -1750 eV (SchNet) or NaN (PaiNN) for pbc without a cell."""
+    run_dir, _ = trained(name)
+    atoms = molecule("CH3CH2OH")
+    spoil(atoms)
+    atoms.calc = ChemscaleCalculator.from_run(run_dir, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        atoms.get_potential_energy()
+
+
+def test_partly_periodic_cell_with_zero_vectors_along_open_directions():
+    """pbc only along x, the cell zero along the open y and z: not refused, the energy of the free molecule."""
+    run_dir, _ = trained("painn")
+    calc = ChemscaleCalculator.from_run(run_dir, dtype=torch.float64)
+    free, wire = molecule("CH3CH2OH"), molecule("CH3CH2OH", cell=[30.0, 0, 0], pbc=[True, False, False])
+    free.calc, wire.calc = calc, calc
+    assert wire.get_potential_energy() == pytest.approx(free.get_potential_energy(), abs=1e-9)
+
+
+def test_a_non_finite_model_output_is_an_error_not_a_number():
+    """The last guard: whatever makes the network give NaN (here a NaN weight), the dynamics never sees it."""
+    run_dir, _ = trained("schnet")
+    calc = ChemscaleCalculator.from_run(run_dir)
+    with torch.no_grad():
+        next(calc.model.parameters()).fill_(float("nan"))
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    with pytest.raises(CalculationFailed, match=r"non-finite energy or forces for C2H6O"):
         atoms.get_potential_energy()
