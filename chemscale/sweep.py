@@ -33,6 +33,7 @@ from chemscale.config import ConfigError
 SECTIONS = ("model", "data", "train")
 EXIT_MARK = "chemscale.sweep: the run's process exited with code"  # appended to train.log on failure
 STOP_MARK = "chemscale.sweep: stopped by an interrupt; the run resumes from its last checkpoint next time"
+ELSEWHERE_MARK = "chemscale.sweep: left to the other process that trains this run"
 PARENT_ENV = "CHEMSCALE_SWEEP_PARENT"  # pid of the sweep; its child dies with it (chemscale.train.die_with_parent)
 GRACE_S = 10.0  # seconds an interrupted run gets to exit after SIGTERM before SIGKILL
 
@@ -170,6 +171,8 @@ def _signal_groups(processes: list[subprocess.Popen], sig: int) -> None:
 def _run_local(run_dir: Path, threads: int, children: _Children | None = None) -> int | None:
     """Train one run in a child process, its output in RUN_DIR/train.log; returns the exit code (None if
     the sweep was interrupted before it started)."""
+    from chemscale.train import held_elsewhere
+
     children = children or _Children()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")]))}
@@ -184,6 +187,8 @@ def _run_local(run_dir: Path, threads: int, children: _Children | None = None) -
             children.done(process)
         if children.stopping:
             log.write(f"\n{STOP_MARK}\n".encode())
+        elif code and held_elsewhere(run_dir):  # refused: another process trains it (not a crash of this run)
+            log.write(f"\n{ELSEWHERE_MARK}\n".encode())
         elif code:  # also for a run killed without a traceback (e.g. out of memory): it is marked crashed
             log.write(f"\n{EXIT_MARK} {code}\n".encode())
     return code
@@ -242,7 +247,11 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
     else:
         _run_submitit(todo, executor, slurm or {}, root)
     df = collect_dirs(dirs)
-    failed = df[df["status"] != "finished"]
+    running = df[df["status"] == "running"]
+    if len(running):
+        print(f"{len(running)} of {len(df)} runs are being trained by another process (a second sweep or notebook); "
+              f"run this again, or sweep.collect, once it is done:\n{_log_lines(running)}", file=sys.stderr)
+    failed = df[~df["status"].isin(["finished", "running"])]
     if len(failed) == len(df):
         which = "the only run" if len(df) == 1 else f"all {len(df)} runs"
         raise SweepFailed(f"{which} of this sweep failed ({_counts(failed)}); nothing to analyse. "
@@ -322,8 +331,13 @@ def _flatten(config: dict) -> dict:
 
 
 def _status(run_dir: Path, result: dict | None) -> str:
+    """finished or diverged (result.json), running (another process holds train.lock), crashed or pending."""
+    from chemscale.train import held_elsewhere
+
     if result is not None:
         return result.get("status", "finished")
+    if held_elsewhere(run_dir):
+        return "running"
     log = run_dir / "train.log"
     text = log.read_text(errors="replace") if log.exists() else ""
     return "crashed" if "Traceback" in text or EXIT_MARK in text else "pending"

@@ -130,6 +130,25 @@ def exclusive(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether a process holds RUN_DIR/train.lock now, i.e. trains the run (False without flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        f = open(Path(run_dir) / LOCK)
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def lr_lambda(warmup_steps: int, max_steps: int):
     """Linear warm-up then cosine decay to 10% of the peak: the usual LM schedule."""
 

@@ -261,3 +261,16 @@ def test_an_interrupted_or_killed_sweep_leaves_no_run_training(runs_root):
     sweep_process.kill()
     sweep_process.communicate()
     _wait(lambda: not _alive(child), "the killed sweep's child to die with it", limit_s=30)
+
+
+def test_a_run_trained_by_another_process_is_running_not_failed(runs_root, capsys):
+    """A second sweep reaching a run that a first one trains reports it as running elsewhere, not as a crash."""
+    fcntl = pytest.importorskip("fcntl")
+    config = tiny_lm_config()
+    run_dir = runs.create("t", config, runs_root)
+    with open(run_dir / train.LOCK, "a+") as held:  # the first sweep's trainer, as far as flock can tell
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        df = sweep.run([config], progress=False, root=runs_root)
+        assert df["status"].tolist() == ["running"]
+        assert "1 of 1 runs are being trained by another process" in capsys.readouterr().err
+    assert sweep.collect("t", runs_root)["status"].tolist() == ["pending"], "free again: not running, not crashed"
