@@ -291,11 +291,12 @@ class BestModelError(ValueError):
 def keep_vocabulary(run_dir: Path, tokenizer, source: str) -> None:
     """Save the run's vocabulary and its corpus file's sha256 when it starts, so the model stays readable
     (and exportable) if the file or the cache changes later; a resume whose corpus gives other ids is refused."""
+    from chemscale.config import ConfigError  # the train CLI prints it as one line
     from chemscale.tokenizer import Tokenizer
 
     path = Path(run_dir) / VOCAB
     if path.exists() and Tokenizer.load(path) != tokenizer:
-        raise BestModelError(f"{path}: the vocabulary this run started with differs from the one {source!r} gives "
+        raise ConfigError(f"{path}: the vocabulary this run started with differs from the one {source!r} gives "
                              "now (was the file changed?); restore the file, or make a new run")
     if not path.exists():
         tokenizer.save(path)

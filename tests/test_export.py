@@ -16,7 +16,8 @@ import pytest
 import selfies as sf
 import torch
 
-from chemscale import export, lm, molecules, runs, train
+from chemscale import corpus, export, lm, molecules, runs, train
+from chemscale.config import ConfigError
 from chemscale.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from conftest import tiny_lm_config
 
@@ -248,6 +249,10 @@ def test_the_run_keeps_its_vocabulary_and_the_corpus_it_trained_on(runs_root, tm
     assert json.loads((run / lm.CORPUS_RECORD).read_text())["sha256"] == hashlib.sha256(smi.read_bytes()).hexdigest()
 
     smi.write_text("\n".join(lines[100:]) + "\n")  # other molecules: other ids
+    changed = corpus.load(str(smi), "train", 60, progress=False).tokenizer
+    assert changed != trained_vocab
+    with pytest.raises(ConfigError, match="vocabulary this run started with differs"):
+        lm.keep_vocabulary(run, changed, str(smi))  # what resuming the run would do
     assert lm.load_best_model(run)[1] == trained_vocab  # vocab.json, not the changed file
     with pytest.raises(lm.BestModelError, match="differs"):
         lm.load_best(run)
