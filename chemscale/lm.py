@@ -297,7 +297,7 @@ def keep_vocabulary(run_dir: Path, tokenizer, source: str) -> None:
     path = Path(run_dir) / VOCAB
     if path.exists() and Tokenizer.load(path) != tokenizer:
         raise ConfigError(f"{path}: the vocabulary this run started with differs from the one {source!r} gives "
-                             "now (was the file changed?); restore the file, or make a new run")
+                          "now (was the file changed?); restore the file, or make a new run")
     if not path.exists():
         tokenizer.save(path)
     atomic_write_json(Path(run_dir) / CORPUS_RECORD, {"source": source, "sha256": corpus_sha256(source)})

@@ -262,5 +262,14 @@ def test_the_run_keeps_its_vocabulary_and_the_corpus_it_trained_on(runs_root, tm
     message = _error(capsys, without, tmp_path / "out")
     assert f"{without / lm.VOCAB}: missing" in message and "not the file the run trained on" in message
     assert not (without / lm.VOCAB).exists() and not (tmp_path / "out").exists()
+    older = _copy_run(run, tmp_path / "older", leave_out=[lm.VOCAB, lm.CORPUS_RECORD])  # a run from before both
+    assert "records no fingerprint" in _error(capsys, older, tmp_path / "out")
     smi.unlink()
     assert export.main([str(run), str(tmp_path / "gone")]) == 0, "vocab.json suffices: no corpus needed"
+
+
+def test_an_older_moses_run_without_vocab_json_still_exports(trained_run, tmp_path):
+    """MOSES is package data, the same file for every run: its vocabulary can be rebuilt."""
+    older = _copy_run(trained_run, tmp_path, leave_out=[lm.VOCAB, lm.CORPUS_RECORD])
+    assert lm.load_best_model(older)[1] == Tokenizer.load(trained_run / lm.VOCAB)
+    assert export.main([str(older), str(tmp_path / "out")]) == 0 and not (older / lm.VOCAB).exists()
