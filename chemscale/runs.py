@@ -123,25 +123,43 @@ def create(study: str, config: dict, root: Path | None = None) -> Path:
 
 
 def read_config(run_dir: Path) -> dict:
-    """Read a run's config.json with a clear error for a missing or corrupt file."""
-    path = Path(run_dir) / CONFIG
+    """Read a run's config.json with a clear error for a missing folder, a file given for it, or a corrupt file."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if run_dir.is_file():
+        raise ConfigError(f"{run_dir}: a file, not a run folder; give the folder that holds config.json "
+                          f"({run_dir.parent if run_dir.name == CONFIG else 'a runs/<study>/<run_id> folder'})")
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir}: no such run folder")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no config.json in this run folder") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({_why(e)})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, got {type(config).__name__}")
+    return config
 
 
 def read_result(run_dir: Path) -> dict | None:
-    """The run's result.json, or None if the run has not finished."""
+    """The run's result.json, or None if the run has not finished; a damaged one is named with the way out."""
     path = Path(run_dir) / RESULT
     if not path.exists():
         return None
+    retrain = f"to train the run again from step 0: python -m chemscale.train {Path(run_dir)} --retrain"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({_why(e)}); the run's result is damaged; {retrain}") from None
+    if not isinstance(result, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(result).__name__}; the run's result is "
+                          f"damaged; {retrain}")
+    return result
+
+
+def _why(e: ValueError) -> str:
+    return f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -435,14 +435,21 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             self.best_val = math.inf
             self.best_step = -1
             self.val_seconds = 0.0
+            self.earlier_seconds = 0.0
             self._lr = 0.0
             self._val_t0 = self.fit_t0 = self.fit_t1 = 0.0
 
+        def segment_seconds(self) -> float:
+            """Seconds this process has trained (data, steps, logging, checkpoints), without validations."""
+            return (self.fit_t1 or time.perf_counter()) - self.fit_t0 - self.val_seconds if self.fit_t0 else 0.0
+
         def state_dict(self):
-            return {"best_val": self.best_val, "best_step": self.best_step, "rng": _rng_state()}
+            return {"best_val": self.best_val, "best_step": self.best_step, "rng": _rng_state(),
+                    "train_seconds": self.earlier_seconds + self.segment_seconds()}
 
         def load_state_dict(self, state):
             self.best_val, self.best_step = state["best_val"], state["best_step"]
+            self.earlier_seconds = state.get("train_seconds", 0.0)  # of the attempts before this resume
             if "rng" in state:
                 _set_rng_state(state["rng"])
 
@@ -523,6 +530,11 @@ def train(run_dir: str | os.PathLike, progress: bool = False, retrain: bool = Fa
     then its earlier outputs move to RUN_DIR/previous/<UTC time>/ and it trains again from step 0.
     config.json is checked first: its values, and that it hashes to the folder's name.
     """
+    return train_or_leave(run_dir, progress, retrain)[0]
+
+
+def train_or_leave(run_dir: str | os.PathLike, progress: bool = False, retrain: bool = False) -> tuple[dict, bool]:
+    """`train`, and whether the run was found finished and left alone (decided under the lock)."""
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     complete_config(config, str(run_dir / runs.CONFIG))  # a bad key or value, named, before anything else
@@ -533,8 +545,8 @@ def train(run_dir: str | os.PathLike, progress: bool = False, retrain: bool = Fa
             if moved:
                 print(f"{run_dir}: earlier outputs moved to {moved}", file=sys.stderr)
         elif not retrain and runs.is_finished(run_dir):
-            return runs.read_result(run_dir)
-        return _train(run_dir, config, progress, fresh=retrain)
+            return runs.read_result(run_dir), True
+        return _train(run_dir, config, progress, fresh=retrain), False
 
 
 def _is_launcher() -> bool:
@@ -658,14 +670,16 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     wall = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}
-    # Seconds spent training (data loading, steps, logging, checkpoints), without setup and validation.
-    train_seconds = (book.fit_t1 or time.perf_counter()) - (book.fit_t0 or t0) - book.val_seconds
+    # Seconds spent training (data loading, steps, logging, checkpoints), without setup and validation:
+    # this process's for its rates, and with the attempts before a resume for the run's total.
+    segment = book.segment_seconds()
+    train_seconds = book.earlier_seconds + segment
     stop_reason = _stop_reason(status, early, trainer.global_step, tcfg.max_steps)
     result = {
         "status": status, "reason": reason, "best_val_loss": book.best_val if math.isfinite(book.best_val) else None,
         "best_step": book.best_step, "steps": trainer.global_step, "wall_s": wall,
         "train_seconds": train_seconds, "stop_reason": stop_reason, "stopped_early": stop_reason == "early_stopped",
-        "resumed_from_step": None if resume is None else step, **task.summary(book, train_seconds),
+        "resumed_from_step": None if resume is None else step, **task.summary(book, segment),
     }
     if status == "finished":
         result.update(task.finish(run_dir))
@@ -729,18 +743,27 @@ def main(argv: list[str] | None = None) -> int:
                              f"to RUN_DIR/{PREVIOUS}/<time>/")
     args = parser.parse_args(argv)
     memory.keep_freed_memory()  # this process only trains: reuse activation buffers between steps
-    finished = runs.is_finished(Path(args.run_dir)) and not args.retrain
     try:
-        result = train(args.run_dir, progress=args.progress, retrain=args.retrain)
+        result, left_alone = train_or_leave(args.run_dir, progress=args.progress, retrain=args.retrain)
     except (ConfigError, RunInProgress, DamagedRun) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if finished:
-        print(f"{args.run_dir}: already finished ({result.get('status')}, best val loss {result.get('best_val_loss')}); "
-              f"left alone. To train it again from step 0: python -m chemscale.train {args.run_dir} --retrain")
+    if left_alone:
+        print(f"{args.run_dir}: already finished ({_outcome(result)}); left alone. "
+              f"To train it again from step 0: python -m chemscale.train {args.run_dir} --retrain")
     elif result:
-        print(f"{args.run_dir}: {result['status']}, best val loss {result['best_val_loss']} at step {result['best_step']}")
+        print(f"{args.run_dir}: {_outcome(result)}")
     return 0
+
+
+def _outcome(result: dict) -> str:
+    """'finished, best val loss 1.23 at step 400' or 'diverged: training loss became nan at step 7; no validation'."""
+    status = str(result.get("status"))
+    if result.get("reason"):
+        status += f": {result['reason']}"
+    if result.get("best_val_loss") is None:
+        return f"{status}; no validation before it stopped"
+    return f"{status}, best val loss {result['best_val_loss']} at step {result.get('best_step')}"
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
-from chemscale import lm, runs, train
+from chemscale import lm, paths, runs, train
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
 
@@ -102,3 +104,20 @@ def test_an_unknown_top_level_key_is_refused_by_name(runs_root):
     with pytest.raises(ConfigError, match="unknown top-level key") as err:
         train.train(run_dir)
     assert str(run_dir / runs.CONFIG) in str(err.value) and "hash" not in str(err.value)
+
+
+def test_a_wrong_run_folder_or_a_damaged_result_is_one_clear_error(runs_root):
+    run_dir = runs.create("t", tiny_lm_config(), runs_root)
+    with pytest.raises(ConfigError, match=f"a file, not a run folder.*\\({run_dir}\\)"):
+        runs.read_config(run_dir / runs.CONFIG)
+    with pytest.raises(ConfigError, match="no such run folder"):
+        runs.read_config(runs_root / "t" / "nothing")
+    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir / runs.CONFIG)], capture_output=True,
+                          text=True, cwd=paths.ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    for content in ('{"status": "fini', "[]"):
+        (run_dir / runs.RESULT).write_text(content)
+        with pytest.raises(ConfigError, match=f"{runs.RESULT}.*damaged.*{run_dir} --retrain"):
+            runs.read_result(run_dir)
+        with pytest.raises(ConfigError, match="--retrain"):
+            train.train(run_dir)

@@ -171,6 +171,15 @@ def test_damaged_metrics_are_refused_not_silently_shortened(runs_root, monkeypat
     assert [s for s, _ in _losses(run_dir)[0]] == list(range(1, 21))
 
 
+def test_a_resumed_run_counts_the_training_seconds_before_the_resume(runs_root, monkeypatch):
+    run_dir = runs.create("t", tiny_lm_config(max_steps=12), runs_root)
+    _train_until_crash(monkeypatch, run_dir, 11)  # checkpoint at step 10; the resume trains 2 steps
+    state = torch.load(run_dir / runs.CHECKPOINT, weights_only=False)["callbacks"]
+    (before,) = [v["train_seconds"] for v in state.values() if "train_seconds" in v]
+    result = train.train(run_dir)
+    assert before > 0 and result["train_seconds"] >= before, "steps 1-10 count, not only steps 11-12"
+
+
 def test_truncated_checkpoint_names_the_file_and_the_way_out(runs_root, monkeypatch):
     run_dir = runs.create("t", tiny_lm_config(), runs_root)
     _train_until_crash(monkeypatch, run_dir, 15)
@@ -220,6 +229,7 @@ def test_finished_run_is_left_alone_unless_retrained(runs_root):
                           cwd=paths.ROOT)
     assert proc.returncode == 0 and "already finished" in proc.stdout and "--retrain" in proc.stdout
     assert train.train(run_dir) == json.loads(before[runs.RESULT])
+    assert train.train_or_leave(run_dir) == (json.loads(before[runs.RESULT]), True), "decided under the lock"
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before, "nothing rewritten"
     assert train.train(run_dir, retrain=True)["status"] == "finished"
     (moved,) = (run_dir / train.PREVIOUS).iterdir()
@@ -258,6 +268,8 @@ def test_divergence_is_caught_at_the_step_it_happens(runs_root):
     assert bad and bad[0] == result["steps"] == train_losses[-1][0], "stopped at the first non-finite loss"
     assert result["steps"] < 10 and not val_losses, "before the first validation (step 10)"
     assert f"at step {result['steps']}" in result["reason"]
+    outcome = train._outcome(result)  # the CLI's last line: why it stopped, not 'best val loss None at step -1'
+    assert outcome.startswith(f"diverged: {result['reason']}") and "None" not in outcome and "-1" not in outcome
     assert "nan" in result["reason"].lower() or "inf" in result["reason"].lower()
 
 
