@@ -357,8 +357,9 @@ def _with_weights(model: chemgpt.ChemGPT, best: Path) -> chemgpt.ChemGPT:
     try:
         model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated/empty: OSError, EOFError...; another model: RuntimeError (keys, shapes)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BestModelError(f"{best}: not the ChemGPT weights of this run ({type(e).__name__}: {first}); it is "
+        why = " ".join(str(e).split())  # torch's key and shape lists span lines: one line, cut short
+        why = why if len(why) <= 160 else why[:157] + "..."
+        raise BestModelError(f"{best}: not the ChemGPT weights of this run ({type(e).__name__}: {why}); it is "
                              f"damaged or from another run: python -m chemscale.train {best.parent} --retrain "
                              "trains it again") from None
     return model.eval()
