@@ -7,6 +7,9 @@ is checked against the notebook's parameters cell before anything runs: an unkno
 value of the wrong type or a data path that does not exist stops with one line naming the
 file and the key. A notebook that fails while running prints one paragraph (the cell, the
 error, the params key it names) and leaves the full traceback in `<executed notebook>.log`.
+`--params other/cpu.yaml` is labelled `params-cpu`, so it never overwrites a profile's copy.
+Ctrl-C or SIGTERM (kill, timeout, Slurm) stops the kernel and the runs it started, prints one
+line and exits 130 or 143.
 `--setup-jupyter` registers the kernel in this environment and turns JupyterLab's autosave
 off, so opening a committed notebook never rewrites it (`make setup` runs it).
 """
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,6 +43,9 @@ _DATA_KEY = re.compile(r"(?:^|_)(?:source|path|file)$")
 _PATH_SUFFIXES = {".gz", ".bz2", ".xz", ".smi", ".txt", ".csv", ".tsv", ".npz", ".h5", ".hdf5", ".xyz", ".extxyz"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _YAML11_SCALARS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+_running: dict = {}  # the executed notebook being written, named when a signal stops the study
 
 
 class NotebookFailed(RuntimeError):
@@ -319,6 +326,7 @@ def run_notebook(notebook: Path, source: Path, label: str, output_dir: Path | No
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
+    _running["out"] = out
     try:
         papermill.execute_notebook(str(notebook), str(out), parameters=params, kernel_name=KERNEL,
                                    cwd=str(notebook.parent), progress_bar=progress)
@@ -329,6 +337,50 @@ def run_notebook(notebook: Path, source: Path, label: str, output_dir: Path | No
         raise NotebookFailed(f"{notebook.name} with {_shown(source)}: the kernel died ({e}); out of memory? "
                              f"The executed notebook up to that point: {_shown(out)}.") from None
     return out
+
+
+def _stop_kernels(grace_s: float = 10.0) -> int:
+    """Stop this process's kernels and everything they started; returns how many processes were stopped.
+
+    The kernel runs in its own session (jupyter_client) and the sweep's training runs in theirs, so
+    neither sees the terminal's Ctrl-C nor dies with this process by itself: each kernel's process
+    group gets SIGTERM, then whatever of the whole tree is left after `grace_s` gets SIGKILL.
+    """
+    import psutil
+
+    me = psutil.Process()
+    tree = me.children(recursive=True)
+    for kernel in me.children():
+        try:
+            group = os.getpgid(kernel.pid)
+            os.killpg(group, signal.SIGTERM) if group != os.getpgrp() else kernel.terminate()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(tree)
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, Slurm): stop the kernel and its runs, one line, 130/143.
+
+    Exits with os._exit: unwinding through papermill would try to talk to the kernel just stopped.
+    """
+    for other in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while stopping changes nothing
+        signal.signal(other, signal.SIG_IGN)
+    stopped = _stop_kernels()
+    out = _running.get("out")
+    where = f"; the executed notebook so far: {_shown(out)}" if out else ""
+    what = f"{stopped} process(es) stopped (the kernel and the runs it started)" if stopped else "no notebook running"
+    newline = "\n" if out else ""  # papermill's progress bar leaves its line open
+    print(f"{newline}error: stopped by {signal.Signals(signum).name}; {what}{where}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)
 
 
 def _resolve(names: list[str]) -> list[Path]:
@@ -382,6 +434,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         if args.setup_jupyter:
             print(f"kernel '{KERNEL}' registered in {install_jupyter()}; JupyterLab autosave off in {sys.prefix}")

@@ -4,8 +4,10 @@ failures, the chemscale kernel and Lab settings, and the notebooks' closing chec
 import contextlib
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import nbformat
 import numpy as np
@@ -198,16 +200,19 @@ def test_float_where_an_int_is_declared_suggests_the_integer(tmp_path):
 
 # --- running a notebook: --params route, failures in one paragraph ---
 
-def _tiny_notebook(folder):
+_TINY_BODY = (
+    "import json, pathlib\n"
+    "assert n_molecules <= 4, f'n_molecules = {n_molecules} is more than the 4 molecules in {data_source}'\n"
+    "pathlib.Path('seen.json').write_text(json.dumps({'lr': lr, 'data_source': data_source}))\n")
+
+
+def _tiny_notebook(folder, body=_TINY_BODY):
     """A two-cell notebook with a parameters cell, run on the real chemscale kernel."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": study.KERNEL, "display_name": study.KERNEL, "language": "python"}
     params = nbformat.v4.new_code_cell('lr: float = 0.1\ndata_source: str = "moses"\nn_molecules: int = 2\n')
     params.metadata["tags"] = ["parameters"]
-    body = nbformat.v4.new_code_cell(
-        "import json, pathlib\n"
-        "assert n_molecules <= 4, f'n_molecules = {n_molecules} is more than the 4 molecules in {data_source}'\n"
-        "pathlib.Path('seen.json').write_text(json.dumps({'lr': lr, 'data_source': data_source}))\n")
+    body = nbformat.v4.new_code_cell(body)
     path = folder / "00_tiny.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[params, body], metadata=nb.metadata), path)
     return path
@@ -244,6 +249,59 @@ def test_params_label_never_takes_a_profiles_name(file, label):
 def test_the_profiles_own_file_keeps_its_label():
     own = study.params_path(NB01, "cpu")
     assert study._plan(study._parser().parse_args(["--params", str(own), "01_chemgpt_scaling"]))[0][2] == "cpu"
+
+
+# A run started the way chemscale.sweep starts one (its own session, so the terminal's Ctrl-C never
+# reaches it), then a long cell: the study is stopped while the notebook is busy.
+_BUSY_BODY = (
+    "import os, pathlib, subprocess, sys, time\n"
+    "run = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+    "pathlib.Path('pids.tmp').write_text(f'{os.getpid()} {run.pid}')\n"
+    "os.replace('pids.tmp', 'pids')\n"
+    "time.sleep(600)\n")
+
+
+def _gone(pid, timeout=30.0):
+    """The process exited (a zombie waiting for its reaper counts as exited)."""
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return True
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stopping_the_study_stops_the_kernel_and_its_runs(tmp_path, sig, code):
+    import psutil
+
+    nb = _tiny_notebook(tmp_path, _BUSY_BODY)
+    busy = _params(tmp_path, "n_molecules: 1\n", "busy.yaml")
+    study_proc = subprocess.Popen([sys.executable, "-m", "chemscale.study", "--params", busy, nb, "--output-dir", "out"],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = tmp_path / "pids"
+    try:
+        for _ in range(600):  # the kernel starts (minutes on a busy machine), the cell starts its run
+            if pids.exists() or study_proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert pids.exists(), study_proc.communicate(timeout=5)
+        kernel, run = map(int, pids.read_text().split())
+        assert psutil.Process(run).ppid() == kernel
+        study_proc.send_signal(sig)
+        _, stderr = study_proc.communicate(timeout=120)
+    finally:
+        study_proc.kill()
+    assert study_proc.returncode == code, stderr
+    lines = [line for line in stderr.splitlines() if line.lower().startswith("error")]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: stopped by {sig.name}; 2 process(es) stopped")
+    assert lines[0].endswith("the executed notebook so far: out/00_tiny.busy.ipynb")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert _gone(kernel) and _gone(run), "the kernel or its run outlived the study"
 
 
 def test_unknown_notebook_is_an_error():
