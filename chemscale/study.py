@@ -196,6 +196,8 @@ def _item_type(default) -> str | None:
 def _check_value(what: str, notebook: Path, value, default) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{what} = {value!r}: a number must be finite")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:  # max_steps: -1 is "no limit" in Lightning
+        raise ConfigError(f"{what} = {value!r}: a count, size or seed cannot be negative")
     if not isinstance(value, list):
         return
     if not value:
@@ -223,21 +225,31 @@ def _is_path(value) -> bool:
                                        or any(s in _PATH_SUFFIXES for s in Path(value).suffixes))
 
 
-def resolve_paths(params: dict, source: str, base: Path | None = None) -> dict:
+def _is_data_file(key: str, value, names: tuple = ()) -> bool:
+    """A data parameter's value names a file: it looks like a path, or it is a bare word that is not
+    one of the notebook's own source names (`mosses` is a file that does not exist, not a name)."""
+    bare_word = isinstance(value, str) and ":" not in value and value not in names
+    return bool(_DATA_KEY.search(key)) and (_is_path(value) or bare_word)
+
+
+def resolve_paths(params: dict, source: str, base: Path | None = None, names: tuple = ()) -> dict:
     """Params with every data path made absolute (the notebook runs in notebooks/), each checked to be a file.
 
     Relative paths are relative to `base` (the directory `chemscale.study` is run from), so a
     missing PubChem or rMD17 file is reported before the notebook starts, naming the key.
+    `names` are the source names that are not files (the notebook's defaults, e.g. 'moses').
     """
     base = Path(base or Path.cwd())
     resolved = dict(params)
     for key, value in params.items():
-        if not (_DATA_KEY.search(key) and _is_path(value)):
+        if not _is_data_file(key, value, names):
             continue
         path = (base / Path(value).expanduser()).absolute()
         if not path.exists():
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f"did you mean {close[0]!r}? Or p" if close else "p"
             raise ConfigError(f"{source}: parameter '{key}' = {value!r}: no such file ({path}); "
-                              f"put the file there or point '{key}' at a local copy")
+                              f"{hint}ut the file there or point '{key}' at a local copy")
         if path.is_dir():
             raise ConfigError(f"{source}: parameter '{key}' = {value!r} is a folder ({path}); "
                               f"point '{key}' at the data file inside it")
@@ -251,9 +263,13 @@ def params_path(notebook: Path, profile: str) -> Path:
 
 def load_checked(notebook: Path, source: Path) -> dict:
     """Read a params file and check it against the notebook: keys, types, paths. Returns what to inject."""
+    import papermill
+
     params = read_params(source)
     check_params(notebook, params, _shown(source))
-    return resolve_paths(params, _shown(source))
+    defaults = {key: _default(spec) for key, spec in papermill.inspect_notebook(str(notebook)).items()}
+    names = tuple(v for k, v in defaults.items() if _DATA_KEY.search(k) and isinstance(v, str) and not _is_path(v))
+    return resolve_paths(params, _shown(source), names=names)
 
 
 # --- the Jupyter kernel and Lab settings of this environment ---

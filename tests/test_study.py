@@ -122,6 +122,14 @@ def test_a_folder_is_not_a_data_file(tmp_path):
         _checked(tmp_path, "data_source: pubchem/\n")
 
 
+def test_a_misspelt_source_name_is_a_missing_file_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"'data_source' = 'mosses': no such file .*did you mean 'moses'\?"):
+        _checked(tmp_path, "data_source: mosses\n")
+    assert _checked(tmp_path, "data_source: moses\n") == {"data_source": "moses"}
+    (tmp_path / "mydata").write_text("CCO\n")  # a bare word is a file when it is not the notebook's name
+    assert _checked(tmp_path, "data_source: mydata\n") == {"data_source": str(tmp_path / "mydata")}
+
+
 # --- keys and YAML 1.1 surprises (items 5, 13) ---
 
 @pytest.mark.parametrize("text, message", [
@@ -161,6 +169,8 @@ def test_integers_read_as_written(tmp_path):
     ("widths: []\n", r"'widths' = \[\]: list at least one value"),
     ("lr: .nan\n", r"'lr' = nan: a number must be finite"),
     ("lr: -.inf\n", r"'lr' = -inf: a number must be finite"),
+    ("max_steps: -5\n", r"'max_steps' = -5: a count, size or seed cannot be negative"),
+    ("n_molecules: [100, -3]\n", r"'n_molecules': item 2 = -3: a count, size or seed cannot be negative"),
 ])
 def test_values_are_checked_before_the_notebook_starts(tmp_path, text, message):
     with pytest.raises(ConfigError, match=rf"mine.yaml: parameter {message}"):
@@ -178,7 +188,7 @@ def test_list_items_of_the_gnn_notebook(tmp_path):
 @pytest.mark.parametrize("profile", sorted(study.PROFILES))
 def test_every_profile_passes_the_checks(profile, monkeypatch, tmp_path):
     """The shipped profiles pass; gpu names data files on a GPU server, so only their path check is skipped."""
-    monkeypatch.setattr(study, "resolve_paths", lambda params, source, base=None: params)
+    monkeypatch.setattr(study, "resolve_paths", lambda params, source, base=None, names=(): params)
     for nb in study.notebooks():
         study.load_checked(nb, study.params_path(nb, profile))
 
