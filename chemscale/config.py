@@ -8,6 +8,7 @@ that names the key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tempfile
@@ -60,8 +61,10 @@ def from_dict(cls: type, data: dict, source: str = "<config>"):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        close = [f"'{k}' -> '{m[0]}'" for k in unknown if (m := difflib.get_close_matches(str(k), fields, n=1))]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(fields)}"
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(fields)}{hint}"
         )
     hints = typing.get_type_hints(cls)
     for key, value in data.items():

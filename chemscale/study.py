@@ -269,7 +269,23 @@ def load_checked(notebook: Path, source: Path) -> dict:
     check_params(notebook, params, _shown(source))
     defaults = {key: _default(spec) for key, spec in papermill.inspect_notebook(str(notebook)).items()}
     names = tuple(v for k, v in defaults.items() if _DATA_KEY.search(k) and isinstance(v, str) and not _is_path(v))
-    return resolve_paths(params, _shown(source), names=names)
+    resolved = resolve_paths(params, _shown(source), names=names)
+    _check_recipe({**defaults, **resolved}, _shown(source))
+    return resolved
+
+
+def _check_recipe(params: dict, source: str) -> None:
+    """A `recipe` dict (the GNN notebook's data recipe) is checked by the recipe it configures, now:
+    recipe: {n_trian: 5} is an unknown field of the recipe that data_source names."""
+    recipe, data = params.get("recipe"), params.get("data_source")
+    if not isinstance(recipe, dict) or not isinstance(data, str) or not (":" in data or Path(data).is_file()):
+        return
+    from chemscale.ff.data import as_recipe
+
+    try:
+        as_recipe(data, **recipe)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: parameter 'recipe' = {recipe!r} for data_source {data!r}: {e}") from None
 
 
 # --- the Jupyter kernel and Lab settings of this environment ---

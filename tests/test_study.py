@@ -130,6 +130,16 @@ def test_a_misspelt_source_name_is_a_missing_file_with_a_suggestion(tmp_path):
     assert _checked(tmp_path, "data_source: mydata\n") == {"data_source": str(tmp_path / "mydata")}
 
 
+def test_recipe_fields_are_checked_by_the_recipe(tmp_path):
+    nb02 = paths.NOTEBOOKS / "02_gnn_scaling.ipynb"
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'recipe' = .*unknown key\(s\) \['n_trian'\] "
+                                          r"for MDRecipe.*did you mean 'n_trian' -> 'n_train'\?"):
+        _checked(tmp_path, "recipe: {n_trian: 5}\n", nb02)
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'recipe'.*'n_val'"):
+        _checked(tmp_path, "data_source: md:aspirin\nrecipe: {n_val: -1}\n", nb02)
+    assert _checked(tmp_path, "recipe: {n_train: 5, equilibration_steps: 10}\n", nb02)["recipe"]["n_train"] == 5
+
+
 # --- keys and YAML 1.1 surprises (items 5, 13) ---
 
 @pytest.mark.parametrize("text, message", [
