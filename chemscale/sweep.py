@@ -220,6 +220,9 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
     Before any run starts, training-set sizes that the data cannot give are refused
     (`check_data`). Runs that fail are listed with their train.log and the sweep goes on; if no
     run finished, `SweepFailed` says so, instead of an empty table failing later in a notebook.
+    A run that another process trains (its train.lock held) is reported as "running", not failed.
+    An interrupt (Ctrl-C, Jupyter's stop) ends the local runs it started and is re-raised; they
+    resume from their last checkpoint next time. A local run also dies with a killed sweep.
 
     Args:
         executor: "local" (child processes on this machine), "slurm" (one submitit job per run)
