@@ -185,6 +185,8 @@ def check_params(notebook: Path, params: dict, source: str) -> None:
         _check_value(f"{source}: parameter '{key}'", notebook, value, _default(declared[key]))
         if key == "run_name":
             _check_run_name(source, value)
+        if key == "device":
+            _check_device(source, value)
 
 
 def _item_type(default) -> str | None:
@@ -211,6 +213,24 @@ def _check_value(what: str, notebook: Path, value, default) -> None:
             raise ConfigError(f"{what}: item {i + 1} = {item!r} is {type(item).__name__}, but {notebook.name} "
                               f"declares a list of {item_type} (default {default}){hint}")
         _check_value(f"{what}: item {i + 1}", notebook, item, None)
+
+
+def _check_device(source: str, device) -> None:
+    """`device` is Lightning's accelerator: device: cpux fails here, not when the first run starts.
+
+    The usual names pass without importing Lightning (seconds); others are looked up in its registry.
+    """
+    usual = {"auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"}
+    if not isinstance(device, str) or device in usual:
+        return
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+
+    names = usual | set(AcceleratorRegistry.available_accelerators())
+    if device not in names:
+        close = difflib.get_close_matches(device, sorted(names), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: parameter 'device' = {device!r} is not a Lightning accelerator{hint}; "
+                          f"one of {sorted(names)}")
 
 
 def _check_run_name(source: str, name) -> None:

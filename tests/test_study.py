@@ -140,6 +140,13 @@ def test_recipe_fields_are_checked_by_the_recipe(tmp_path):
     assert _checked(tmp_path, "recipe: {n_train: 5, equilibration_steps: 10}\n", nb02)["recipe"]["n_train"] == 5
 
 
+def test_device_is_a_lightning_accelerator(tmp_path):
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'device' = 'cpux' is not a Lightning accelerator "
+                                          r"\(did you mean 'cpu'\?\)"):
+        _checked(tmp_path, "device: cpux\n")
+    assert _checked(tmp_path, "device: cuda\n") == {"device": "cuda"}
+
+
 # --- keys and YAML 1.1 surprises (items 5, 13) ---
 
 @pytest.mark.parametrize("text, message", [
