@@ -249,18 +249,26 @@ def _start_sweep(runs_root: Path) -> tuple[subprocess.Popen, int, Path]:
 def test_an_interrupted_or_killed_sweep_leaves_no_run_training(runs_root):
     """Ctrl-C (SIGINT) stops the sweep's running child and re-raises; a SIGKILLed sweep's child dies with it."""
     fcntl = pytest.importorskip("fcntl")
-    sweep_process, child, run_dir = _start_sweep(runs_root)
-    sweep_process.send_signal(signal.SIGINT)
-    _wait(lambda: sweep_process.poll() is not None, "the interrupted sweep to return")
-    assert "KeyboardInterrupt" in sweep_process.communicate()[1], "the interrupt is re-raised"
-    _wait(lambda: not _alive(child), "the interrupted sweep's child to stop", limit_s=5)
-    with open(run_dir / train.LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nothing trains it
-    assert sweep.collect("t", runs_root)["status"].tolist() == ["pending"], "an interrupt is not a crash"
-    sweep_process, child, _ = _start_sweep(runs_root)
-    sweep_process.kill()
-    sweep_process.communicate()
-    _wait(lambda: not _alive(child), "the killed sweep's child to die with it", limit_s=30)
+    started = []
+    try:
+        sweep_process, child, run_dir = _start_sweep(runs_root)
+        started += [sweep_process.pid, child]
+        sweep_process.send_signal(signal.SIGINT)
+        _wait(lambda: sweep_process.poll() is not None, "the interrupted sweep to return")
+        assert "KeyboardInterrupt" in sweep_process.communicate()[1], "the interrupt is re-raised"
+        _wait(lambda: not _alive(child), "the interrupted sweep's child to stop", limit_s=5)
+        with open(run_dir / train.LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nothing trains it
+        assert sweep.collect("t", runs_root)["status"].tolist() == ["pending"], "an interrupt is not a crash"
+        sweep_process, child, _ = _start_sweep(runs_root)
+        started += [sweep_process.pid, child]
+        sweep_process.kill()
+        sweep_process.communicate()
+        _wait(lambda: not _alive(child), "the killed sweep's child to die with it", limit_s=30)
+    finally:  # a failure must not leave a 100,000-step run training
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_run_trained_by_another_process_is_running_not_failed(runs_root, capsys):
