@@ -115,8 +115,9 @@ def test_data_is_checked_once_per_source_at_its_largest_size(monkeypatch, tmp_pa
     other["data"].update(source=str(tmp_path / "copy.smi"), n_train_molecules=150, n_val_molecules=10)
     (tmp_path / "copy.smi").write_bytes(FIXTURE.read_bytes())
     sweep.check_data(configs + [other])
+    copy = str(tmp_path / "copy.smi")
     assert sorted(calls) == sorted([(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20),
-                                    (str(tmp_path / "copy.smi"), "train", 150), (str(tmp_path / "copy.smi"), "val", 10)])
+                                    (copy, "train", 150), (copy, "val", 10)])
 
 
 def test_a_validation_set_larger_than_the_split_is_refused_before_any_run(runs_root):
