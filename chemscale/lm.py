@@ -251,8 +251,9 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
     With `data`, also check that the training split holds `n_train_molecules` molecules and the
     validation split `n_val_molecules`: the corpus would otherwise give fewer without a word, and
     runs asking for different sizes would train on the same set. A sweep checks once per source,
-    with its largest sizes, before any run starts. MOSES encodes without loss, so its line count decides at once; a user file is
-    encoded up to that size (what its first run would do anyway; cached, so cheap later).
+    with its largest sizes, before any run starts. MOSES encodes without loss, so its line count
+    decides at once; a user file is encoded up to that size (what its first run would do anyway;
+    cached, so cheap later).
     """
     import gzip
     import warnings
