@@ -462,7 +462,8 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             self.pending.append((trainer.global_step, trainer.current_epoch, module.last_loss, self._lr))
             if self.watch.update(module.last_loss):
                 first = self._flush_train_rows(trainer)
-                where = f"became {first[1]} at step {first[0]}" if first else "became NaN or infinite on another process"
+                where = (f"became {first[1]} at step {first[0]}" if first
+                         else "became NaN or infinite on another process")
                 raise Diverged(f"training loss {where}")
 
         def on_train_start(self, trainer, module):
