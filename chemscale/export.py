@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from chemscale import lm, runs
-from chemscale.config import ConfigError, atomic_write_text
+from chemscale.config import ConfigError, atomic_write_text, process_alive
 from chemscale.corpus import CorpusError
 from chemscale.tokenizer import BOS_ID, SPECIALS, SYMBOL_PATTERN, Tokenizer, TokenizerError
 
@@ -112,18 +112,8 @@ def _remove_stale(out_dir: Path) -> None:
     """Remove folders that a killed export of `out_dir` left beside it (their process no longer runs)."""
     for tmp in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.export-*.tmp"):
         pid = re.fullmatch(r"(\d+)(\.old)?", tmp.name[len(out_dir.name) + 9:-4])
-        if pid and not _alive(int(pid[1])):
+        if pid and not process_alive(int(pid[1])):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chemscale.config import atomic_write_json
+from chemscale.config import atomic_write_json, process_alive
 from chemscale.ff.frames import DISTANCE_UNIT, ENERGY_UNIT, FORCES_UNIT, SPLITS, FFDataError, Frames
 
 MANIFEST, META = "manifest.json", "meta.json"
@@ -144,18 +144,8 @@ def remove_stale_temps(final: Path) -> None:
     """Delete this host's temporary builds of `final` whose process is gone (killed mid-build)."""
     for tmp in final.parent.glob(f".{final.name}.{socket.gethostname()}.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def sha256(path: Path) -> str:
