@@ -18,7 +18,7 @@ per-round rates.
   AVX512-BF16 or AMX, reported as `bf16_supported`; `on`/`off` force it); null when not measured.
 - `mfu`: ChemGPT's fp32 FLOP/s at width 256 (6·N + attention per token) over a 1024² fp32
   matmul (`matmul_fp32_gflops`), alternating with it.
-- `encode_mol_per_s`: SMILES -> SELFIES encoding rate of `chemscale.corpus` (worker processes).
+- `encode_mol_per_s`: SMILES -> SELFIES encoding rate of `chemscale.lm.corpus` (worker processes).
 - `loader_tokens_per_s`: the training data loader (cached memory-mapped corpus -> padded
   batches), and `loader_over_training`, its rate over what training consumes.
 - `end_to_end_fraction`: tokens/s through `python -m chemscale.train` (Lightning, data loading,
@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 from chemscale import paths
-from chemscale.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
-from chemscale.tokenizer import PAD_ID
+from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
+from chemscale.lm.tokenizer import PAD_ID
 
 VOCAB = 30  # MOSES SELFIES: 26 symbols + 4 specials
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
@@ -75,7 +75,7 @@ def bf16_wanted(flag: bool | None = None) -> bool:
 @contextlib.contextmanager
 def process_state_kept():
     """Restore, on the way out, the process-wide state a benchmark changes (the caller may be a notebook)."""
-    from chemscale import corpus
+    from chemscale.lm import corpus
     from chemscale.ff import data as ff_data
 
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
@@ -208,7 +208,8 @@ def step_speed(quick: bool, bf16: bool) -> dict:
 
 def data_speed(quick: bool, cache: Path) -> dict:
     """Encoding rate, and the cached loader's rate (the path training uses)."""
-    from chemscale import corpus, lm
+    from chemscale.lm import corpus
+    from chemscale.lm import task as lm
 
     reader = corpus.read_smiles(corpus.moses_path())
     smiles = [s for _, (_, s) in zip(range(1000 if quick else 10000), reader)]
@@ -227,7 +228,8 @@ def data_speed(quick: bool, cache: Path) -> dict:
 
 def _bare_loop(cache: Path, n_mol: int, steps: int, width: int, depth: int, batch_size: int):
     """A plain loop of ChemGPT steps over the runner's first `steps` batches; returns a tokens/s timer."""
-    from chemscale import corpus, lm
+    from chemscale.lm import corpus
+    from chemscale.lm import task as lm
 
     corpus.CACHE_DIR = cache / "cache" / "corpus"  # the child's cache (CHEMSCALE_RUNS=cache): encoded once
     train_corpus, _ = lm.load_data(lm.LMDataConfig(n_train_molecules=n_mol, n_val_molecules=256), seed=0)

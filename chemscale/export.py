@@ -22,12 +22,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from chemscale import lm, runs
+from chemscale import runs
+from chemscale.lm import best
 from chemscale.config import ConfigError, atomic_write_text, process_alive
-from chemscale.corpus import CorpusError
-from chemscale.tokenizer import BOS_ID, SPECIALS, SYMBOL_PATTERN, Tokenizer, TokenizerError
+from chemscale.lm.corpus import CorpusError
+from chemscale.lm.tokenizer import BOS_ID, SPECIALS, SYMBOL_PATTERN, Tokenizer, TokenizerError
 
-VOCAB = lm.VOCAB  # the run's vocabulary, saved in the run folder when it starts
+VOCAB = best.VOCAB  # the run's vocabulary, saved in the run folder when it starts
 MARKER = ".chemscale-export"  # written into every export: --force replaces only a folder holding it
 
 
@@ -50,7 +51,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, force: boo
     if run_dir.resolve().is_relative_to(out_dir):
         raise ExportError(f"{out_dir}: holds the run {run_dir} itself; export to another folder")
     _check_target(out_dir, force)
-    model, tokenizer = lm.load_best_model(run_dir)
+    model, tokenizer = best.load_best_model(run_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}.tmp")
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = export_hf(args.run_dir, args.out_dir, force=args.force)
-    except (ExportError, ConfigError, CorpusError, TokenizerError, lm.BestModelError) as e:
+    except (ExportError, ConfigError, CorpusError, TokenizerError, best.BestModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{out}: Hugging Face model, tokenizer and README.md of {args.run_dir}")

@@ -2,7 +2,7 @@
 
 One run is one process, so a crash, an out-of-memory or a library's global state cannot leak
 into the notebook or the next run, and Lightning DDP works (it needs a script). The runner is
-task-agnostic: a task module (`chemscale.lm` for ChemGPT) builds the LightningModule and the
+task-agnostic: a task module (`chemscale.lm.task` for ChemGPT) builds the LightningModule and the
 data loaders; this module owns everything around them:
 
 - `config.json`: checked before anything runs: its values, and that it hashes to the folder's
@@ -161,7 +161,7 @@ def lr_lambda(warmup_steps: int, max_steps: int):
     return f
 
 
-TASKS = {"chemgpt": "chemscale.lm", "ff": "chemscale.ff.task"}  # task name -> module with build()/validate()
+TASKS = {"chemgpt": "chemscale.lm.task", "ff": "chemscale.ff.task"}  # task name -> module with build()/validate()
 
 
 def task_module(name, source: str = "<config>"):

@@ -30,7 +30,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(autouse=True)
 def _restore_process_state():
     """Undo what a test (or the code it calls) changed process-wide, so results never depend on order."""
-    from chemscale import corpus
+    from chemscale.lm import corpus
     from chemscale.ff import data as ff_data
 
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),

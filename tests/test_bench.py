@@ -13,8 +13,9 @@ import statistics
 import pytest
 import torch
 
-from chemscale import bench, corpus, memory
-from chemscale.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
+from chemscale import bench, memory
+from chemscale.lm import corpus
+from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
 from chemscale.ff import data as ff_data
 
 
@@ -40,7 +41,7 @@ def _import_side_effects():
     """Libraries that set log levels or environment variables on first use (not the benchmarks' doing)."""
     import pytorch_lightning  # noqa: F401 (sets its loggers' levels)
 
-    from chemscale import lm  # noqa: F401 (rdkit sets RDBASE)
+    from chemscale.lm import task  # noqa: F401 (rdkit sets RDBASE)
     from chemscale.ff import import_schnetpack
 
     import_schnetpack()

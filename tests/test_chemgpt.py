@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from chemscale.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
-from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,7 +102,7 @@ def test_preset_heads_divide_width():
 
 def test_training_loss_and_gradients_match_hf():
     """The training path (CPU attention for narrow heads, the sigmoid-form GELU, padding masked)."""
-    from chemscale.chemgpt import _to_hf_state
+    from chemscale.lm.chemgpt import _to_hf_state
 
     hf = _random_hf().train()  # dropout probabilities are 0
     model = ChemGPT.from_hf(hf).train()
@@ -119,7 +119,7 @@ def test_training_loss_and_gradients_match_hf():
 
 
 def test_tanh_gelu_matches_torch_and_gradcheck():
-    from chemscale.chemgpt import TanhGELU
+    from chemscale.lm.chemgpt import TanhGELU
 
     x = torch.randn(1000) * 4
     torch.testing.assert_close(TanhGELU.apply(x), torch.nn.functional.gelu(x, approximate="tanh"))

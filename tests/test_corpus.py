@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import selfies as sf
 
-from chemscale import corpus, selfies_workers
-from chemscale.corpus import CorpusError, MoleculeLoader, describe, encode_smiles, load, pad_batch, read_smiles
+from chemscale.lm import corpus
+from chemscale.lm import encode as selfies_workers
+from chemscale.lm.corpus import CorpusError, MoleculeLoader, describe, encode_smiles, load, pad_batch, read_smiles
 from chemscale.molecules import canonical
-from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 MOSES test-split molecules
 # 9 lines: a user file this short has no validation split, so all of them are training molecules
@@ -289,7 +290,7 @@ def test_kill_9_mid_encode_leaves_no_worker_and_the_next_run_finishes(tmp_path):
     with gzip.open(corpus.moses_path("train"), "rt") as f:
         path = write(tmp_path / "moses_head.csv", "".join(itertools.islice(f, 10_001)))  # header + 10,000
     env = {**os.environ, "CHEMSCALE_RUNS": str(tmp_path / "runs")}
-    command = [sys.executable, "-m", "chemscale.corpus", str(path), "--workers", "1"]
+    command = [sys.executable, "-m", "chemscale.lm.corpus", str(path), "--workers", "1"]
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     while not workers and first.poll() is None:
@@ -800,7 +801,7 @@ def test_rdkit_smiles_name_header_is_skipped_and_said(tmp_path):
 
 
 def test_a_big_encode_says_what_it_will_do_first(tmp_path, monkeypatch, capsys):
-    """Item 11: `python -m chemscale.corpus moses` encoded 1.58M molecules (~30 min) without a word."""
+    """Item 11: `python -m chemscale.lm.corpus moses` encoded 1.58M molecules (~30 min) without a word."""
     monkeypatch.setattr(corpus, "BIG_ENCODE", 100)
     load(str(FIXTURE), workers=1)
     assert "moses_200.smi: encoding up to 180 molecules (about 1 min at ~1,000 molecules/s; cached for later " \

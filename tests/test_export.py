@@ -16,9 +16,11 @@ import pytest
 import selfies as sf
 import torch
 
-from chemscale import corpus, export, lm, molecules, runs, train
+from chemscale import export, molecules, runs, train
+from chemscale.lm import best, vocabulary
+from chemscale.lm import corpus
 from chemscale.config import ConfigError
-from chemscale.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from conftest import tiny_lm_config
 
 pytest.importorskip("transformers")
@@ -86,7 +88,7 @@ def _reload(out_dir, selfies, tmp_path):
 
 
 def test_export_reloads_with_auto_classes_and_matches_chemscale(trained_run, exported, tmp_path):
-    model, train_corpus = lm.load_best(trained_run)
+    model, train_corpus = best.load_best(trained_run)
     tok = train_corpus.tokenizer
     selfies = [sf.encoder(s) for s in train_corpus.smiles()[:64]]  # real MOSES molecules
     malformed = ["[C][Xe][O]", *MALFORMED]
@@ -120,7 +122,7 @@ def test_export_reloads_with_auto_classes_and_matches_chemscale(trained_run, exp
 
 
 def test_export_writes_card(trained_run, exported):
-    model, train_corpus = lm.load_best(trained_run)
+    model, train_corpus = best.load_best(trained_run)
     result = runs.read_result(trained_run)
     card = (exported / "README.md").read_text()
     assert f"{result['best_val_loss']:.4f} nats per token" in card
@@ -227,8 +229,8 @@ def test_damaged_runs_are_named_not_tracebacks(trained_run, tmp_path, capsys):
 def test_a_changed_vocabulary_is_refused(trained_run, tmp_path, capsys):
     run = _copy_run(trained_run, tmp_path)
     Tokenizer(["[C]", "[N]"]).save(run / export.VOCAB)
-    with pytest.raises(lm.BestModelError, match="vocab.json: the vocabulary this run trained with differs"):
-        lm.load_best(run)
+    with pytest.raises(best.BestModelError, match="vocab.json: the vocabulary this run trained with differs"):
+        best.load_best(run)
     assert f"{run / 'best.pt'}: not the ChemGPT weights" in _error(capsys, run, tmp_path / "out")
 
 
@@ -242,27 +244,27 @@ def test_the_run_keeps_its_vocabulary_and_the_corpus_it_trained_on(runs_root, tm
     config["data"] = {"source": str(smi), "n_train_molecules": 60, "n_val_molecules": 5}
     run = runs.create("t", config, runs_root)
     assert train.train(run)["status"] == "finished"
-    _, train_corpus = lm.load_best(run)
+    _, train_corpus = best.load_best(run)
     trained_vocab = train_corpus.tokenizer
-    assert Tokenizer.load(run / lm.VOCAB) == trained_vocab
+    assert Tokenizer.load(run / vocabulary.VOCAB) == trained_vocab
     import hashlib
-    assert json.loads((run / lm.CORPUS_RECORD).read_text())["sha256"] == hashlib.sha256(smi.read_bytes()).hexdigest()
+    assert json.loads((run / vocabulary.CORPUS_RECORD).read_text())["sha256"] == hashlib.sha256(smi.read_bytes()).hexdigest()
 
     smi.write_text("\n".join(lines[100:]) + "\n")  # other molecules: other ids
     changed = corpus.load(str(smi), "train", 60, progress=False).tokenizer
     assert changed != trained_vocab
     with pytest.raises(ConfigError, match="vocabulary this run started with differs"):
-        lm.keep_vocabulary(run, changed, str(smi))  # what resuming the run would do
-    assert lm.load_best_model(run)[1] == trained_vocab  # vocab.json, not the changed file
-    with pytest.raises(lm.BestModelError, match="differs"):
-        lm.load_best(run)
+        vocabulary.keep_vocabulary(run, changed, str(smi))  # what resuming the run would do
+    assert best.load_best_model(run)[1] == trained_vocab  # vocab.json, not the changed file
+    with pytest.raises(best.BestModelError, match="differs"):
+        best.load_best(run)
     assert export.main([str(run), str(tmp_path / "ok")]) == 0
     assert json.loads((tmp_path / "ok" / "tokenizer.json").read_text())["model"]["vocab"] == trained_vocab.index
-    without = _copy_run(run, tmp_path, leave_out=[lm.VOCAB])
+    without = _copy_run(run, tmp_path, leave_out=[vocabulary.VOCAB])
     message = _error(capsys, without, tmp_path / "out")
-    assert f"{without / lm.VOCAB}: missing" in message and "not the file the run trained on" in message
-    assert not (without / lm.VOCAB).exists() and not (tmp_path / "out").exists()
-    older = _copy_run(run, tmp_path / "older", leave_out=[lm.VOCAB, lm.CORPUS_RECORD])  # a run from before both
+    assert f"{without / vocabulary.VOCAB}: missing" in message and "not the file the run trained on" in message
+    assert not (without / vocabulary.VOCAB).exists() and not (tmp_path / "out").exists()
+    older = _copy_run(run, tmp_path / "older", leave_out=[vocabulary.VOCAB, vocabulary.CORPUS_RECORD])  # a run from before both
     assert "records no fingerprint" in _error(capsys, older, tmp_path / "out")
     smi.unlink()
     assert export.main([str(run), str(tmp_path / "gone")]) == 0, "vocab.json suffices: no corpus needed"
@@ -270,6 +272,6 @@ def test_the_run_keeps_its_vocabulary_and_the_corpus_it_trained_on(runs_root, tm
 
 def test_an_older_moses_run_without_vocab_json_still_exports(trained_run, tmp_path):
     """MOSES is package data, the same file for every run: its vocabulary can be rebuilt."""
-    older = _copy_run(trained_run, tmp_path, leave_out=[lm.VOCAB, lm.CORPUS_RECORD])
-    assert lm.load_best_model(older)[1] == Tokenizer.load(trained_run / lm.VOCAB)
-    assert export.main([str(older), str(tmp_path / "out")]) == 0 and not (older / lm.VOCAB).exists()
+    older = _copy_run(trained_run, tmp_path, leave_out=[vocabulary.VOCAB, vocabulary.CORPUS_RECORD])
+    assert best.load_best_model(older)[1] == Tokenizer.load(trained_run / vocabulary.VOCAB)
+    assert export.main([str(older), str(tmp_path / "out")]) == 0 and not (older / vocabulary.VOCAB).exists()

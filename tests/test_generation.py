@@ -2,7 +2,7 @@
 
 `ChemGPT.sample` is replayed token by token against the model's own forward pass, so a sample
 that starts anywhere but after [BOS], runs past [EOS], drops or cleans a token, or draws from
-other probabilities fails. `lm.generation_quality` is checked on a ChemGPT whose weights are
+other probabilities fails. `generation.generation_quality` is checked on a ChemGPT whose weights are
 set by hand so that what it writes is known: a MOSES training molecule, one carbon more, or a
 sequence holding [BOS]; the answer (2 distinct valid molecules, 1 of them novel) is known.
 """
@@ -13,9 +13,10 @@ import pytest
 import selfies as sf
 import torch
 
-from chemscale import corpus, lm, molecules, runs
-from chemscale.chemgpt import ChemGPT, ChemGPTConfig
-from chemscale.tokenizer import BOS_ID, EOS_ID
+from chemscale import molecules, runs
+from chemscale.lm import corpus, generation
+from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID
 
 V = 30  # vocabulary of the random models
 
@@ -124,7 +125,7 @@ def known_run(tmp_path_factory):
 
 def test_generation_quality_known_answer(known_run):
     run_dir, in_training, novel = known_run
-    q = lm.generation_quality(run_dir, n_samples=60, seed=0)
+    q = generation.generation_quality(run_dir, n_samples=60, seed=0)
     lines = (run_dir / "samples_60_0.smi").read_text().splitlines()
     assert len(lines) == 60 and {molecules.canonical(s) for s in lines} == {in_training, novel, None}
     n_bos = lines.count("")  # the samples that wrote [BOS] before [EOS]: invalid, not cleaned into a molecule
@@ -135,10 +136,10 @@ def test_generation_quality_known_answer(known_run):
 
 def test_generation_quality_cache_is_reused_until_the_weights_change(known_run, monkeypatch):
     run_dir, _, _ = known_run
-    first = lm.generation_quality(run_dir, n_samples=30, seed=1)
+    first = generation.generation_quality(run_dir, n_samples=30, seed=1)
     with monkeypatch.context() as m:
-        m.setattr(lm, "load_best", lambda *a: pytest.fail("sampled again although the cache was valid"))
-        assert lm.generation_quality(run_dir, n_samples=30, seed=1) == first
+        m.setattr(generation, "load_best", lambda *a: pytest.fail("sampled again although the cache was valid"))
+        assert generation.generation_quality(run_dir, n_samples=30, seed=1) == first
     cached = json.loads((run_dir / "samples_30_1.json").read_text())
     assert cached.pop("best_pt_sha256") and cached == first
 
@@ -148,8 +149,8 @@ def test_generation_quality_cache_is_reused_until_the_weights_change(known_run, 
     state["wpe.weight"][0, 5] = 100.0
     try:
         torch.save(state, run_dir / "best.pt")
-        retrained = lm.generation_quality(run_dir, n_samples=30, seed=1)
+        retrained = generation.generation_quality(run_dir, n_samples=30, seed=1)
     finally:
         (run_dir / "best.pt").write_bytes(saved)
     assert retrained != first, "a stale cache was returned for new weights"
-    assert lm.generation_quality(run_dir, n_samples=30, seed=1) == first, "same weights and seed, same samples"
+    assert generation.generation_quality(run_dir, n_samples=30, seed=1) == first, "same weights and seed, same samples"

@@ -13,7 +13,7 @@ from conftest import tiny_lm_config
 from test_ff_task import tiny_ff_config
 
 from chemscale import runs, train
-from chemscale.chemgpt import ChemGPT, ChemGPTConfig
+from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig
 from chemscale.precision import ClippingMixedPrecision
 
 # bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 (0.2%). The validation

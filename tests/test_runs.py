@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from chemscale import lm, paths, runs, train
+from chemscale import paths, runs, train
+from chemscale.lm import task as lmtask
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
 
@@ -15,7 +16,7 @@ from conftest import tiny_lm_config
 def test_writing_a_default_out_is_the_same_run():
     config = tiny_lm_config()
     explicit = tiny_lm_config(weight_decay=train.TrainConfig.weight_decay, precision="32-true")
-    explicit["model"]["dropout"] = lm.LMModelConfig.dropout
+    explicit["model"]["dropout"] = lmtask.LMModelConfig.dropout
     explicit["seed"] = 0
     assert runs.run_id(explicit) == runs.run_id(config)
     assert runs.run_id({**config, "meta": {"created": "now"}}) == runs.run_id(config), "metadata is not a setting"
@@ -41,10 +42,10 @@ def test_changing_a_default_changes_the_id_of_configs_that_rely_on_it(monkeypatc
     monkeypatch.undo()
 
     @dataclasses.dataclass
-    class NewModelDefault(lm.LMModelConfig):
+    class NewModelDefault(lmtask.LMModelConfig):
         n_positions: int = 64
 
-    monkeypatch.setitem(lm.SECTIONS, "model", NewModelDefault)
+    monkeypatch.setitem(lmtask.SECTIONS, "model", NewModelDefault)
     assert runs.run_id(config) != before
 
 

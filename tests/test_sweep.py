@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chemscale import corpus, paths, runs, sweep, train
+from chemscale import paths, runs, sweep, train
+from chemscale.lm import corpus
 from chemscale.config import ConfigError
 from chemscale.ff import data as ffdata
 from conftest import tiny_lm_config

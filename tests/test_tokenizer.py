@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import selfies as sf
 
-from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError, split_symbols
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError, split_symbols
 
 FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"
 

@@ -2,7 +2,7 @@
 
 Sources: "moses" (the MOSES corpus shipped in the `molsets` wheel: train 1,584,663 SMILES;
 its test split, 176,074, is our validation split) or a file in one of three layouts, read from
-its content whatever its name (`chemscale.smiles_files`): PubChem `CID<TAB>SMILES`, one SMILES
+its content whatever its name (`chemscale.lm.read`): PubChem `CID<TAB>SMILES`, one SMILES
 per line with an optional name, or CSV with a `smiles` column; `format=` overrides the layout.
 
 Nested subsets: the molecules of a split are visited in one fixed permutation (by `seed`) and
@@ -13,8 +13,8 @@ the vocabulary of the first n molecules is a prefix of the cache's, whatever was
 Drops for a timeout or a worker crash depend on the machine's load, not the molecule: they are
 retried on every load, and one that then encodes cuts the cache back to it and refills.
 
-    python -m chemscale.corpus PATH [--format pubchem|smi|csv]  # the whole file: lines, kept, dropped, splits
-    python -m chemscale.corpus PATH -n N [--split val]          # the first N molecules of a split
+    python -m chemscale.lm.corpus PATH [--format pubchem|smi|csv]  # the whole file: lines, kept, dropped, splits
+    python -m chemscale.lm.corpus PATH -n N [--split val]          # the first N molecules of a split
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from tqdm.auto import tqdm
 
 from chemscale import paths
 from chemscale.config import atomic_write_bytes, atomic_write_json
-from chemscale.selfies_workers import encode_smiles, parent_only
-from chemscale.smiles_files import LAYOUTS, CorpusError, SmilesFile, clip, moses_path, open_smiles_file, read_smiles
-from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from chemscale.lm.encode import encode_smiles, parent_only
+from chemscale.lm.read import LAYOUTS, CorpusError, SmilesFile, clip, moses_path, open_smiles_file, read_smiles
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -777,7 +777,7 @@ class MoleculeLoader:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m chemscale.corpus",
+        prog="python -m chemscale.lm.corpus",
         description="Encode a SMILES source (cached) and report what it holds: without -n the whole file "
                     "(lines, molecules kept, every dropped line by reason, split sizes), with -n the first "
                     "N molecules of a split.")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chemscale.config import require
-from chemscale.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 ATTENTION_LAYERS = ("global", "local", "global_local")
 

@@ -7,7 +7,6 @@ has three sections, each a dataclass validated on load: `model` (`LMModelConfig`
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from chemscale import chemgpt, corpus, molecules, runs
-from chemscale.config import atomic_write_bytes, atomic_write_json, atomic_write_text, from_dict, require
-from chemscale.tokenizer import PAD_ID
+from chemscale.config import atomic_write_bytes, from_dict, require
+from chemscale.lm import chemgpt, corpus
+from chemscale.lm.vocabulary import keep_vocabulary
+from chemscale.lm.tokenizer import PAD_ID
 
 ATTENTION_LAYERS = ("global", "local", "global_local")
 
@@ -280,173 +280,3 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
             raise ConfigError(f"{source} [data]: {key} = {n:,}, but the {name} split of "
                               f"{data_cfg.source!r} leaves {available:,} molecules that encode; "
                               f"ask for at most {available:,}")
-
-
-VOCAB, CORPUS_RECORD = "vocab.json", "corpus.json"  # written into the run folder when it starts
-
-
-class BestModelError(ValueError):
-    """A run's best model cannot be loaded as it was trained (damaged weights, another corpus); names the file."""
-
-
-def keep_vocabulary(run_dir: Path, tokenizer, source: str) -> None:
-    """Save the run's vocabulary and its corpus file's sha256 when it starts, so the model stays readable
-    (and exportable) if the file or the cache changes later; a resume whose corpus gives other ids is refused."""
-    from chemscale.config import ConfigError  # the train CLI prints it as one line
-    from chemscale.tokenizer import Tokenizer
-
-    path = Path(run_dir) / VOCAB
-    if path.exists() and Tokenizer.load(path) != tokenizer:
-        raise ConfigError(f"{path}: the vocabulary this run started with differs from the one {source!r} gives "
-                          "now (was the file changed?); restore the file, or make a new run")
-    if not path.exists():
-        tokenizer.save(path)
-    atomic_write_json(Path(run_dir) / CORPUS_RECORD, {"source": source, "sha256": corpus_sha256(source)})
-
-
-def corpus_sha256(source: str) -> str:
-    """sha256 of the training file of a data source (memoised by the corpus module for big files)."""
-    smiles_file, _ = corpus._source_file(source, "train", None)
-    return corpus._fingerprint(smiles_file, progress=False)["sha256"]
-
-
-def run_vocabulary(run_dir: Path, data_cfg: LMDataConfig):
-    """The run's tokenizer: its vocab.json; without one, rebuilt from the corpus only if the file is the
-    one the run recorded (corpus.json), or MOSES for runs older than that record."""
-    from chemscale.tokenizer import Tokenizer
-
-    path = run_dir / VOCAB
-    if path.exists():
-        return Tokenizer.load(path)
-    record = _corpus_record(run_dir / CORPUS_RECORD)
-    if record is None and data_cfg.source != "moses":
-        raise BestModelError(f"{path}: missing, and the run records no fingerprint of {data_cfg.source!r} "
-                             "(corpus.json), so its token ids cannot be rebuilt safely; retrain the run")
-    if record is not None and record.get("sha256") != corpus_sha256(data_cfg.source):
-        raise BestModelError(f"{path}: missing, and {data_cfg.source!r} is not the file the run trained on "
-                             f"(sha256 {record.get('sha256')} in {run_dir / CORPUS_RECORD}); restore vocab.json "
-                             "or the file as it was")
-    return corpus.load(data_cfg.source, "train", data_cfg.n_train_molecules, seed=0, progress=False).tokenizer
-
-
-def _corpus_record(path: Path) -> dict | None:
-    """corpus.json of a run, None for runs older than it; a damaged one is named."""
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BestModelError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-        raise BestModelError(f"{path}: expected a JSON object with 'source' and 'sha256'")
-    return record
-
-
-def _best_settings(run_dir: Path) -> tuple[LMModelConfig, LMDataConfig, Path]:
-    config = runs.read_config(run_dir)
-    source = str(run_dir / runs.CONFIG)
-    model_cfg = from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
-    data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
-    best = run_dir / "best.pt"
-    if not best.exists():  # before the corpus: loading it may encode molecules for minutes
-        raise FileNotFoundError(f"{best}: the run has no best weights (did it finish?)")
-    return model_cfg, data_cfg, best
-
-
-def _with_weights(model: chemgpt.ChemGPT, best: Path) -> chemgpt.ChemGPT:
-    """`model` holding the weights of `best`; a damaged or foreign file is named with the way out."""
-    try:
-        model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
-    except Exception as e:  # truncated/empty: OSError, EOFError...; another model: RuntimeError (keys, shapes)
-        why = " ".join(str(e).split())  # torch's key and shape lists span lines: one line, cut short
-        why = why if len(why) <= 160 else why[:157] + "..."
-        raise BestModelError(f"{best}: not the ChemGPT weights of this run ({type(e).__name__}: {why}); it is "
-                             f"damaged or from another run: python -m chemscale.train {best.parent} --retrain "
-                             "trains it again") from None
-    return model.eval()
-
-
-def load_best_model(run_dir: str | Path):
-    """The best-validation ChemGPT of a run and its tokenizer, from the run folder alone when it holds vocab.json."""
-    run_dir = Path(run_dir)
-    model_cfg, data_cfg, best = _best_settings(run_dir)
-    tokenizer = run_vocabulary(run_dir, data_cfg)
-    return _with_weights(make_model(model_cfg, len(tokenizer)), best), tokenizer
-
-
-def load_best(run_dir: str | Path) -> tuple[chemgpt.ChemGPT, corpus.TokenCorpus]:
-    """The best-validation ChemGPT of a finished run, with its training corpus (for the tokenizer and novelty).
-
-    The corpus must give the ids the run kept in vocab.json: a changed file would otherwise be read
-    with the wrong vocabulary without a word."""
-    from chemscale.tokenizer import Tokenizer
-
-    run_dir = Path(run_dir)
-    model_cfg, data_cfg, best = _best_settings(run_dir)
-    train_corpus = corpus.load(data_cfg.source, "train", data_cfg.n_train_molecules, seed=0, progress=False)
-    kept = run_dir / VOCAB
-    if kept.exists() and Tokenizer.load(kept) != train_corpus.tokenizer:
-        raise BestModelError(f"{kept}: the vocabulary this run trained with differs from the one "
-                             f"{data_cfg.source!r} gives now (was the file changed?); restore the file")
-    return _with_weights(make_model(model_cfg, len(train_corpus.tokenizer)), best), train_corpus
-
-
-def generation_quality(run_dir: str | Path, n_samples: int = 1000, seed: int = 0) -> dict:
-    """Validity, uniqueness and novelty of `n_samples` molecules sampled from a run's best model.
-
-    Cached in the run folder (`samples_<n>_<seed>.smi` and `.json`), so re-running a notebook
-    samples nothing twice; the cache is keyed on the best weights, so a retrained run samples
-    again. A sample is scored as the model wrote it: one holding [PAD], [BOS] or [UNK] is
-    invalid (SELFIES rejects those symbols) rather than cleaned into a molecule. Novelty is
-    against the canonicalised training set: 11 of the first 20,000 MOSES SMILES are not
-    RDKit-canonical, so the stored strings alone would call those molecules novel.
-    """
-    import hashlib
-
-    run_dir = Path(run_dir)
-    cached, best = run_dir / f"samples_{n_samples}_{seed}.json", run_dir / "best.pt"
-    weights = None
-    if best.exists():
-        with open(best, "rb") as f:
-            weights = hashlib.file_digest(f, "sha256").hexdigest()
-    if cached.exists():
-        quality = json.loads(cached.read_text())
-        if weights is not None and quality.pop("best_pt_sha256", None) == weights:
-            return quality
-    model, train_corpus = load_best(run_dir)
-    with torch.no_grad():
-        ids = model.sample(n_samples, generator=torch.Generator().manual_seed(seed))
-    symbols = train_corpus.tokenizer.symbols
-    smiles = molecules.selfies_to_smiles(["".join(symbols[i] for i in s) for s in ids])
-    atomic_write_text(cached.with_suffix(".smi"), "\n".join(s or "" for s in smiles) + "\n")
-    quality = molecules.quality(smiles, _canonical_training_set(train_corpus), kind="smiles", train_is_canonical=True)
-    atomic_write_json(cached, {**quality, "best_pt_sha256": weights})
-    return quality
-
-
-_CANONICAL: dict = {}  # the last training set canonicalised: a notebook scores every width on the same one
-
-
-def _canonical_training_set(train_corpus: corpus.TokenCorpus) -> frozenset[str]:
-    """RDKit-canonical SMILES of a training corpus (~0.35 ms a molecule; the last one kept in memory)."""
-    import hashlib
-
-    smiles = train_corpus.smiles()
-    key = hashlib.sha256("\n".join(smiles).encode()).hexdigest()  # ~0.1 s for a million molecules
-    if key not in _CANONICAL:
-        _CANONICAL.clear()
-        _CANONICAL[key] = frozenset(c for c in map(molecules.canonical, smiles) if c)
-    return _CANONICAL[key]
-
-
-def generation_quality_table(df, n_samples: int = 1000, seed: int = 0):
-    """One row per finished run of `df`: its size and the quality of `n_samples` sampled molecules."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    rows = []
-    for row in tqdm(list(df.itertuples(index=False)), desc="sampling", leave=False):
-        quality = generation_quality(row.run_dir, n_samples, seed)
-        rows.append({"width": row.width, "n_params_non_embedding": row.n_params_non_embedding,
-                     "best_val_loss": row.best_val_loss, **quality})
-    return pd.DataFrame(rows).sort_values("n_params_non_embedding", ignore_index=True)

@@ -24,7 +24,7 @@ from collections import deque
 import selfies as sf
 from tqdm.auto import tqdm
 
-from chemscale.smiles_files import CorpusError
+from chemscale.lm.read import CorpusError
 
 _CHUNK_MAX = 1000  # molecules a worker task: ~0.2-0.5 s of work against ~1 ms of IPC
 _PARENT_POLL_S = 1.0  # how often an idle worker checks that its parent is alive
