@@ -2,8 +2,9 @@
 
 One run is one process, so a crash, an out-of-memory or a library's global state cannot leak
 into the notebook or the next run, and Lightning DDP works (it needs a script). The runner is
-task-agnostic: a task module (`chemscale.lm.task` for ChemGPT) builds the LightningModule and the
-data loaders; this module owns everything around them:
+task-agnostic: a task module (`chemscale.lm.task` for ChemGPT, `chemscale.ff.task` for force
+fields) builds the LightningModule and the data loaders, under the contract written in
+`chemscale.task`; this module owns everything around them:
 
 - `config.json`: checked before anything runs: its values, and that it hashes to the folder's
   name (the run id), so an edited setting is refused instead of trained under the old name;
@@ -45,9 +46,11 @@ import torch
 
 from chemscale import memory, runs
 from chemscale.config import ConfigError, atomic_write_json, from_dict, require
+from chemscale.task import task_kind
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
-METRIC_COLUMNS = ("step", "epoch", "tokens", "flops", "train_loss", "val_loss", "current_lr")
+METRIC_COLUMNS = ("step", "epoch", "samples", "flops", "train_loss", "val_loss", "current_lr")
+LEGACY_COLUMNS = {"tokens": "samples"}  # metrics.csv of runs started before the column was renamed
 
 
 @dataclass
@@ -149,30 +152,6 @@ def held_elsewhere(run_dir: Path) -> bool:
         return False
 
 
-def lr_lambda(warmup_steps: int, max_steps: int):
-    """Linear warm-up then cosine decay to 10% of the peak: the usual LM schedule."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-TASKS = {"chemgpt": "chemscale.lm.task", "ff": "chemscale.ff.task"}  # task name -> module with build()/validate()
-
-
-def task_module(name, source: str = "<config>"):
-    """The module of a task, imported on demand (the force-field stack takes seconds to import)."""
-    import importlib
-
-    if name not in TASKS:
-        raise ConfigError(f"{source}: key 'task' = {name!r}; known tasks: {sorted(TASKS)}")
-    return importlib.import_module(TASKS[name])
-
-
 def parse_train_config(config: dict, source: str) -> TrainConfig:
     return from_dict(TrainConfig, config.get("train", {}), f"{source} [train]")
 
@@ -184,7 +163,7 @@ def complete_config(config: dict, source: str = "<config>") -> dict:
     the code changes the id of the configs that relied on it. An int given for a float key is
     made a float (`lr: 1` and `lr: 1.0` are one run). Raises `ConfigError` naming key and source.
     """
-    task = task_module(config.get("task"), source)
+    task = task_kind(config.get("task"), source)
     check_top_level(config, task, source)
     full = {k: v for k, v in config.items() if k != "meta"}
     full["seed"] = config.get("seed", 0)
@@ -264,8 +243,11 @@ class MetricsLog:
             raise self._damaged("is missing, but last.ckpt is there") from None
         except (UnicodeDecodeError, csv.Error) as e:
             raise self._damaged(f"is not a metrics file ({type(e).__name__}: {e})") from None
-        if header != self.columns:
+        renamed = tuple(LEGACY_COLUMNS.get(c, c) for c in header)
+        if header != self.columns and renamed != self.columns:
             raise self._damaged(f"does not start with the header {','.join(self.columns)}")
+        if renamed != header:  # an older run's file: its rows under today's names (rewritten on resume)
+            rows = [{LEGACY_COLUMNS.get(k, k): v for k, v in r.items()} for r in rows]
         bad = [i for i, r in enumerate(rows) if not _complete_row(r, self.columns)]
         if bad and bad[0] < len(rows) - 1:
             raise self._damaged(f"row {bad[0] + 2} is incomplete")
@@ -492,8 +474,8 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             val = float(trainer.callback_metrics["val_loss"])
             bad_train = self._flush_train_rows(trainer)
             if trainer.is_global_zero:
-                self.metrics.add(step=trainer.global_step, epoch=trainer.current_epoch, tokens=module.tokens_seen,
-                                 flops=module.flops_per_token * module.tokens_seen, val_loss=val, **module.extra_val)
+                self.metrics.add(step=trainer.global_step, epoch=trainer.current_epoch, samples=module.samples_seen,
+                                 flops=module.flops_per_sample * module.samples_seen, val_loss=val, **module.extra_val)
                 self.metrics.flush()
             # Every rank must agree to stop, or the others would wait forever in the next collective.
             bad = (bad_train is not None) or not math.isfinite(val)
@@ -630,7 +612,7 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
 
     source = str(run_dir / runs.CONFIG)
     tcfg = parse_train_config(config, source)
-    task = task_module(config.get("task"), source)
+    task = task_kind(config.get("task"), source)
     ckpt = run_dir / runs.CHECKPOINT
     resume = ckpt if ckpt.exists() and not fresh else None
     step = _checkpoint_step(resume, run_dir) if resume is not None else 0
@@ -640,7 +622,7 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     torch.use_deterministic_algorithms(True, warn_only=True)
     _quiet_lightning()
 
-    book, early = _callbacks(run_dir, tcfg, getattr(task, "EXTRA_COLUMNS", ()))
+    book, early = _callbacks(run_dir, tcfg, task.EXTRA_COLUMNS)
     if _is_launcher():
         # From a checkpoint: drop the rows logged after it (and refuse a file that lost rows before it).
         # From scratch: drop every row of an earlier attempt (a deleted last.ckpt), else counted twice.
@@ -676,11 +658,12 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     segment = book.segment_seconds()
     train_seconds = book.earlier_seconds + segment
     stop_reason = _stop_reason(status, early, trainer.global_step, tcfg.max_steps)
+    best_val = book.best_val if math.isfinite(book.best_val) else None
     result = {
-        "status": status, "reason": reason, "best_val_loss": book.best_val if math.isfinite(book.best_val) else None,
+        "status": status, "reason": reason, "best_val_loss": best_val,
         "best_step": book.best_step, "steps": trainer.global_step, "wall_s": wall,
         "train_seconds": train_seconds, "stop_reason": stop_reason, "stopped_early": stop_reason == "early_stopped",
-        "resumed_from_step": None if resume is None else step, **task.summary(book, segment),
+        "resumed_from_step": None if resume is None else step, **task.summary(best_val, segment),
     }
     if status == "finished":
         result.update(task.finish(run_dir))

@@ -26,7 +26,7 @@ def tiny_ff_config(name="schnet", **train_kw):
          "accelerator": "cpu", "threads": 1}
     t.update(train_kw)
     return {"study": "ff", "task": "ff", "seed": 0, "model": {"name": name, "width": 8, "depth": 1},
-            "data": {"source": "md:ethanol", "recipe": TINY_RECIPE, "n_train": 24}, "train": t}
+            "data": {"source": "md:ethanol", "recipe": TINY_RECIPE, "n_train_structures": 24}, "train": t}
 
 
 @pytest.fixture(autouse=True)
@@ -106,8 +106,8 @@ def test_reported_test_errors_are_plausible(name):
 
 
 def test_ff_sweep_axes_and_bad_model_name():
-    configs = sweep.grid("ff", tiny_ff_config(), name=["schnet", "painn"], n_train=[8, 16])
-    assert {(c["model"]["name"], c["data"]["n_train"]) for c in configs} == {
+    configs = sweep.grid("ff", tiny_ff_config(), name=["schnet", "painn"], n_train_structures=[8, 16])
+    assert {(c["model"]["name"], c["data"]["n_train_structures"]) for c in configs} == {
         ("schnet", 8), ("schnet", 16), ("painn", 8), ("painn", 16)}
     with pytest.raises(ConfigError, match="name"):
         sweep.grid("ff", tiny_ff_config(), name=["dimenet"])
@@ -118,7 +118,7 @@ def test_a_dataset_without_val_or_test_structures_is_refused(tmp_path):
     from chemscale.ff import task
 
     config = tiny_ff_config()
-    config["data"] = {"source": "md:ethanol", "n_train": 4,
+    config["data"] = {"source": "md:ethanol", "n_train_structures": 4,
                       "recipe": {"n_train": 4, "n_val": 0, "n_test": 2, "equilibration_steps": 0}}
     expected = r"cfg \[data\]: the val split\(s\) of 'md:ethanol' hold no structures \(splits: .*'val': 0"
     with pytest.raises(ConfigError, match=expected):

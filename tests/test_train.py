@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from chemscale import paths, runs, sweep, train
+from chemscale import paths, runs, sweep, task, train
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
 
@@ -287,7 +287,7 @@ def test_recorded_learning_rate_is_the_one_each_step_applied(runs_root):
     config = tiny_lm_config(warmup_steps=5, max_steps=20)
     run_dir = runs.create("t", config, runs_root)
     train.train(run_dir)
-    schedule = train.lr_lambda(5, 20)
+    schedule = task.lr_lambda(5, 20)
     rows = [r for r in _metrics(run_dir) if r["train_loss"]]
     # Step k (counted from 1) is the scheduler's step k - 1: warm-up 0.2, 0.4, ... 1.0, then cosine.
     assert [float(r["current_lr"]) for r in rows] == [pytest.approx(3e-3 * schedule(k - 1), rel=1e-7)
@@ -296,12 +296,12 @@ def test_recorded_learning_rate_is_the_one_each_step_applied(runs_root):
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
-    f = train.lr_lambda(10, 110)
+    f = task.lr_lambda(10, 110)
     assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
     decay = [f(s) for s in range(10, 111)]
     assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:]))
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
-    assert train.lr_lambda(0, 100)(0) == 1.0
+    assert task.lr_lambda(0, 100)(0) == 1.0
 
 
 def test_early_stopping_stops_at_the_validation_where_patience_runs_out(runs_root):

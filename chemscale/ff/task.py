@@ -10,19 +10,18 @@ Compute is measured: the FLOPs of one training step (torch's FlopCounterMode) pe
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from chemscale.config import atomic_write_bytes, from_dict, require
+from chemscale.config import from_dict, require
 from chemscale.ff import data as ffdata
 from chemscale.ff import models
 from chemscale.ff.loader import ff_loader
+from chemscale.task import TaskModule
 
 P = models.P  # schnetpack batch keys
 EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
@@ -32,16 +31,14 @@ EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
 class FFModelConfig:
     """Which network, and its size."""
 
-    name: str = "schnet"  # schnet, painn, allegro, spookynet
+    name: str = "schnet"  # a row of `chemscale.ff.models.REGISTRY`: schnet, painn, allegro, spookynet
     width: int = 64  # features per atom (see chemscale.ff.models for each model's meaning)
     depth: int = 3  # interaction layers
     cutoff: float = 5.0  # neighbour cutoff, Å
     n_rbf: int = 20  # radial basis functions
 
-    def __post_init__(self):
-        require(self.name in models.MODELS, "name", f"must be one of {models.MODELS}, got {self.name!r}")
-        require(self.width > 0 and self.depth > 0, "width/depth", "must be > 0")
-        require(self.cutoff > 0 and self.n_rbf > 0, "cutoff/n_rbf", "must be > 0")
+    def __post_init__(self):  # the checks `models.build` makes, before anything is built
+        models.check(self.name, width=self.width, depth=self.depth, cutoff=self.cutoff, n_rbf=self.n_rbf)
 
 
 @dataclass
@@ -49,96 +46,52 @@ class FFDataConfig:
     """Which structures a run trains, validates and tests on."""
 
     source: str = "md:ethanol"  # a recipe name (md:ethanol, conformers:moses) or a data file path
-    recipe: dict = field(default_factory=dict)  # recipe fields to override, e.g. {"n_train": 5000}
-    n_train: int = 1000  # training structures (nested subsets of a fixed permutation)
-    n_val: int = 0  # validation structures; 0 = the whole validation split
+    recipe: dict = field(default_factory=dict)  # recipe fields to override, e.g. {"n_train": 5000} frames generated
+    n_train_structures: int = 1000  # training structures (nested subsets of a fixed permutation)
+    n_val_structures: int = 0  # validation structures; 0 = the whole validation split
     energy_weight: float = 0.01  # loss = energy_weight·MSE(E) + (1 - energy_weight)·MSE(F)
 
     def __post_init__(self):
-        require(self.n_train > 0 and self.n_val >= 0, "n_train/n_val", "must be > 0 (n_val >= 0)")
+        require(self.n_train_structures > 0, "n_train_structures", "must be > 0")
+        require(self.n_val_structures >= 0, "n_val_structures", "must be >= 0 (0: the whole validation split)")
         require(0 <= self.energy_weight <= 1, "energy_weight", "must be in [0, 1]")
 
 
-class FFModule(pl.LightningModule):
-    """Energy+force regression with a `chemscale.ff.models.ForceField`."""
+class FFModule(TaskModule):
+    """Energy+force regression with a `chemscale.ff.models.ForceField`; a sample is a structure."""
 
-    def __init__(self, model: models.ForceField, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 energy_weight: float):
-        super().__init__()
-        self.model, self.lr, self.weight_decay = model, lr, weight_decay
-        self.warmup_steps, self.max_steps, self.energy_weight = warmup_steps, max_steps, energy_weight
-        self.flops_per_token = 0.0  # FLOPs per training structure, measured by `measure_flops`
-        self.tokens_seen = self.tokens_at_best = self.tokens_this_process = 0  # structures
-        self._seen = torch.zeros((), dtype=torch.long)
-        self.last_loss = torch.zeros(())
-        self.extra_val: dict = {}
-        self.best_val_metrics: dict = {}
+    VAL_GRAD = True  # forces are energy gradients
+    VAL_SUMS = 5  # loss·n, n, |dE|, |dF|, force components
+
+    def __init__(self, model: models.ForceField, tcfg, energy_weight: float):
+        super().__init__(model, tcfg)
+        self.energy_weight = energy_weight
 
     def loss_terms(self, batch):
         out = self.model(batch)
-        de = out["energy"] - batch["energy"]
-        df = out["forces"] - batch["forces"]
+        de = out[P.energy] - batch[P.energy]
+        df = out[P.forces] - batch[P.forces]
         loss = self.energy_weight * de.pow(2).mean() + (1 - self.energy_weight) * df.pow(2).mean()
         return loss, de, df
 
-    def training_step(self, batch, batch_idx):
+    def step_loss(self, batch):
         loss, _, _ = self.loss_terms(batch)
-        self._seen = self._seen.to(loss.device) + batch[P.n_atoms].numel()
-        self.last_loss = loss.detach()
-        return loss
+        return loss, batch[P.n_atoms].numel()
 
     def on_train_epoch_start(self):
         loader = self.trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.current_epoch)
 
-    def on_validation_epoch_start(self):
-        n = self._seen.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-        self.tokens_seen += int(n)
-        self.tokens_this_process += int(n)
-        self._seen.zero_()
-        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss·n, |dE|, n_E, |dF|, n_F
-
-    def validation_step(self, batch, batch_idx):
-        with torch.enable_grad():  # forces are energy gradients
-            loss, de, df = self.loss_terms(batch)
+    def val_sums(self, batch) -> torch.Tensor:
+        loss, de, df = self.loss_terms(batch)
         n = de.numel()
-        self._sums += torch.stack([loss.detach().double() * n, de.detach().abs().sum().double(), torch.tensor(
-            n, dtype=torch.float64, device=self.device), df.detach().abs().sum().double(),
-            torch.tensor(df.numel(), dtype=torch.float64, device=self.device)])
+        return torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=de.device),
+                            de.abs().sum().double(), df.abs().sum().double(),
+                            torch.tensor(df.numel(), dtype=torch.float64, device=de.device)])
 
-    def on_validation_epoch_end(self):
-        s = self._sums
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(s)
-        self.extra_val = {"energy_mae_mev": float(1000 * s[1] / s[2]), "force_mae_mev_per_a": float(1000 * s[3] / s[4])}
-        self.log("val_loss", (s[0] / s[2]).float())
-
-    def on_new_best(self, run_dir: Path) -> None:
-        self.tokens_at_best = self.tokens_seen
-        self.best_val_metrics = dict(self.extra_val)
-        if self.trainer.is_global_zero:
-            buf = io.BytesIO()
-            torch.save(self.model.state_dict(), buf)
-            atomic_write_bytes(run_dir / "best.pt", buf.getvalue())
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["chemscale"] = {"tokens_seen": self.tokens_seen, "tokens_at_best": self.tokens_at_best,
-                                   "flops_per_token": self.flops_per_token, "best_val_metrics": self.best_val_metrics}
-
-    def on_load_checkpoint(self, checkpoint):
-        state = checkpoint.get("chemscale", {})
-        self.tokens_seen, self.tokens_at_best = state.get("tokens_seen", 0), state.get("tokens_at_best", 0)
-        self.best_val_metrics = state.get("best_val_metrics", {})
-
-    def configure_optimizers(self):
-        from chemscale.train import lr_lambda
-
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.warmup_steps, self.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def val_metrics(self, sums) -> dict:
+        return {"energy_mae_mev": float(1000 * sums[2] / sums[1]), "force_mae_mev_per_a": float(1000 * sums[3] / sums[4])}
 
     def measure_flops(self, batch) -> None:
         """FLOPs of one training step (forward, forces, backward) per structure, counted by torch."""
@@ -147,7 +100,7 @@ class FFModule(pl.LightningModule):
             loss, _, _ = self.loss_terms(batch)
             loss.backward()
         self.model.zero_grad(set_to_none=True)
-        self.flops_per_token = counter.get_total_flops() / batch[P.n_atoms].numel()
+        self.flops_per_sample = counter.get_total_flops() / batch[P.n_atoms].numel()
 
 
 class _Ranked:
@@ -188,17 +141,26 @@ class _Ranked:
 SECTIONS = {"model": FFModelConfig, "data": FFDataConfig}  # config sections this task reads
 
 
+@dataclass
 class Task:
-    def __init__(self, module: FFModule, train_loader, val_loader, test_set, cutoff: float, n_train: int):
-        self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
-        self.test_set, self.cutoff, self.n_train = test_set, cutoff, n_train
+    """One force-field run, as the runner sees it (`chemscale.task.RunTask`)."""
 
-    def summary(self, book, train_seconds: float) -> dict:
+    module: FFModule
+    train_loader: _Ranked
+    val_loader: _Ranked
+    test_set: ffdata.FFDataset
+    cutoff: float
+    n_train_structures: int  # trained on (a fit's x); the config's number is the asked one
+    n_train_structures_asked: int
+
+    def summary(self, best_val: float | None, train_seconds: float) -> dict:
         m = self.module
-        return {"n_params": m.model.n_params(), "n_train_structures": self.n_train,
-                "flops_per_structure": m.flops_per_token, "structures_seen": m.tokens_seen,
-                "flops_at_best": m.flops_per_token * m.tokens_at_best, "flops_total": m.flops_per_token * m.tokens_seen,
-                "train_structures_per_s": m.tokens_this_process / max(train_seconds, 1e-9),
+        return {"n_params": m.model.n_params(), "n_train_structures": self.n_train_structures,
+                "n_train_structures_asked": self.n_train_structures_asked,
+                "flops_per_structure": m.flops_per_sample, "structures_seen": m.samples_seen,
+                "flops_at_best": m.flops_per_sample * m.samples_at_best,
+                "flops_total": m.flops_per_sample * m.samples_seen,
+                "train_structures_per_s": m.samples_this_process / max(train_seconds, 1e-9),
                 **{f"val_{k}": v for k, v in m.best_val_metrics.items()}}
 
     def finish(self, run_dir: Path) -> dict:
@@ -218,9 +180,9 @@ class Task:
         abs_e = abs_f = n_e = n_f = 0.0
         for batch in ff_loader(self.test_set, batch_size=64, cutoff=self.cutoff):
             out = model(batch)
-            abs_e += float((out["energy"].detach() - batch["energy"]).abs().sum())
-            abs_f += float((out["forces"].detach() - batch["forces"]).abs().sum())
-            n_e, n_f = n_e + batch["energy"].numel(), n_f + batch["forces"].numel()
+            abs_e += float((out[P.energy].detach() - batch[P.energy]).abs().sum())
+            abs_f += float((out[P.forces].detach() - batch[P.forces]).abs().sum())
+            n_e, n_f = n_e + batch[P.energy].numel(), n_f + batch[P.forces].numel()
         return {"test_energy_mae_mev": 1000 * abs_e / max(n_e, 1), "test_force_mae_mev_per_a": 1000 * abs_f / max(n_f, 1),
                 "n_test_structures": len(self.test_set)}
 
@@ -228,8 +190,8 @@ class Task:
 def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
     """Check the `model` and `data` sections of a force-field run config.
 
-    With `data`, also check that the dataset's train and val splits hold `n_train` and `n_val`
-    structures, so a sweep is refused before it starts rather than each run failing as it
+    With `data`, also check that the dataset's train and val splits hold `n_train_structures` and
+    `n_val_structures`, so a sweep is refused before it starts rather than each run failing as it
     starts. A sweep checks once per dataset, with its largest sizes. A recipe whose planned
     splits are too small is refused without generating anything; otherwise the dataset is
     built (as the first run would; cached, so cheap later) and its stored counts decide.
@@ -245,7 +207,8 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
         recipe = ffdata.as_recipe(dcfg.source, **dcfg.recipe)
     except ffdata.FFDataError as e:
         raise ConfigError(f"{source} [data]: {e}") from None
-    asked = {split: n for split, n in (("train", dcfg.n_train), ("val", dcfg.n_val)) if n}  # n_val 0: all of it
+    asked = {split: n for split, n in (("train", dcfg.n_train_structures), ("val", dcfg.n_val_structures))
+             if n}  # n_val_structures 0: all of it
     per_unit = getattr(recipe, "conformers_per_molecule", 1)
     planned = {k: v * per_unit for k, v in recipe.sizes().items()} if hasattr(recipe, "sizes") else {}
     too_many = {split: planned[split] for split, n in asked.items() if split in planned and n > planned[split]}
@@ -258,7 +221,7 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
         _require_held_out(dcfg.source, {split: counts[split]["structures"] for split in counts}, source)
     if too_many:
         split, available = next(iter(too_many.items()))
-        raise ConfigError(f"{source} [data]: n_{split} = {asked[split]:,} structures, but the {split} split of "
+        raise ConfigError(f"{source} [data]: n_{split}_structures = {asked[split]:,}, but the {split} split of "
                           f"{dcfg.source!r} has {available:,}"
                           + ("; raise the recipe's size or ask for fewer" if planned else ""))
 
@@ -279,18 +242,18 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
     seed = int(config.get("seed", 0))
     recipe = ffdata.as_recipe(dcfg.source, **dcfg.recipe)
-    train_set = ffdata.load(recipe, "train", dcfg.n_train, seed=0, progress=False)
-    val_set = ffdata.load(recipe, "val", dcfg.n_val or None, seed=0, progress=False)
+    train_set = ffdata.load(recipe, "train", dcfg.n_train_structures, seed=0, progress=False)
+    val_set = ffdata.load(recipe, "val", dcfg.n_val_structures or None, seed=0, progress=False)
     test_set = ffdata.load(recipe, "test", None, progress=False)
     _require_held_out(dcfg.source, {"train": len(train_set), "val": len(val_set), "test": len(test_set)}, source)
     elements = sorted(set(train_set.elements) | set(val_set.elements) | set(test_set.elements))
     model = models.build(mcfg.name, width=mcfg.width, depth=mcfg.depth, cutoff=mcfg.cutoff, elements=elements,
                          n_rbf=mcfg.n_rbf)
-    module = FFModule(model, tcfg.lr, tcfg.weight_decay, tcfg.warmup_steps, tcfg.max_steps, dcfg.energy_weight)
+    module = FFModule(model, tcfg, dcfg.energy_weight)
     batch_size = min(tcfg.batch_size, len(train_set))
     module.measure_flops(next(iter(ff_loader(train_set, batch_size=batch_size, cutoff=mcfg.cutoff))))
     train_loader = _Ranked(train_set, batch_size=batch_size, shuffle=True, seed=seed, cutoff=mcfg.cutoff,
                            drop_last=True, steps_done=lambda: module.global_step)
     val_loader = _Ranked(val_set, batch_size=max(64, tcfg.batch_size), cutoff=mcfg.cutoff)
-    return Task(module, train_loader, val_loader, test_set, mcfg.cutoff, len(train_set))
+    return Task(module, train_loader, val_loader, test_set, mcfg.cutoff, len(train_set), dcfg.n_train_structures)
 
