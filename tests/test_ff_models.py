@@ -17,8 +17,10 @@ import pytest
 import torch
 from ase import Atoms
 
+from chemscale.ff import models
+from chemscale.ff.forcefield import P, ForceField
 from chemscale.ff.loader import neighbor_pairs
-from chemscale.ff.models import MODELS, P, build
+from chemscale.ff.models import MODELS, build
 from chemscale.ff.spookynet import electron_configuration
 
 CUTOFF = 5.0
@@ -57,7 +59,7 @@ def make_batch(molecules: list[Atoms], cutoff: float = CUTOFF, dtype=torch.float
 def predict(model, molecules: list[Atoms], all_pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Energies (n_mol,) and forces (n_atoms, 3) as float64 numpy arrays."""
     out = model(make_batch(molecules, model.cutoff, model.dtype, all_pairs))
-    return out["energy"].detach().double().numpy(), out["forces"].detach().double().numpy()
+    return out[P.energy].detach().double().numpy(), out[P.forces].detach().double().numpy()
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -196,8 +198,8 @@ class TestContract:
         batch = make_batch([random_molecule(np.random.default_rng(6), n) for n in (4, 6)])
         with torch.no_grad():  # validation loops: forces still come out
             out = model(batch)
-        assert out["energy"].shape == (2,) and out["forces"].shape == (10, 3)
-        assert out["energy"].dtype == out["forces"].dtype == torch.float32
+        assert out[P.energy].shape == (2,) and out[P.forces].shape == (10, 3)
+        assert out[P.energy].dtype == out[P.forces].dtype == torch.float32
         assert not batch[P.R].requires_grad  # the caller's positions are left alone
         assert 0 < model.n_params() < tiny_model(model_name, width=16).n_params()
         with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
@@ -227,16 +229,16 @@ class TestContract:
         batch = make_batch(molecules)
         target = toy_labels(batch)
         counts = np.stack([[np.sum(m.numbers == z) for z in model.elements] for m in molecules]).astype(float)
-        energy = target["energy"].double().numpy()
+        energy = target[P.energy].double().numpy()
         fit, *_ = np.linalg.lstsq(counts, energy, rcond=None)
         shift_only_energy_mse = np.mean((counts @ fit - energy) ** 2)
-        zero_force_mse = target["forces"].pow(2).mean().item()
+        zero_force_mse = target[P.forces].pow(2).mean().item()
         assert shift_only_energy_mse > 0.1  # not vacuous: counts do not explain the energies
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         for _ in range(81):
             out = model(batch)
-            energy_mse = (out["energy"] - target["energy"]).pow(2).mean()
-            force_mse = (out["forces"] - target["forces"]).pow(2).mean()
+            energy_mse = (out[P.energy] - target[P.energy]).pow(2).mean()
+            force_mse = (out[P.forces] - target[P.forces]).pow(2).mean()
             optimizer.zero_grad()
             (energy_mse / shift_only_energy_mse + force_mse / zero_force_mse).backward()
             optimizer.step()
@@ -251,10 +253,23 @@ def toy_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pair = 0.5 * torch.exp(-r) * (r - 1.5) ** 2  # 0.5: each pair appears in both directions
     energy = torch.zeros(len(batch[P.n_atoms]), dtype=R.dtype).index_add(0, batch[P.idx_m][batch[P.idx_i]], pair)
     (grad,) = torch.autograd.grad(energy.sum(), R)
-    return {"energy": energy.float().detach(), "forces": -grad.float()}
+    return {P.energy: energy.float().detach(), P.forces: -grad.float()}
 
 
-# ---------------------------------------------------------------- factory and per-model details
+# ---------------------------------------------------------------- registry, factory and per-model details
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_registry_row_has_a_kind_and_a_builder_that_builds(name):
+    """The row's kind is one of the three, its builder builds its model, and the docstring table lists it."""
+    spec = models.REGISTRY[name]
+    assert models.KINDS == ("invariant", "equivariant", "physics-informed")
+    assert models.kind(name) == spec.kind in models.KINDS
+    model = tiny_model(name, perturb=False)
+    assert isinstance(model, ForceField) and model.name == name and model.n_params() > 0
+    assert model.build_args["name"] == name and model.build_args["width"] == TINY["width"]
+    assert f"| `{name}` |" in models.__doc__ and spec.width in models.__doc__ and spec.depth in models.__doc__
+    assert MODELS == tuple(models.REGISTRY)
+
 
 def test_unknown_model_bad_sizes_and_unknown_options():
     with pytest.raises(ValueError, match="unknown model"):
@@ -263,6 +278,32 @@ def test_unknown_model_bad_sizes_and_unknown_options():
         build("schnet", width=8, depth=0)
     with pytest.raises(ValueError, match="l_max"):
         build("painn", width=8, depth=1, l_max=2)
+    with pytest.raises(ValueError, match=r"unknown model 'mace'; expected one of \('schnet', 'painn'"):
+        models.kind("mace")
+
+
+@pytest.mark.parametrize("bad", [dict(name="mace"), dict(width=0), dict(depth=0), dict(cutoff=0.0), dict(n_rbf=0),
+                                 dict(cutoff=-1.0)])
+def test_check_refuses_what_build_refuses(bad):
+    """`check` (what FFModelConfig calls) and `build` refuse the same values with the same message."""
+    args = {"name": "schnet", "width": 8, "depth": 1, "cutoff": 5.0, "n_rbf": 4, **bad}
+    message = "unknown model 'mace'" if "name" in bad else r"need width, depth, n_rbf >= 1 and cutoff > 0; got width="
+    with pytest.raises(ValueError, match=message):
+        models.check(**args)
+    with pytest.raises(ValueError, match=message):
+        build(**args)
+    models.check("schnet", width=8, depth=1, cutoff=5.0, n_rbf=4)  # good values pass
+
+
+def test_rebuild_reads_build_args_old_and_new():
+    """build_args name the model under "name"; cards of runs trained before (issue 9) under "model"."""
+    model = tiny_model("painn", perturb=False)
+    assert "model" not in model.build_args
+    old = {"model" if k == "name" else k: v for k, v in model.build_args.items()}
+    for args in (model.build_args, old):
+        again = models.rebuild(args)
+        assert type(again) is type(model) and again.build_args == model.build_args
+        again.load_state_dict(model.state_dict())
 
 
 def test_allegro_double_conversion_is_refused():

@@ -1,4 +1,14 @@
-"""Force fields for the GNN scaling study: data (`data`, `readers`, `generate`, `loader`) and models.
+"""Force fields for the GNN scaling study: data, models, training, and an ASE calculator.
+
+Where each concept lives:
+
+- data: `frames` (structures in memory, units), `readers` (users' files), `generate` (GFN2-xTB
+  recipes), `store` (a dataset folder on disk), `data` (recipes, cache, `load`), `loader` (batches);
+- models: `forcefield` (the `ForceField` base, the `Graph` networks read, the batch/output keys `P`),
+  `models` (the registry: one row per model, `build`, `rebuild`, `check`, `kind`), one module per
+  network family: `schnetpack_models` (SchNet, PaiNN), `allegro_adapter` (Allegro), `spookynet`;
+- `task` (the training task of `python -m chemscale.train`), `calculator` (a trained run as an ASE
+  calculator), `bench` (training speed against stock schnetpack).
 
 Importing this package is cheap; schnetpack (which pulls in Lightning, seconds) is imported
 only by `import_schnetpack()`.

@@ -6,7 +6,9 @@ representations for large-scale atomistic dynamics", Nat. Commun. 14, 579 (2023)
 How it is built: `allegro.model.AllegroModel` is a nequip ``@model_builder``; called directly
 with keyword arguments (what a nequip YAML config would hold) it returns a nequip `GraphModel`.
 We build it with ``do_derivatives=False`` and read its per-atom energies; `ForceField` sums them
-and differentiates, as for the other models.
+and differentiates, as for the other models. nequip (and Lightning, e3nn) is imported on the first
+build, not with this module: importing it takes seconds and adds warning filters, which a
+process training another model would not want.
 
 How the batch is adapted (AtomicDataDict): ``edge_vectors`` = our r_ij in float64 (nequip keeps
 geometry in float64 and casts to the model dtype itself; giving the vectors means periodic
@@ -25,25 +27,26 @@ TorchScript fusion strategy and ``PYTORCH_JIT_USE_NNC_NOT_NVFUSER=1``, and on CU
 
 Precision: nequip fixes the model dtype at build time (``model_dtype``) and casts to it inside the
 model, so ``.double()`` on a built model fails ("expected m1 and m2 to have the same dtype"):
-build with ``dtype=torch.float64`` instead.
+build with ``dtype=torch.float64`` instead (`AllegroEnergy` refuses a converted model with that advice).
 """
 
 import os
 from typing import Sequence
 
 import torch
-from allegro.model import AllegroModel
 from ase.data import chemical_symbols
-from lightning.pytorch.utilities.seed import isolate_rng
-from nequip.data import AtomicDataDict
-from nequip.utils.global_state import global_state_initialized, set_global_state
 from torch import nn
+
+from chemscale.ff.forcefield import Graph, NetForceField, default_dtype
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 def init_nequip_global_state() -> None:
     """Run nequip's `set_global_state()` once, undoing its process-wide side effects we can undo."""
+    from lightning.pytorch.utilities.seed import isolate_rng
+    from nequip.utils.global_state import global_state_initialized, set_global_state
+
     if global_state_initialized():
         return
     dtype = torch.get_default_dtype()
@@ -84,6 +87,8 @@ class AllegroEnergy(nn.Module):
                  dtype: torch.dtype = torch.float32, l_max: int = 1, tensor_features: int | None = None,
                  avg_num_neighbors: float = 10.0):
         super().__init__()
+        from allegro.model import AllegroModel
+
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"Allegro supports {list(_DTYPE_NAMES)}; got {dtype}")
         init_nequip_global_state()
@@ -103,14 +108,33 @@ class AllegroEnergy(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def forward(self, element_index: torch.Tensor, r_ij: torch.Tensor, idx_i: torch.Tensor, idx_j: torch.Tensor,
-                idx_m: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
+    def forward(self, graph: Graph) -> torch.Tensor:
         """Atomic energies (n_atoms,), in float64 (nequip's output dtype)."""
+        from nequip.data import AtomicDataDict  # imported by __init__ already: a lookup
+
+        if self.dtype != self.built_dtype:
+            raise ValueError(
+                f"this Allegro model was built in {self.built_dtype} and converted to {self.dtype}; "
+                "nequip fixes the dtype at build time: use build('allegro', ..., dtype=...) instead"
+            )
         data = {
-            AtomicDataDict.EDGE_VECTORS_KEY: r_ij.to(torch.float64),
-            AtomicDataDict.EDGE_INDEX_KEY: torch.stack([idx_i, idx_j]),
-            AtomicDataDict.ATOM_TYPE_KEY: element_index,
-            AtomicDataDict.BATCH_KEY: idx_m,
-            AtomicDataDict.NUM_NODES_KEY: n_atoms,
+            AtomicDataDict.EDGE_VECTORS_KEY: graph.r_ij.to(torch.float64),
+            AtomicDataDict.EDGE_INDEX_KEY: torch.stack([graph.idx_i, graph.idx_j]),
+            AtomicDataDict.ATOM_TYPE_KEY: graph.element_index,
+            AtomicDataDict.BATCH_KEY: graph.idx_m,
+            AtomicDataDict.NUM_NODES_KEY: graph.n_atoms,
         }
         return self.model(data)[AtomicDataDict.PER_ATOM_ENERGY_KEY].squeeze(-1)
+
+
+def build_allegro(*, width, depth, cutoff, elements, n_rbf, per_element_shift, dtype, **options) -> NetForceField:
+    """Allegro in `dtype` (nequip fixes it at build time, so it is built in it, not converted).
+
+    `width`: scalar latent (edge) features and MLP widths, tensor features width // 4; `depth`:
+    Allegro layers; `n_rbf`: Bessel functions; `options`: `AllegroEnergy`'s ``l_max``,
+    ``tensor_features`` and ``avg_num_neighbors``.
+    """
+    net = AllegroEnergy(elements=elements, width=width, depth=depth, cutoff=cutoff, n_bessels=n_rbf, dtype=dtype,
+                        **options)
+    with default_dtype(dtype):  # the per-element shift in the model's dtype
+        return NetForceField("allegro", net, elements, cutoff, per_element_shift)

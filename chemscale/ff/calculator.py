@@ -91,11 +91,11 @@ def _card_from_config(run_dir: Path) -> tuple[dict, dict[int, float]]:
     mcfg = from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
     dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
     recipe = ffdata.as_recipe(dcfg.source, **dcfg.recipe)
-    train = ffdata.load(recipe, "train", dcfg.n_train, seed=0, progress=False)
-    val = ffdata.load(recipe, "val", dcfg.n_val or None, seed=0, progress=False)
+    train = ffdata.load(recipe, "train", dcfg.n_train_structures, seed=0, progress=False)
+    val = ffdata.load(recipe, "val", dcfg.n_val_structures or None, seed=0, progress=False)
     test = ffdata.load(recipe, "test", None, progress=False)
     elements = sorted(set(train.elements) | set(val.elements) | set(test.elements))
-    build_args = {"model": mcfg.name, "width": mcfg.width, "depth": mcfg.depth, "cutoff": mcfg.cutoff,
+    build_args = {"name": mcfg.name, "width": mcfg.width, "depth": mcfg.depth, "cutoff": mcfg.cutoff,
                   "elements": elements, "n_rbf": mcfg.n_rbf, "per_element_shift": True}
     return build_args, train.reference_energies
 
@@ -104,7 +104,7 @@ class ChemscaleCalculator(Calculator):
     """Energy (eV, total: per-element reference energies added back) and forces (eV/Å) of a force field.
 
     Args:
-        model: a `chemscale.ff.models.ForceField` (put in eval mode here).
+        model: a `chemscale.ff.forcefield.ForceField` (put in eval mode here).
         reference_energies: eV per element (atomic number -> energy), added to the model's energy.
         device: where the model runs ("cpu", "cuda", ...).
     """
@@ -156,8 +156,10 @@ class ChemscaleCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         _check_positions_and_cell(self.atoms)
+        from chemscale.ff.forcefield import P
+
         out = self.model(self.batch(self.atoms))
-        energy, forces = out["energy"].detach().double().cpu()[0], out["forces"].detach().double().cpu()
+        energy, forces = out[P.energy].detach().double().cpu()[0], out[P.forces].detach().double().cpu()
         if not (torch.isfinite(energy) and torch.isfinite(forces).all()):  # never hand NaN on to the dynamics
             formula = self.atoms.get_chemical_formula()
             raise CalculationFailed(f"the model gave a non-finite energy or forces for {formula} (energy "
@@ -168,7 +170,7 @@ class ChemscaleCalculator(Calculator):
 
     def batch(self, atoms) -> dict[str, torch.Tensor]:
         """The model's input for one structure: a batch of one, as in training."""
-        from chemscale.ff.models import P
+        from chemscale.ff.forcefield import P
 
         dtype = self.model.dtype
         R = torch.as_tensor(atoms.positions, dtype=dtype, device=self.device)

@@ -16,7 +16,7 @@ Implemented (paper's Methods; defaults of its reference code where the paper lea
   MLP output to the atomic descriptor f = Σ_t y_t;
 - Swish activations with learnable per-feature α and β (initialised to 1 and 1.702);
 - atomic energy = linear map of f; the paper's per-element energy bias is the per-element shift
-  of `chemscale.ff.models.ForceField`.
+  of `chemscale.ff.forcefield.ForceField`.
 
 Left out: the electronic embeddings of total charge Q and spin S (our data are neutral closed
 shells); the nonlocal interaction (linear-scaling self-attention over all atoms of a molecule);
@@ -31,6 +31,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chemscale.ff.forcefield import Graph, NetForceField
 
 # Subshells in aufbau (Madelung) order as (n, l), up to 6p (radon).
 _SUBSHELLS = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (3, 2), (4, 1), (5, 0), (4, 2), (5, 1), (6, 0),
@@ -240,14 +242,19 @@ class SpookyNet(nn.Module):
         self.energy = nn.Linear(n_features, 1, bias=False)
         nn.init.orthogonal_(self.energy.weight)
 
-    def forward(self, element_index: torch.Tensor, r_ij: torch.Tensor, idx_i: torch.Tensor,
-                idx_j: torch.Tensor) -> torch.Tensor:
-        """Atomic energies (n_atoms,) from element indices (n_atoms,) and pair vectors (P, 3)."""
-        r, y1, y2 = angular_functions(r_ij)
+    def forward(self, graph: Graph) -> torch.Tensor:
+        """Atomic energies (n_atoms,) from the graph's element indices and pair vectors."""
+        r, y1, y2 = angular_functions(graph.r_ij)
         rbf = self.basis(r)
-        x = self.embedding(element_index)
+        x = self.embedding(graph.element_index)
         f = torch.zeros_like(x)  # atomic descriptors, the sum of every module's output
         for module in self.interactions:
-            x, y = module(x, rbf, y1, y2, idx_i, idx_j)
+            x, y = module(x, rbf, y1, y2, graph.idx_i, graph.idx_j)
             f = f + y
         return self.energy(f).squeeze(-1)
+
+
+def build_spookynet(*, width, depth, cutoff, elements, n_rbf, per_element_shift) -> NetForceField:
+    """SpookyNet: `width` features F, `depth` interaction modules T, `n_rbf` Bernstein polynomials K."""
+    net = SpookyNet(elements=elements, n_features=width, n_modules=depth, n_basis=n_rbf, cutoff=cutoff)
+    return NetForceField("spookynet", net, elements, cutoff, per_element_shift)
