@@ -3,6 +3,7 @@
 Runs are the tiny ones of `test_ff_task` (trained once per session through `chemscale.train`).
 """
 
+import json
 import re
 import shutil
 import warnings
@@ -20,6 +21,7 @@ from chemscale import runs
 from chemscale.ff import calculator as calculator_module
 from chemscale.ff import models
 from chemscale.ff.calculator import ChemscaleCalculator
+from chemscale.ff.forcefield import P
 from chemscale.ff.loader import ff_loader
 from chemscale.ff.task import FFModelConfig
 from test_ff_task import tiny_test_split, trained
@@ -50,9 +52,8 @@ def test_calculator_equals_the_model_on_test_molecules(name):
         label_energy = atoms.get_potential_energy()  # total energy of the data, eV
         atoms.calc = calc
         reference = sum(test.reference_energies[z] for z in atoms.numbers)
-        assert atoms.get_potential_energy() == pytest.approx(float(out["energy"][k]) + reference, abs=2e-5)
-        np.testing.assert_allclose(atoms.get_forces(), out["forces"][batch[models.P.idx_m] == k].numpy(),
-                                   atol=2e-5)
+        assert atoms.get_potential_energy() == pytest.approx(float(out[P.energy][k]) + reference, abs=2e-5)
+        np.testing.assert_allclose(atoms.get_forces(), out[P.forces][batch[P.idx_m] == k].numpy(), atol=2e-5)
         # the total energy of the data: ethanol is ~ -310 eV, the model off by much less than that
         assert abs(atoms.get_potential_energy() - label_energy) < 10 < abs(label_energy)
 
@@ -126,6 +127,22 @@ def test_run_without_model_card_rebuilds_it_from_config_and_data(tmp_path):
     expected = atoms.get_potential_energy()
     atoms.calc = ChemscaleCalculator.from_run(copy)
     assert atoms.get_potential_energy() == pytest.approx(expected, abs=1e-9)
+
+
+def test_model_card_of_a_run_trained_before_the_registry(tmp_path):
+    """best_model.json written before issue 9 names the model under "model", not "name": same calculator."""
+    run_dir, _ = trained("spookynet")
+    card = json.loads((run_dir / "best_model.json").read_text())
+    assert card["build"]["name"] == "spookynet" and "model" not in card["build"]
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    card["build"] = {"model" if k == "name" else k: v for k, v in card["build"].items()}
+    (copy / "best_model.json").write_text(json.dumps(card))
+    atoms = tiny_test_split().atoms(1)
+    atoms.calc = ChemscaleCalculator.from_run(run_dir)
+    expected = atoms.get_potential_energy()
+    atoms.calc = ChemscaleCalculator.from_run(copy)
+    assert atoms.get_potential_energy() == expected
 
 
 def test_errors_name_what_is_wrong(tmp_path):
