@@ -18,7 +18,7 @@ per-round rates.
   AVX512-BF16 or AMX, reported as `bf16_supported`; `on`/`off` force it); null when not measured.
 - `mfu`: ChemGPT's fp32 FLOP/s at width 256 (6·N + attention per token) over a 1024² fp32
   matmul (`matmul_fp32_gflops`), alternating with it.
-- `encode_mol_per_s`: SMILES -> SELFIES encoding rate of `chemscale.lm.corpus` (worker processes).
+- `encode_mol_per_s`: SMILES -> SELFIES encoding rate of `chemscale.lm.encode` (worker processes).
 - `loader_tokens_per_s`: the training data loader (cached memory-mapped corpus -> padded
   batches), and `loader_over_training`, its rate over what training consumes.
 - `end_to_end_fraction`: tokens/s through `python -m chemscale.train` (Lightning, data loading,
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from chemscale import paths
-from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
+from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, ChemGPTShape
 from chemscale.lm.tokenizer import PAD_ID
 
 VOCAB = 30  # MOSES SELFIES: 26 symbols + 4 specials
@@ -75,17 +75,17 @@ def bf16_wanted(flag: bool | None = None) -> bool:
 @contextlib.contextmanager
 def process_state_kept():
     """Restore, on the way out, the process-wide state a benchmark changes (the caller may be a notebook)."""
-    from chemscale.lm import corpus
+    from chemscale.lm import cache as lm_cache
     from chemscale.ff import data as ff_data
 
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_default_dtype(),
-             corpus.CACHE_DIR, ff_data.CACHE_DIR, {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS})
+             lm_cache.CACHE_DIR, ff_data.CACHE_DIR, {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS})
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
-            threads, deterministic, warn_only, dtype, corpus.CACHE_DIR, ff_data.CACHE_DIR, levels = saved
+            threads, deterministic, warn_only, dtype, lm_cache.CACHE_DIR, ff_data.CACHE_DIR, levels = saved
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
             torch.set_default_dtype(dtype)
@@ -112,7 +112,7 @@ def flag_impossible(result: dict) -> list[str]:
 
 def _chemgpt(width: int, depth: int) -> ChemGPT:
     torch.manual_seed(0)
-    return ChemGPT(ChemGPTConfig(vocab_size=VOCAB, width=width, depth=depth, n_heads=preset_heads(width)))
+    return ChemGPT(ChemGPTConfig(vocab_size=VOCAB, width=width, depth=depth))  # preset heads
 
 
 def _ours_step(model, opt, batch, bf16: bool):
@@ -208,35 +208,40 @@ def step_speed(quick: bool, bf16: bool) -> dict:
 
 def data_speed(quick: bool, cache: Path) -> dict:
     """Encoding rate, and the cached loader's rate (the path training uses)."""
-    from chemscale.lm import corpus
-    from chemscale.lm import task as lm
+    import numpy as np
 
-    reader = corpus.read_smiles(corpus.moses_path())
+    from chemscale.lm import cache as lm_cache
+    from chemscale.lm import corpus, loader
+    from chemscale.lm.encode import encode_smiles
+    from chemscale.lm.read import moses_path, read_smiles
+
+    reader = read_smiles(moses_path())
     smiles = [s for _, (_, s) in zip(range(1000 if quick else 10000), reader)]
     t0 = time.perf_counter()
-    corpus.encode_smiles(smiles, progress=False)
+    encode_smiles(smiles, progress=False)
     encode = len(smiles) / (time.perf_counter() - t0)
-    corpus.CACHE_DIR = cache
+    lm_cache.CACHE_DIR = cache
     tokens = corpus.load("moses", "train", 1000 if quick else 10000, progress=False)
-    loader = torch.utils.data.DataLoader(lm._Molecules(tokens, torch.arange(len(tokens)).numpy()), batch_size=32,
-                                         shuffle=True, collate_fn=corpus.pad_batch)
+    batches = loader.train_loader(tokens, np.arange(len(tokens)), 32, seed=0, steps_done=lambda: 0)
     t0, n = time.perf_counter(), 0
-    for batch in loader:
+    for batch in batches:
         n += int((batch[:, 1:] != PAD_ID).sum())
     return {"encode_mol_per_s": encode, "loader_tokens_per_s": n / (time.perf_counter() - t0)}
 
 
 def _bare_loop(cache: Path, n_mol: int, steps: int, width: int, depth: int, batch_size: int):
     """A plain loop of ChemGPT steps over the runner's first `steps` batches; returns a tokens/s timer."""
-    from chemscale.lm import corpus
+    from chemscale.lm import cache as lm_cache
+    from chemscale.lm import loader
     from chemscale.lm import task as lm
 
-    corpus.CACHE_DIR = cache / "cache" / "corpus"  # the child's cache (CHEMSCALE_RUNS=cache): encoded once
+    lm_cache.CACHE_DIR = cache / "cache" / "corpus"  # the child's cache (CHEMSCALE_RUNS=cache): encoded once
     train_corpus, _ = lm.load_data(lm.LMDataConfig(n_train_molecules=n_mol, n_val_molecules=256), seed=0)
-    loader = torch.utils.data.DataLoader(lm._Molecules(train_corpus, torch.arange(len(train_corpus)).numpy()),
-                                         batch_size=batch_size, shuffle=True, collate_fn=corpus.pad_batch)
-    batches = [b for _, b in zip(range(steps), loader)]
-    model = lm.make_model(lm.LMModelConfig(width=width, depth=depth), len(train_corpus.tokenizer))
+    shape = ChemGPTShape(width=width, depth=depth)
+    index = loader.fitting(train_corpus, shape.n_positions)
+    batches = loader.train_loader(train_corpus, index, batch_size, seed=0, steps_done=lambda: 0)  # the runner's
+    batches = [b for _, b in zip(range(steps), batches)]
+    model = lm.make_model(shape, len(train_corpus.tokenizer))
     opt = model.configure_optimizer(lr=1e-4)
     for b in batches[:3]:
         _ours_step(model, opt, b, False)()

@@ -25,7 +25,7 @@ from pathlib import Path
 from chemscale import runs
 from chemscale.lm import best
 from chemscale.config import ConfigError, atomic_write_text, process_alive
-from chemscale.lm.corpus import CorpusError
+from chemscale.lm.read import CorpusError
 from chemscale.lm.tokenizer import BOS_ID, SPECIALS, SYMBOL_PATTERN, Tokenizer, TokenizerError
 
 VOCAB = best.VOCAB  # the run's vocabulary, saved in the run folder when it starts

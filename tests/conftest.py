@@ -30,18 +30,18 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(autouse=True)
 def _restore_process_state():
     """Undo what a test (or the code it calls) changed process-wide, so results never depend on order."""
-    from chemscale.lm import corpus
+    from chemscale.lm import cache as lm_cache
     from chemscale.ff import data as ff_data
 
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_default_dtype(),
-             corpus.CACHE_DIR, ff_data.CACHE_DIR)
+             lm_cache.CACHE_DIR, ff_data.CACHE_DIR)
     yield
     threads, deterministic, warn_only, dtype, corpus_cache, ff_cache = saved
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.set_default_dtype(dtype)
-    corpus.CACHE_DIR, ff_data.CACHE_DIR = corpus_cache, ff_cache
+    lm_cache.CACHE_DIR, ff_data.CACHE_DIR = corpus_cache, ff_cache
 
 
 @pytest.fixture

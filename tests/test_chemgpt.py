@@ -124,3 +124,24 @@ def test_tanh_gelu_matches_torch_and_gradcheck():
     x = torch.randn(1000) * 4
     torch.testing.assert_close(TanhGELU.apply(x), torch.nn.functional.gelu(x, approximate="tanh"))
     assert torch.autograd.gradcheck(TanhGELU.apply, (torch.randn(64, dtype=torch.double, requires_grad=True),))
+
+
+def test_a_run_configs_model_section_is_the_models_shape():
+    """The `model` section is ChemGPTShape: the keys, defaults and order of before, so run ids stay
+    (the ids below were computed at the commit before the shape was shared); checked in one place."""
+    from conftest import tiny_lm_config
+
+    from chemscale import runs, train
+    from chemscale.config import ConfigError
+    from chemscale.lm.chemgpt import ChemGPTShape
+
+    assert runs.run_id(tiny_lm_config()) == "9afbf9042190"
+    assert runs.run_id({"task": "chemgpt"}) == "600f2d08335c"
+    assert list(train.complete_config({"task": "chemgpt"})["model"].items()) == [
+        ("width", 64), ("depth", 2), ("n_heads", 0), ("n_positions", 128), ("attention_layers", "global"),
+        ("window_size", 256), ("dropout", 0.0)]
+    with pytest.raises(ConfigError, match="key 'n_heads' must divide width 64, got 5"):
+        ChemGPTShape(n_heads=5)  # refused with the config, not when the model is built
+    with pytest.raises(ConfigError, match="key 'dropout'"):
+        ChemGPTConfig(vocab_size=30, dropout=1.0)
+    assert ChemGPTConfig(vocab_size=30, width=512).n_heads == preset_heads(512) == 16

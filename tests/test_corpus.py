@@ -1,4 +1,4 @@
-"""Corpus contracts: every input format and kind of bad input, nested subsets, the cache, batches."""
+"""Corpus contracts: every input format and kind of bad input, nested subsets, the cache, the loaders."""
 
 import contextlib
 import gzip
@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 import selfies as sf
 
-from chemscale.lm import corpus
+from chemscale.lm import cache, corpus, loader
 from chemscale.lm import encode as selfies_workers
-from chemscale.lm.corpus import CorpusError, MoleculeLoader, describe, encode_smiles, load, pad_batch, read_smiles
+from chemscale.lm.corpus import describe, load
+from chemscale.lm.encode import encode_smiles
+from chemscale.lm.loader import pad_batch
+from chemscale.lm.read import CorpusError, moses_path, open_smiles_file, read_smiles
 from chemscale.molecules import canonical
 from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -32,7 +35,7 @@ BAD_SMI = "CCO\ncc(\nC1CC\n\nC(C)(C)(C)(C)C\nc1cccc1\nCCN ethylamine\nc1ccccc1\n
 def cache_dir(tmp_path, monkeypatch):
     """A private cache per test: tests never touch runs/cache."""
     folder = tmp_path / "cache"
-    monkeypatch.setattr(corpus, "CACHE_DIR", folder)
+    monkeypatch.setattr(cache, "CACHE_DIR", folder)
     return folder
 
 
@@ -64,7 +67,7 @@ def test_windows_line_endings(tmp_path):
 def test_pubchem_cid_tab_smiles_in_any_file_name(tmp_path, name):
     path = write(tmp_path / name, "1\tCC(=O)OC(CC(=O)[O-])C[N+](C)(C)C\n2\tC1=CC(C(C(=C1)C(=O)O)O)O\n3\n")
     assert list(read_smiles(path)) == [(1, "CC(=O)OC(CC(=O)[O-])C[N+](C)(C)C"), (2, "C1=CC(C(C(=C1)C(=O)O)O)O")]
-    assert corpus.open_smiles_file(path).layout == "pubchem"
+    assert open_smiles_file(path).layout == "pubchem"
 
 
 @pytest.mark.parametrize("text, layout, molecules", [
@@ -75,7 +78,7 @@ def test_pubchem_cid_tab_smiles_in_any_file_name(tmp_path, name):
 ])
 def test_the_layout_comes_from_the_content_and_the_report_says_so(tmp_path, text, layout, molecules):
     for name in ("mols.txt", "mols.csv", "mols.smi", "mols"):  # every name reads the same
-        source = corpus.open_smiles_file(write(tmp_path / name, text))
+        source = open_smiles_file(write(tmp_path / name, text))
         assert (source.layout, source.detected) == (layout, True)
     c = quiet_load(str(tmp_path / "mols.csv"))
     assert sorted(c.smiles()) == molecules and c.report.dropped == {}
@@ -84,11 +87,11 @@ def test_the_layout_comes_from_the_content_and_the_report_says_so(tmp_path, text
 
 def test_format_overrides_the_detected_layout(tmp_path, capsys):
     path = write(tmp_path / "cids.txt", "1\tCCO\n2\tCCN\n")
-    as_smi = corpus.open_smiles_file(path, format="smi")
+    as_smi = open_smiles_file(path, format="smi")
     assert (as_smi.layout, as_smi.detected) == ("smi", False)
     assert list(read_smiles(path, format="smi")) == [(1, "1"), (2, "2")]  # the CIDs, as asked
     with pytest.raises(CorpusError, match=r"cids\.txt: format must be one of pubchem, smi, csv, got 'sdf'"):
-        corpus.open_smiles_file(path, format="sdf")
+        open_smiles_file(path, format="sdf")
     assert corpus.main([str(path), "--format", "smi", "--workers", "1"]) == 2  # the CIDs: no molecule kept
     said = capsys.readouterr()
     assert "layout 'smi' (one SMILES per line, an optional name after whitespace; given by --format)" in said.out
@@ -159,7 +162,7 @@ def test_a_utf16_file_is_read_as_the_molecules_it_holds(tmp_path, encoding, said
 def test_a_latin1_name_does_not_stop_the_file(tmp_path):
     path = tmp_path / "names.smi"
     path.write_bytes("CCO \u00e9thanol\nc1ccccc1 benz\u00e8ne\n".encode("latin-1"))
-    source = corpus.open_smiles_file(path)
+    source = open_smiles_file(path)
     assert source.encoding == "latin-1" and list(read_smiles(path)) == [(1, "CCO"), (2, "c1ccccc1")]
 
 
@@ -193,11 +196,11 @@ def test_bad_lines_are_dropped_and_reported_with_line_numbers(tmp_path):
 
 
 def test_malformed_and_too_long_lines_are_dropped(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "MAX_SYMBOLS", 5)
+    monkeypatch.setattr(cache, "MAX_SYMBOLS", 5)
     c = quiet_load(str(write(tmp_path / "CID-SMILES", "1\tCCO\n2\n3\tc1ccccc1\n4\tO=C=O\n")))
     assert c.report.dropped == {"malformed": 1, "too_long": 1}
     assert c.report.examples == [(2, "'2'", "malformed"), (3, "'c1ccccc1'", "too_long")]
-    assert set(c.report.dropped) <= set(corpus.REASONS)
+    assert set(c.report.dropped) <= set(cache.REASONS)
 
 
 def test_a_hanging_molecule_times_out_and_its_worker_is_replaced(monkeypatch):
@@ -274,7 +277,7 @@ def test_workers_hold_neither_the_cache_lock_nor_other_pipe_ends(tmp_path, monke
 
     monkeypatch.setattr(selfies_workers, "_selfies_encoder", open_files)
     before = sockets()
-    with corpus._locked(tmp_path / "folder"):
+    with cache._locked(tmp_path / "folder"):
         seen = encode_smiles(["C"] * 40, workers=2, progress=False)  # 3 tasks: two workers
     held = [set(text.split("\n")) for text, _ in seen]
     assert all(str(tmp_path / "folder" / ".lock") not in files for files in held)
@@ -287,7 +290,7 @@ def test_workers_hold_neither_the_cache_lock_nor_other_pipe_ends(tmp_path, monke
 def test_kill_9_mid_encode_leaves_no_worker_and_the_next_run_finishes(tmp_path):
     """Issue 8 item 12, as a user met it: encode MOSES lines with one worker, kill -9 the CLI while
     its worker encodes, run it again. A worker used to survive holding the cache lock; the rerun hung."""
-    with gzip.open(corpus.moses_path("train"), "rt") as f:
+    with gzip.open(moses_path("train"), "rt") as f:
         path = write(tmp_path / "moses_head.csv", "".join(itertools.islice(f, 10_001)))  # header + 10,000
     env = {**os.environ, "CHEMSCALE_RUNS": str(tmp_path / "runs")}
     command = [sys.executable, "-m", "chemscale.lm.corpus", str(path), "--workers", "1"]
@@ -325,7 +328,7 @@ def test_a_wait_for_the_cache_lock_says_who_holds_it(tmp_path, capfd):
     done = threading.Event()
 
     def wait_for_lock():
-        with corpus._locked(folder):
+        with cache._locked(folder):
             done.set()
 
     waiter = threading.Thread(target=wait_for_lock)
@@ -351,7 +354,7 @@ def test_user_file_splits_are_disjoint_and_val_is_ten_percent():
 
 def test_nested_subsets_equal_fresh_smaller_loads(tmp_path, monkeypatch):
     big = quiet_load("moses", "val", 300)
-    monkeypatch.setattr(corpus, "CACHE_DIR", tmp_path / "another_cache")
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "another_cache")
     small = quiet_load("moses", "val", 100)
     assert not small.report.cached and len(small) == 100
     assert np.array_equal(small.offsets, big.offsets[:101])
@@ -386,7 +389,7 @@ def test_mapping_onto_a_given_tokenizer():
 def test_moses_is_the_default_source():
     c = quiet_load(n_molecules=50)
     assert (len(c), c.report.source, c.report.split, c.report.dropped) == (50, "moses", "train", {})
-    assert corpus.moses_path("val").name == "test.csv.gz"
+    assert moses_path("val").name == "test.csv.gz"
     assert c.tokens.dtype == np.uint16 and c.offsets.dtype == np.int64
 
 
@@ -394,13 +397,13 @@ def test_moses_is_the_default_source():
 
 def counting_encoder(monkeypatch) -> list[int]:
     """Wrap encode_smiles; returns the list of batch sizes it is called with."""
-    calls, real = [], corpus.encode_smiles
+    calls, real = [], cache.encode_smiles
 
     def wrapper(smiles, *args, **kwargs):
         calls.append(len(smiles))
         return real(smiles, *args, **kwargs)
 
-    monkeypatch.setattr(corpus, "encode_smiles", wrapper)
+    monkeypatch.setattr(cache, "encode_smiles", wrapper)
     return calls
 
 
@@ -474,28 +477,34 @@ def test_pad_batch():
                                                                          [BOS_ID, 8, EOS_ID, PAD_ID, PAD_ID]]
 
 
-def test_molecule_loader():
+def test_the_loaders_training_uses():
+    """Whole padded batches, each epoch its own reproducible order resumed at a step; validation in corpus
+    order; molecules longer than the context left out."""
     c = quiet_load(str(FIXTURE), n_molecules=100)
-    loader = MoleculeLoader(c, 32, seed=3)
-    first, second = list(loader), list(loader)
-    assert len(loader) == len(first) == 3
+    steps = [0]
+    train = loader.train_loader(c, np.arange(len(c)), 32, seed=3, steps_done=lambda: steps[0])
+    first = list(train)
+    steps[0] = len(first)  # an epoch of steps taken: the next pass is the next epoch
+    second = list(train)
+    assert len(train) == len(first) == len(second) == 3
     assert all(b.shape[0] == 32 and b.shape[1] == max(int((b[i] != PAD_ID).sum()) for i in range(32)) for b in first)
     assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # each epoch its own order
-    loader.set_epoch(0)
-    assert all(np.array_equal(a, b) for a, b in zip(first, loader))  # and reproducible
-    ordered = list(MoleculeLoader(c, 32, shuffle=False, drop_last=False))
-    assert [len(b) for b in ordered] == [32, 32, 32, 4]
-    assert ordered[0][1, 1: len(c[1]) + 1].tolist() == c[1].tolist()
-    short = MoleculeLoader(c, 8, max_len=30)
-    assert short.n_skipped == int((np.diff(c.offsets) + 2 > 30).sum()) > 0
-    assert all(b.shape[1] <= 30 for b in short)
+    steps[0] = 0
+    assert all(np.array_equal(a, b) for a, b in zip(first, train, strict=True))  # and reproducible
+    steps[0] = 1  # resumed after one step: the rest of the epoch
+    assert all(np.array_equal(a, b) for a, b in zip(first[1:], train, strict=True))
+    (ordered,) = list(loader.val_loader(c, np.arange(len(c)), 32))  # at least VAL_BATCH_SIZE a batch
+    assert len(ordered) == len(c) and all(ordered[i, 1: len(c[i]) + 1].tolist() == c[i].tolist() for i in range(len(c)))
+    index = loader.fitting(c, 30)
+    assert len(c) - len(index) == int((np.diff(c.offsets) + 2 > 30).sum()) > 0
+    assert all(b.shape[1] <= 30 for b in loader.train_loader(c, index, 8, seed=0, steps_done=lambda: 0))
 
 
 # --- command line --------------------------------------------------------------------------------
 
 def test_cli_reports_the_whole_file(tmp_path, capsys):
     """Every line of the file counts, whichever split it falls in: lines, kept, every dropped line, splits."""
-    val_lines = sorted(int(i) + 1 for i in corpus._split_order(206, False, "val", 0))  # 20 of 206 lines
+    val_lines = sorted(int(i) + 1 for i in cache.split_order(206, False, "val", 0))  # 20 of 206 lines
     train_lines = sorted(set(range(1, 207)) - set(val_lines))
     bad = ["cc(", "", "C(C)(C)(C)(C)C", "c1cccc1", "C1CC", "xyz"]
     bad_at = dict(zip([train_lines[5], train_lines[6], val_lines[3], train_lines[100], val_lines[-1], train_lines[-1]],
@@ -532,9 +541,9 @@ def test_cli_with_n_reports_that_prefix_of_a_split(tmp_path, capsys):
 
 def test_a_big_encode_writes_rounds_and_resumes_after_an_interruption(monkeypatch):
     whole = quiet_load(str(FIXTURE), n_molecules=100)
-    monkeypatch.setattr(corpus, "CACHE_DIR", corpus.CACHE_DIR.parent / "another_cache")
-    monkeypatch.setattr(corpus, "ROUND_MOLECULES", 30)
-    calls, real = [], corpus.encode_smiles
+    monkeypatch.setattr(cache, "CACHE_DIR", cache.CACHE_DIR.parent / "another_cache")
+    monkeypatch.setattr(cache, "ROUND_MOLECULES", 30)
+    calls, real = [], cache.encode_smiles
 
     def interrupted(smiles, *args, **kwargs):
         calls.append(len(smiles))
@@ -542,7 +551,7 @@ def test_a_big_encode_writes_rounds_and_resumes_after_an_interruption(monkeypatc
             raise KeyboardInterrupt
         return real(smiles, *args, **kwargs)
 
-    monkeypatch.setattr(corpus, "encode_smiles", interrupted)
+    monkeypatch.setattr(cache, "encode_smiles", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quiet_load(str(FIXTURE), n_molecules=100)
     assert calls == [30, 30, 30]
@@ -563,20 +572,20 @@ def rewrite_manifest(folder: Path, checksum: bool, **changes) -> None:
     manifest = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items() if k != "checksum"}
     manifest.update(changes)
     if checksum:
-        manifest["checksum"] = corpus._manifest_checksum(manifest)
+        manifest["checksum"] = cache._manifest_checksum(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def bounded_encoder(monkeypatch, limit: int = 10) -> list[int]:
     """Count encode_smiles calls and fail past `limit`: a load that loops forever fails instead."""
-    calls, real = [], corpus.encode_smiles
+    calls, real = [], cache.encode_smiles
 
     def wrapper(smiles, *args, **kwargs):
         calls.append(len(smiles))
         assert len(calls) <= limit, "the load keeps encoding: it loops"
         return real(smiles, *args, **kwargs)
 
-    monkeypatch.setattr(corpus, "encode_smiles", wrapper)
+    monkeypatch.setattr(cache, "encode_smiles", wrapper)
     return calls
 
 
@@ -604,19 +613,19 @@ def test_a_manifest_with_changed_counts_is_rebuilt_never_looped_on_or_duplicated
 def test_a_pass_that_reads_nothing_raises_instead_of_looping(tmp_path, monkeypatch):
     bounded_encoder(monkeypatch)
     path = write(tmp_path / "a.smi", "CCO\nCCN\n")
-    source = corpus.open_smiles_file(path)
-    cache = corpus._Cache(tmp_path / "folder")
-    state = corpus._empty_state(3)  # claims a third line the order does not have
+    source = open_smiles_file(path)
+    folder = cache._Cache(tmp_path / "folder")
+    state = cache._empty_state(3)  # claims a third line the order does not have
     state.consumed = 2
     with pytest.raises(CorpusError, match="nothing left to read at position 2 of 3"):
-        corpus._fill(cache, state, np.arange(2), source, 3, 1, 5.0, False)
+        cache._fill(folder, state, np.arange(2), source, 3, 1, 5.0, False)
 
 
 @pytest.mark.parametrize("big", [False, True])
 def test_an_edited_line_count_memo_is_recounted(tmp_path, cache_dir, monkeypatch, big):
     """Item 2: sources.json's n_lines was trusted: 100 there made a 200-line file 100 lines long."""
     if big:  # the stat-keyed memo of files too big to hash on every load
-        monkeypatch.setattr(corpus, "HASH_ALWAYS_BYTES", 0)
+        monkeypatch.setattr(cache, "HASH_ALWAYS_BYTES", 0)
     path = tmp_path / "mols.smi"
     path.write_bytes(FIXTURE.read_bytes())
     assert len(quiet_load(str(path))) == 180
@@ -632,7 +641,7 @@ def test_an_edited_line_count_memo_is_recounted(tmp_path, cache_dir, monkeypatch
 def test_a_same_size_edit_with_its_mtime_restored_is_seen(tmp_path, monkeypatch):
     """Item 2: the memo was keyed on (path, size, mtime): an edit followed by `touch -r` kept the old count
     and the old molecules. The ctime, which no user can set, is in the key."""
-    monkeypatch.setattr(corpus, "HASH_ALWAYS_BYTES", 0)
+    monkeypatch.setattr(cache, "HASH_ALWAYS_BYTES", 0)
     path = tmp_path / "mols.smi"
     path.write_bytes(FIXTURE.read_bytes())
     before = path.stat()
@@ -695,7 +704,7 @@ def test_timeouts_and_crashes_are_retried_on_the_next_load(tmp_path, monkeypatch
     """Item 5: a molecule that timed out on a loaded machine stayed dropped in the cache for good, so the
     corpus depended on the load of the day. It is retried; once it encodes, the corpus equals a calm build."""
     flag = tmp_path / "machine-is-busy"
-    slow = FIXTURE.read_text().split()[corpus._split_order(200, False, "train", 0)[0]]  # a training molecule
+    slow = FIXTURE.read_text().split()[cache.split_order(200, False, "train", 0)[0]]  # a training molecule
 
     def encoder(smiles):  # hangs on one molecule while the flag file exists (forked workers see it)
         if smiles == slow and flag.exists():
@@ -704,7 +713,7 @@ def test_timeouts_and_crashes_are_retried_on_the_next_load(tmp_path, monkeypatch
 
     monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
     calm = quiet_load(str(FIXTURE), workers=1, timeout_s=3.0)
-    monkeypatch.setattr(corpus, "CACHE_DIR", tmp_path / "busy_cache")
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "busy_cache")
     flag.touch()
     busy = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
     assert busy.report.dropped == {"timeout": 1} and slow not in busy.smiles()
@@ -717,7 +726,7 @@ def test_timeouts_and_crashes_are_retried_on_the_next_load(tmp_path, monkeypatch
 
 
 def test_a_molecule_that_still_hangs_stays_dropped_and_the_rest_is_kept(tmp_path, monkeypatch):
-    slow = FIXTURE.read_text().split()[corpus._split_order(200, False, "train", 0)[0]]  # a training molecule
+    slow = FIXTURE.read_text().split()[cache.split_order(200, False, "train", 0)[0]]  # a training molecule
 
     def encoder(smiles):
         if smiles == slow:
@@ -752,7 +761,7 @@ def test_bad_arguments_are_one_error_line(tmp_path, capsys, args, said):
 
 def test_a_cache_folder_that_cannot_be_made_is_one_error_line(tmp_path, monkeypatch, capsys):
     """Item 7: CHEMSCALE_RUNS=/dev/null/x was a NotADirectoryError traceback."""
-    monkeypatch.setattr(corpus, "CACHE_DIR", Path("/dev/null/x/cache/corpus"))
+    monkeypatch.setattr(cache, "CACHE_DIR", Path("/dev/null/x/cache/corpus"))
     assert corpus.main([str(write(tmp_path / "a.smi", "CCO\n"))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: /dev/null/x/cache/corpus: cannot create the corpus cache folder (")
@@ -766,7 +775,7 @@ def test_utf16_and_utf32_without_a_byte_order_mark_with_non_ascii_names(tmp_path
     molecules = FIXTURE.read_text().split()[:30]
     name = "\u4e59\u9187\u00e9" * 12  # more non-ASCII than ASCII in the names: few NUL bytes in UTF-16
     path.write_bytes("".join(f"{m} {name} {i}\r\n" for i, m in enumerate(molecules)).encode(encoding))
-    assert corpus.open_smiles_file(path).encoding == encoding
+    assert open_smiles_file(path).encoding == encoding
     assert [s for _, s in read_smiles(path)] == molecules
 
 
@@ -802,7 +811,7 @@ def test_rdkit_smiles_name_header_is_skipped_and_said(tmp_path):
 
 def test_a_big_encode_says_what_it_will_do_first(tmp_path, monkeypatch, capsys):
     """Item 11: `python -m chemscale.lm.corpus moses` encoded 1.58M molecules (~30 min) without a word."""
-    monkeypatch.setattr(corpus, "BIG_ENCODE", 100)
+    monkeypatch.setattr(cache, "BIG_ENCODE", 100)
     load(str(FIXTURE), workers=1)
     assert "moses_200.smi: encoding up to 180 molecules (about 1 min at ~1,000 molecules/s; cached for later " \
            "runs; -n N encodes only the first N)\n" in capsys.readouterr().err
@@ -811,6 +820,6 @@ def test_a_big_encode_says_what_it_will_do_first(tmp_path, monkeypatch, capsys):
 
 
 def test_the_cache_folder_name_is_cut_and_a_leading_dash_dropped(tmp_path):
-    source = corpus.open_smiles_file(write(tmp_path / ("-" + "b" * 100 + ".smi"), "CCO\n"))
-    folder = corpus._cache_folder(source, False, "train", 0, {"sha256": "0" * 64})
-    assert folder.name.startswith("b" * (corpus.STEM_CHARS - 1) + "-smi-train-") and len(folder.name) < 80
+    source = open_smiles_file(write(tmp_path / ("-" + "b" * 100 + ".smi"), "CCO\n"))
+    folder = cache._cache_folder(source, False, "train", 0, {"sha256": "0" * 64})
+    assert folder.name.startswith("b" * (cache.STEM_CHARS - 1) + "-smi-train-") and len(folder.name) < 80

@@ -5,10 +5,13 @@
 | `read`       | SMILES files: layout (PubChem, .smi, .csv) and encoding from content; MOSES |
 | `encode`     | SMILES -> SELFIES in worker processes (timeouts, crashes, a dying parent)   |
 | `tokenizer`  | SELFIES symbols <-> token ids                                               |
-| `corpus`     | encoded, cached, nested subsets of a source: `load`, `describe`, the CLI    |
-| `chemgpt`    | the GPT-Neo-style model, HF-compatible                                      |
-| `task`       | the training task `chemscale.train` runs: configs, module, loaders          |
-| `best`       | what a run keeps: vocabulary, corpus record, best model                     |
+| `cache`      | the on-disk cache of encoded molecules: splits, manifest, locking, fill     |
+| `corpus`     | nested subsets of a source as token ids: `load`, `describe`, the CLI        |
+| `loader`     | batches of a corpus for training, validation, the benchmark and the tests   |
+| `chemgpt`    | the GPT-Neo-style model, HF-compatible; `ChemGPTShape` = a run's `model`    |
+| `task`       | the training task `chemscale.train` runs: data config, module, build        |
+| `vocabulary` | what a run keeps: its vocabulary and the corpus file it trained on          |
+| `best`       | a finished run's best model, with the vocabulary it trained with            |
 | `generation` | validity / uniqueness / novelty of sampled molecules                        |
 
 Importing this package is cheap: torch, RDKit and Lightning load with the modules that need them.

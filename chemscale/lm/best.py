@@ -13,13 +13,13 @@ import torch
 from chemscale import runs
 from chemscale.config import from_dict
 from chemscale.lm import chemgpt, corpus
-from chemscale.lm.task import LMDataConfig, LMModelConfig, make_model
+from chemscale.lm.task import LMDataConfig, make_model
 from chemscale.lm.vocabulary import VOCAB, BestModelError, run_vocabulary
 
-def _best_settings(run_dir: Path) -> tuple[LMModelConfig, LMDataConfig, Path]:
+def _best_settings(run_dir: Path) -> tuple[chemgpt.ChemGPTShape, LMDataConfig, Path]:
     config = runs.read_config(run_dir)
     source = str(run_dir / runs.CONFIG)
-    model_cfg = from_dict(LMModelConfig, config.get("model", {}), f"{source} [model]")
+    model_cfg = from_dict(chemgpt.ChemGPTShape, config.get("model", {}), f"{source} [model]")
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
     best = run_dir / "best.pt"
     if not best.exists():  # before the corpus: loading it may encode molecules for minutes

@@ -14,7 +14,7 @@ computed only at non-padding positions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,22 +32,41 @@ def preset_heads(width: int) -> int:
 
 
 @dataclass
-class ChemGPTConfig:
-    vocab_size: int
-    width: int  # d_model
-    depth: int  # transformer blocks
-    n_heads: int
-    n_positions: int = 128  # longest sequence incl. [BOS]/[EOS]
+class ChemGPTShape:
+    """ChemGPT's shape: every setting of the model but its vocabulary, which comes from the corpus.
+
+    This is a run config's `model` section: its fields, their defaults and their order are what
+    run ids hash, so a field added here changes every ChemGPT run's id."""
+
+    width: int = 64  # embedding width d_model
+    depth: int = 2  # transformer blocks
+    n_heads: int = 0  # attention heads; 0 = preset_heads(width)
+    n_positions: int = 128  # longest sequence incl. [BOS]/[EOS]; a run drops (and counts) longer molecules
+    attention_layers: str = "global"  # global, local or global_local (GPT-Neo's alternation)
     window_size: int = 256  # local attention window (GPT-Neo default)
-    attention_layers: str = "global"  # global, local, or global_local (GPT-Neo's alternation)
     dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for key in ("vocab_size", "width", "depth", "n_heads", "n_positions", "window_size"):
+        for key in ("width", "depth", "n_positions", "window_size"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
-        require(self.width % self.n_heads == 0, "n_heads", f"must divide width {self.width}, got {self.n_heads}")
+        require(self.n_heads >= 0, "n_heads", "must be >= 0 (0 = preset)")
+        heads = self.n_heads or preset_heads(self.width)
+        require(self.width % heads == 0, "n_heads", f"must divide width {self.width}, got {heads}")
         require(self.attention_layers in ATTENTION_LAYERS, "attention_layers", f"must be one of {ATTENTION_LAYERS}")
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class ChemGPTConfig(ChemGPTShape):
+    """A shape and a vocabulary: the whole model. n_heads = 0 becomes preset_heads(width) here."""
+
+    vocab_size: int = field(kw_only=True)
+    layer_norm_eps: float = field(default=1e-5, kw_only=True)  # GPT-Neo's; not a shape a run chooses
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
+        self.n_heads = self.n_heads or preset_heads(self.width)
 
     def layer_kind(self, i: int) -> str:
         if self.attention_layers == "global_local":

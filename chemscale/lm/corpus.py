@@ -1,4 +1,4 @@
-"""SMILES sources -> SELFIES -> token ids, encoded once, cached and memory-mapped.
+"""A corpus: the first n molecules of a SMILES source's split, as memory-mapped token ids; the CLI.
 
 Sources: "moses" (the MOSES corpus shipped in the `molsets` wheel: train 1,584,663 SMILES;
 its test split, 176,074, is our validation split) or a file in one of three layouts, read from
@@ -7,11 +7,7 @@ per line with an optional name, or CSV with a `smiles` column; `format=` overrid
 
 Nested subsets: the molecules of a split are visited in one fixed permutation (by `seed`) and
 `load(n_molecules=n)` returns the first n that encode, so the 10^3 set is inside the 10^4 set.
-Only the needed prefix is encoded; a larger request encodes just the missing part and extends
-the cache. Token ids are append-only in order of first appearance along the permutation, so
-the vocabulary of the first n molecules is a prefix of the cache's, whatever was encoded before.
-Drops for a timeout or a worker crash depend on the machine's load, not the molecule: they are
-retried on every load, and one that then encodes cuts the cache back to it and refills.
+Only the needed prefix is encoded, once: `chemscale.lm.cache` keeps what was encoded.
 
     python -m chemscale.lm.corpus PATH [--format pubchem|smi|csv]  # the whole file: lines, kept, dropped, splits
     python -m chemscale.lm.corpus PATH -n N [--split val]          # the first N molecules of a split
@@ -20,490 +16,21 @@ retried on every load, and one that then encodes cuts the cache back to it and r
 from __future__ import annotations
 
 import argparse
-import array
-import contextlib
-import fcntl
-import hashlib
-import importlib.metadata
-import io
 import itertools
-import json
 import math
-import os
-import re
 import sys
 import textwrap
-import time
 import warnings
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from chemscale import paths
-from chemscale.config import atomic_write_bytes, atomic_write_json
-from chemscale.lm.encode import encode_smiles, parent_only
-from chemscale.lm.read import LAYOUTS, CorpusError, SmilesFile, clip, moses_path, open_smiles_file, read_smiles
-from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from chemscale.lm.cache import SPLITS, State, encoded, n_data_lines, source_file, source_fingerprint, split_order
+from chemscale.lm.read import LAYOUTS, CorpusError
+from chemscale.lm.tokenizer import UNK_ID, Tokenizer
 
-if TYPE_CHECKING:
-    import torch
-
-__all__ = ["CACHE_DIR", "LAYOUTS", "CorpusError", "EncodeReport", "FileReport", "MoleculeLoader", "TokenCorpus",
-           "describe", "encode_smiles", "load", "main", "moses_path", "pad_batch", "read_smiles"]
-
-CACHE_DIR = paths.CACHE / "corpus"  # tests point this at a temporary folder
-SPLITS = ("train", "val")
-MAX_VAL_MOLECULES = 10_000  # a user file's validation split: the last min(10%, this) of its permutation
-MAX_SYMBOLS = 1024  # longer molecules (PubChem has peptides and polymers) are dropped as 'too_long'
-SMILES_CHARS_PER_SYMBOL = 16  # a SMILES this many characters a symbol over MAX_SYMBOLS is too long unread
-# every reason a line is dropped for (the keys of EncodeReport.dropped)
-REASONS = ("empty", "malformed", "invalid_smiles", "valence", "selfies_error", "too_long", "timeout", "crash")
-N_EXAMPLES = 20  # offending lines kept per cache, for the report
-ROUND_MOLECULES = 500_000  # molecules encoded between cache writes (bounds memory; a big encode resumes)
-CACHE_FORMAT = 4  # bump when the cache layout or its meaning changes
-TRANSIENT = ("timeout", "crash")  # drops that depend on the machine's load: retried on every load
-HASH_ALWAYS_BYTES = 64 << 20  # files up to this size are hashed on every load (~50 ms), bigger ones memoised
-STEM_CHARS = 40  # of a file's name in its cache folder's name
-BIG_ENCODE = 100_000  # molecules: an encode this big says first what it will do
-# selfies 2.2.0 still says __version__ == "2.1.1": key the cache on the installed distribution
-SELFIES_VERSION = importlib.metadata.version("selfies")
-_SYMBOL = re.compile(r"\[[^\]]*\]|\.")  # one SELFIES symbol, or '.' between fragments (as split_selfies)
-
-
-# --- which lines a split takes ---------------------------------------------------------------------
-
-def _source_file(source: str, split: str, format: str | None) -> tuple[SmilesFile, bool]:  # noqa: A002
-    """The file of a source and whether it is one whole split (MOSES) rather than a file to split."""
-    whole_file = source == "moses"
-    return open_smiles_file(moses_path(split) if whole_file else source, format), whole_file
-
-
-def _fingerprint(source: SmilesFile, progress: bool) -> dict:
-    """sha256 and line count of a file. The count is memoised (cache/corpus/sources.json) under the
-    content's sha256 for files up to HASH_ALWAYS_BYTES, under (path, size, mtime, ctime, inode) for
-    bigger ones (PubChem's 1.5 GB is hashed once): `touch -r` after an edit still changes the ctime.
-    Each entry carries a checksum, so an edited or damaged memo is recounted, never trusted."""
-    _check_cache_root()
-    st = source.path.stat()
-    sha = _sha256(source.path) if st.st_size <= HASH_ALWAYS_BYTES else None
-    where = f"sha256={sha}" if sha else (f"{source.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|"
-                                         f"{st.st_ctime_ns}|{st.st_ino}")
-    key = f"{where}|encoding={source.encoding}|newline={source.newline!r}"
-    memo_file = CACHE_DIR / "sources.json"
-    memo = _read_memo(memo_file)
-    entry = memo.get(key)
-    try:
-        if entry is not None and entry["check"] == _memo_check(key, entry["sha256"], entry["n_lines"]):
-            return entry
-    except (KeyError, TypeError):
-        pass
-    if entry is not None:
-        warnings.warn(f"{memo_file}: the entry for {source.path} does not match its checksum; recounting",
-                      stacklevel=3)
-    lines = tqdm(source.lines(), desc=f"counting {source.path.name}", unit=" lines", disable=not progress,
-                 leave=False, mininterval=0.5)
-    n_lines = sum(1 for _ in lines)
-    sha = sha or _sha256(source.path)
-    memo[key] = {"sha256": sha, "n_lines": n_lines, "check": _memo_check(key, sha, n_lines)}
-    atomic_write_json(memo_file, memo)
-    return memo[key]
-
-
-def _read_memo(memo_file: Path) -> dict:
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) else {}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _memo_check(key: str, sha: str, n_lines: int) -> str:
-    return hashlib.sha256(f"{key}|{sha}|{n_lines}".encode()).hexdigest()[:16]
-
-
-def _check_cache_root() -> None:
-    """The cache folder exists or can be made: else one line saying where and why, not a traceback."""
-    try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CorpusError(f"{CACHE_DIR}: cannot create the corpus cache folder ({e.strerror or e}); "
-                          "point CHEMSCALE_RUNS at a writable folder") from None
-    if not os.access(CACHE_DIR, os.W_OK | os.X_OK):
-        raise CorpusError(f"{CACHE_DIR}: the corpus cache folder is not writable; "
-                          "point CHEMSCALE_RUNS at a writable folder")
-
-
-def _n_data_lines(source: SmilesFile, fingerprint: dict) -> int:
-    return max(0, fingerprint["n_lines"] - source.header_lines)
-
-
-def _split_size(n_lines: int, whole_file: bool, split: str) -> int:
-    """Data lines in a split (the length of `_split_order`), without drawing the permutation."""
-    if whole_file:
-        return n_lines
-    n_val = min(n_lines // 10, MAX_VAL_MOLECULES)
-    return n_val if split == "val" else n_lines - n_val
-
-
-def _split_order(n_lines: int, whole_file: bool, split: str, seed: int) -> np.ndarray:
-    """Data-line indices of a split, in the fixed order in which molecules are taken.
-
-    MOSES has its own validation file; a user file's validation split is the last
-    min(10%, 10,000) lines of its permutation, its training split the rest."""
-    perm = np.random.default_rng(seed).permutation(n_lines)
-    if whole_file:
-        return perm
-    n_val = min(n_lines // 10, MAX_VAL_MOLECULES)
-    return perm[n_lines - n_val:] if split == "val" else perm[: n_lines - n_val]
-
-
-def _pick(source: SmilesFile, records: np.ndarray, progress: bool) -> list[tuple[int, str, str | None]]:
-    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order."""
-    slot = {int(r): k for k, r in enumerate(records)}
-    out: list = [None] * len(records)
-    found = 0
-    for r, (line_no, text) in enumerate(tqdm(source.data_lines(), desc=f"reading {source.path.name}",
-                                             unit=" lines", disable=not progress, leave=False, mininterval=0.5)):
-        k = slot.get(r)
-        if k is not None:
-            smiles, problem = source.smiles_of(text)
-            if problem is None and len(smiles) > SMILES_CHARS_PER_SYMBOL * MAX_SYMBOLS:
-                problem = "too_long"  # not worth the encoder's time
-            out[k] = (line_no, smiles, problem)
-            found += 1
-            if found == len(records):
-                break
-    if found < len(records):
-        raise CorpusError(f"{source.path}: the file changed while being read (expected more lines)")
-    return out
-
-
-# --- the cache -----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """Hold an exclusive lock on a cache folder: two runs of a sweep never write one cache at once.
-
-    The lock's descriptor is kept out of encoding workers (they would hold the lock after a
-    kill -9 of this process); a wait for another holder is said, never silent."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        with parent_only(fd):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"{folder}: waiting for the cache lock, held by {_lock_holder(fd)}", file=sys.stderr,
-                      flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _lock_holder(fd: int) -> str:
-    """Who holds a cache lock, from the pid its holder wrote into the lock file."""
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    if not text.isdigit():
-        return "another process"
-    try:
-        os.kill(int(text), 0)
-    except ProcessLookupError:
-        return f"process {text}, which has exited (a process it started may still hold the lock)"
-    except OSError:
-        pass  # alive, another user's
-    try:
-        command = Path(f"/proc/{text}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return f"process {text}"
-    return f"process {text} ({clip(command, 100)})"
-
-
-@dataclass
-class _State:
-    """What a cache folder holds: molecules kept so far along the permutation, and what was dropped."""
-
-    tokens: np.ndarray  # uint16, all kept molecules back to back, no specials
-    offsets: np.ndarray  # int64, n_kept + 1
-    positions: np.ndarray  # int64, each kept molecule's position in the permutation
-    tokenizer: Tokenizer  # every symbol seen, in order of first appearance
-    drops: dict  # reason -> positions in the permutation
-    examples: list  # [position, line, text (quoted and clipped by `clip`), reason] of the first N_EXAMPLES drops
-    n_lines: int  # data lines in the split
-    consumed: int  # positions taken so far
-    encode_mol_per_s: float | None = None
-
-    @property
-    def n_kept(self) -> int:
-        return len(self.positions)
-
-    @property
-    def exhausted(self) -> bool:
-        return self.consumed >= self.n_lines
-
-
-def _crc32(path: Path) -> int:
-    """CRC-32 of a file (~1.5 GB/s): checked on every load, so a cache damaged in place is noticed."""
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-class _Cache:
-    """One (file, layout, split, seed) cache folder. Every file is written atomically and the
-    manifest, written last, records their sizes and checksums: a folder without one (an
-    interrupted write) is rebuilt; one whose files do not match it (damage) is rebuilt with a warning."""
-
-    ARRAYS = ("tokens", "offsets", "positions")
-    FILES = ("tokens.npy", "offsets.npy", "positions.npy", "smiles.txt", "tokenizer.json", "drops.json")
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def read(self) -> tuple[_State | None, str | None]:
-        """(the cached state, None); (None, None) if there is none; (None, what is wrong) if damaged."""
-        try:
-            m = json.loads((self.folder / "manifest.json").read_text())
-        except FileNotFoundError:
-            return None, None
-        except (OSError, ValueError) as e:
-            return None, f"manifest.json unreadable ({e})"
-        try:
-            if m.get("format") != CACHE_FORMAT:
-                return None, None
-            if m.get("checksum") != _manifest_checksum(m):
-                return None, "manifest.json does not match its checksum"
-            if problem := self._check_files(m["files"]):
-                return None, problem
-            arrays = {a: np.load(self.folder / f"{a}.npy", mmap_mode="r") for a in self.ARRAYS}
-            tokenizer = Tokenizer.load(self.folder / "tokenizer.json")
-            drops = json.loads((self.folder / "drops.json").read_text())
-            state = _State(**arrays, tokenizer=tokenizer, drops=drops["drops"], examples=drops["examples"],
-                           n_lines=m["n_lines"], consumed=m["consumed"], encode_mol_per_s=m.get("encode_mol_per_s"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return None, f"unreadable ({e})"
-        consistent = (len(state.tokens) == m["n_tokens"] and state.n_kept == m["n_kept"] == len(state.offsets) - 1
-                      and state.offsets[-1] == len(state.tokens) and len(tokenizer) == m["vocab_size"])
-        if not consistent:
-            return None, "its arrays disagree with the manifest"
-        return (state, None) if _covers(state) else (None, "its kept and dropped positions do not cover what it read")
-
-    def _check_files(self, files: dict) -> str | None:
-        """What differs between the files and the manifest's sizes and checksums; None if nothing."""
-        for name, (size, crc) in files.items():
-            path = self.folder / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if path.stat().st_size != size:
-                return f"{name} has {path.stat().st_size:,} bytes, the manifest says {size:,}"
-            if _crc32(path) != crc:
-                return f"{name} does not match its checksum"
-        return None
-
-    def write(self, state: _State, new_smiles: list[str]) -> None:
-        """Write `state` (and append the kept SMILES `new_smiles`), manifest last."""
-        (self.folder / "manifest.json").unlink(missing_ok=True)  # invalid from here until rewritten
-        for name in self.ARRAYS:
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(getattr(state, name)))
-            atomic_write_bytes(self.folder / f"{name}.npy", buf.getvalue())
-        keep = state.n_kept - len(new_smiles)  # lines of the old smiles.txt still kept
-        old = b"".join(s + b"\n" for s in (self.folder / "smiles.txt").read_bytes().split(b"\n", keep)[:keep]) \
-            if keep else b""
-        atomic_write_bytes(self.folder / "smiles.txt", old + "".join(s + "\n" for s in new_smiles).encode())
-        state.tokenizer.save(self.folder / "tokenizer.json")
-        atomic_write_json(self.folder / "drops.json", {"drops": state.drops, "examples": state.examples})
-        manifest = {
-            "format": CACHE_FORMAT,
-            "files": {f: [(self.folder / f).stat().st_size, _crc32(self.folder / f)] for f in self.FILES},
-            "n_lines": state.n_lines, "consumed": state.consumed, "n_kept": state.n_kept,
-            "n_tokens": len(state.tokens), "vocab_size": len(state.tokenizer), "selfies": SELFIES_VERSION,
-            "encode_mol_per_s": state.encode_mol_per_s}
-        atomic_write_json(self.folder / "manifest.json", {**manifest, "checksum": _manifest_checksum(manifest)})
-
-
-def _manifest_checksum(manifest: dict) -> str:
-    """sha256 of the manifest's other fields: its counts (n_lines, consumed) are checked like the files."""
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _covers(state: _State) -> bool:
-    """True if every position read (0..consumed-1) is kept or dropped exactly once, none past the split."""
-    if not 0 <= state.consumed <= state.n_lines:
-        return False
-    parts = [np.asarray(state.positions, np.int64)] + [np.asarray(p, np.int64) for p in state.drops.values()]
-    every = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    if len(every) != state.consumed or (len(every) and (every.min() < 0 or every.max() >= state.consumed)):
-        return False
-    seen = np.zeros(state.consumed, bool)
-    seen[every] = True
-    return bool(seen.all())
-
-
-def _cache_folder(source: SmilesFile, whole_file: bool, split: str, seed: int, fingerprint: dict) -> Path:
-    """Keyed on the bytes and on how they are read (layout, column, encoding): a renamed file finds
-    its cache, an edited one does not. The name starts with the file's (cut) stem only for people
-    looking at the folder; the hash alone decides."""
-    key = (f"format={CACHE_FORMAT}|sha256={fingerprint['sha256']}|{source.key}|whole_file={whole_file}|"
-           f"split={split}|seed={seed}|selfies={SELFIES_VERSION}|max_symbols={MAX_SYMBOLS}")
-    stem = source.path.name.split(".")[0][:STEM_CHARS].lstrip("-") or "file"
-    return CACHE_DIR / f"{stem}-{source.layout}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _empty_state(n_lines: int) -> _State:
-    return _State(tokens=np.zeros(0, np.uint16), offsets=np.zeros(1, np.int64), positions=np.zeros(0, np.int64),
-                  tokenizer=Tokenizer(), drops={}, examples=[], n_lines=n_lines, consumed=0)
-
-
-def _encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target: int | None, workers,
-             timeout_s: float, progress: bool) -> tuple[_State, bool, Path]:
-    """(state with at least `target` kept molecules or the split exhausted, whether it was all cached, folder)."""
-    fingerprint = _fingerprint(source, progress)
-    cache = _Cache(_cache_folder(source, whole_file, split, seed, fingerprint))
-    n_data = _n_data_lines(source, fingerprint)
-    n_split = _split_size(n_data, whole_file, split)
-    with _locked(cache.folder):
-        state, problem = cache.read()
-        if state is not None and state.n_lines != n_split:
-            state, problem = None, f"the manifest says {state.n_lines:,} data lines, the split has {n_split:,}"
-        if problem:
-            warnings.warn(f"{cache.folder}: damaged cache ({problem}); rebuilding it", stacklevel=3)
-        if n_split == 0:
-            raise CorpusError(f"{source.path}: no molecules in split {split!r} ({n_data} data lines; "
-                              "a user file's validation split is the last 10% of its lines)")
-        order = _split_order(n_data, whole_file, split, seed)
-        retried = state is not None and _retry_transient(cache, state, source, order, workers, timeout_s, progress)
-        if state is not None and (state.exhausted or (target is not None and state.n_kept >= target)):
-            return state, not retried, cache.folder
-        state = state or _empty_state(len(order))
-        _fill(cache, state, order, source, len(order) if target is None else target, workers, timeout_s, progress)
-        state, problem = cache.read()
-        if state is None:
-            raise CorpusError(f"{cache.folder}: the cache just written does not read back ({problem})")
-    return state, False, cache.folder
-
-
-def _fill(cache: _Cache, state: _State, order: np.ndarray, source: SmilesFile, target: int, workers,
-          timeout_s: float, progress: bool) -> None:
-    """Encode further along `order` until `target` molecules are kept or the split runs out.
-
-    Works in rounds of at most ROUND_MOLECULES, writing the cache after each: memory stays
-    bounded and an interrupted encode of a big file resumes from its last round."""
-    n_encoded, seconds = 0, 0.0  # encoding alone, file reading excluded
-    if progress and min(target, state.n_lines) - state.n_kept > BIG_ENCODE:
-        n = min(target, state.n_lines) - state.n_kept
-        print(f"{source.path.name}: encoding up to {n:,} molecules (about {max(1, round(n / 60_000)):,} min at ~1,000 "
-              "molecules/s; cached for later runs; -n N encodes only the first N)", file=sys.stderr, flush=True)
-    while state.n_kept < target and not state.exhausted:
-        missing = target - state.n_kept
-        n_take = min(missing + missing // 20 + 16, ROUND_MOLECULES)  # a margin of 5% + 16 for drops
-        records = _pick(source, order[state.consumed: state.consumed + n_take], progress)
-        if not records:  # a consistent cache never gets here: never loop forever on one that is not
-            raise CorpusError(f"{cache.folder}: nothing left to read at position {state.consumed:,} of "
-                              f"{state.n_lines:,}; delete the folder to rebuild it")
-        to_encode = [s for _, s, problem in records if problem is None]
-        t0 = time.perf_counter()
-        encoded = encode_smiles(to_encode, workers, timeout_s, progress)
-        n_encoded, seconds = n_encoded + len(to_encode), seconds + time.perf_counter() - t0
-        new_smiles = _append(state, records, iter(encoded), source.path)
-        state.encode_mol_per_s = n_encoded / seconds if n_encoded else state.encode_mol_per_s
-        cache.write(state, new_smiles)
-    if progress and n_encoded:
-        print(f"{source.path.name}: encoded {n_encoded:,} molecules in {seconds:.1f} s "
-              f"({n_encoded / seconds:,.0f} molecules/s)", file=sys.stderr)
-
-
-def _retry_transient(cache: _Cache, state: _State, source: SmilesFile, order: np.ndarray, workers,
-                     timeout_s: float, progress: bool) -> bool:
-    """Encode again the molecules a cache dropped for a timeout or a crash; True if any was retried.
-
-    Those drops say how loaded the machine was, not what the molecule is: kept as final, a corpus
-    would depend on the load of the day it was built. A retried molecule that now encodes cuts the
-    cache back to its position (what follows was taken along the permutation without it), so the
-    corpus equals the one a calm machine builds; one still failing stays dropped until next time
-    (a molecule that always hangs costs `timeout_s` a load)."""
-    transient = sorted(p for r in TRANSIENT for p in state.drops.get(r, []))
-    if not transient:
-        return False
-    records = _pick(source, order[np.asarray(transient, np.int64)], progress)
-    encoded = encode_smiles([smiles for _, smiles, _ in records], workers, timeout_s, progress)
-    reasons = {p: reason for p, (selfies, reason) in zip(transient, encoded)}
-    cut = next((p for p, (selfies, _) in zip(transient, encoded)
-                if selfies is not None and len(_SYMBOL.findall(selfies)) <= MAX_SYMBOLS), None)
-    if cut is not None:
-        _truncate(state, cut)
-    if _redrop(state, {p: r or "too_long" for p, r in reasons.items() if p < state.consumed}) or cut is not None:
-        cache.write(state, [])
-    return True
-
-
-def _redrop(state: _State, reasons: dict) -> bool:
-    """Move dropped positions to their new reasons; True if any moved."""
-    moved = {p: r for r in TRANSIENT for p in state.drops.get(r, []) if p in reasons and reasons[p] != r}
-    if not moved:
-        return False
-    for reason in list(state.drops):
-        state.drops[reason] = [p for p in state.drops[reason] if p not in moved]
-    for p, reason in sorted(moved.items()):
-        state.drops.setdefault(reason, []).append(p)
-    state.drops = {r: sorted(v) for r, v in state.drops.items() if v}
-    state.examples = [[p, line, text, moved.get(p, reason)] for p, line, text, reason in state.examples]
-    return True
-
-
-def _truncate(state: _State, position: int) -> None:
-    """Cut `state` back to the molecules before permutation position `position`."""
-    k = int(np.searchsorted(np.asarray(state.positions), position))
-    state.offsets = np.array(state.offsets[: k + 1])
-    state.tokens = np.array(state.tokens[: state.offsets[-1]])
-    state.positions = np.array(state.positions[:k])
-    used = int(state.tokens.max()) + 1 if len(state.tokens) else 4  # ids come in order of first appearance
-    state.tokenizer = Tokenizer(state.tokenizer.symbols[4:used])
-    state.drops = {r: v for r, p in state.drops.items() if (v := [x for x in p if x < position])}
-    state.examples = [e for e in state.examples if e[0] < position]
-    state.consumed = position
-
-
-def _append(state: _State, records: list, encoded: Iterator, path: Path) -> list[str]:
-    """Add a round's molecules to `state` (kept ones as token ids, the others as drops); their SMILES."""
-    new_smiles: list[str] = []
-    tokens, lengths, positions = array.array("H"), array.array("q"), array.array("q")
-    for position, (line_no, smiles, problem) in enumerate(records, start=state.consumed):
-        selfies, reason = (None, problem) if problem else next(encoded)
-        symbols = _SYMBOL.findall(selfies) if selfies else []
-        if selfies and len(symbols) > MAX_SYMBOLS:
-            reason = "too_long"
-        if reason:
-            state.drops.setdefault(reason, []).append(position)
-            if len(state.examples) < N_EXAMPLES:
-                state.examples.append([position, line_no, clip(smiles), reason])
-            continue
-        if state.tokenizer.extend(symbols) and len(state.tokenizer) > np.iinfo(np.uint16).max + 1:
-            raise CorpusError(f"{path}: {len(state.tokenizer)} SELFIES symbols do not fit uint16 token ids")
-        tokens.extend(state.tokenizer.index[s] for s in symbols)
-        lengths.append(len(symbols))
-        positions.append(position)
-        new_smiles.append(smiles)
-    state.consumed += len(records)
-    state.tokens = np.concatenate([state.tokens, np.frombuffer(tokens, np.uint16)])
-    state.offsets = np.concatenate([state.offsets, state.offsets[-1] + np.cumsum(np.frombuffer(lengths, np.int64))])
-    state.positions = np.concatenate([state.positions, np.frombuffer(positions, np.int64)])
-    return new_smiles
+__all__ = ["EncodeReport", "FileReport", "TokenCorpus", "describe", "load", "main"]
 
 
 # --- the corpus ----------------------------------------------------------------------------------
@@ -596,8 +123,8 @@ def load(source: str = "moses", split: str = "train", n_molecules: int | None = 
     layout is read from its content unless `format` ('pubchem', 'smi' or 'csv') says it.
     """
     _check_args(split, n_molecules, timeout_s, seed)
-    smiles_file, whole_file = _source_file(source, split, format)
-    state, cached, folder = _encoded(smiles_file, whole_file, split, seed, n_molecules, workers, timeout_s, progress)
+    smiles_file, whole_file = source_file(source, split, format)
+    state, cached, folder = encoded(smiles_file, whole_file, split, seed, n_molecules, workers, timeout_s, progress)
     if state.n_kept == 0:
         dropped = {r: len(p) for r, p in state.drops.items()}
         raise CorpusError(f"{smiles_file.path} [{split}]: no molecule could be encoded ({smiles_file.describe()}; "
@@ -621,7 +148,7 @@ def _check_args(split: str, n_molecules: int | None, timeout_s: float, seed: int
         raise CorpusError(f"seed must be an integer >= 0, got {seed!r}")
 
 
-def _report(state: _State, source: str, split: str, seed: int, n: int | None, cached: bool) -> EncodeReport:
+def _report(state: State, source: str, split: str, seed: int, n: int | None, cached: bool) -> EncodeReport:
     """What the first n kept molecules of a cache cost: lines read, drops on the way, lengths."""
     n = state.n_kept if n is None else min(n, state.n_kept)
     read = int(state.positions[n - 1]) + 1 if n < state.n_kept else state.consumed
@@ -635,7 +162,7 @@ def _report(state: _State, source: str, split: str, seed: int, n: int | None, ca
         length_max=int(lengths.max()), encode_mol_per_s=state.encode_mol_per_s, cached=cached)
 
 
-def _subset(state: _State, folder: Path, report: EncodeReport, tokenizer: Tokenizer | None) -> TokenCorpus:
+def _subset(state: State, folder: Path, report: EncodeReport, tokenizer: Tokenizer | None) -> TokenCorpus:
     """The first report.kept molecules of a cache, with their own vocabulary (or mapped onto `tokenizer`)."""
     offsets = state.offsets[: report.kept + 1]
     tokens = state.tokens[: offsets[-1]]
@@ -704,16 +231,16 @@ def describe(source: str, *, seed: int = 0, workers: int | None = None, timeout_
 
     MOSES keeps its splits in two files: `split` picks the one described."""
     _check_args(split, None, timeout_s, seed)
-    smiles_file, whole_file = _source_file(source, split, format)
-    fingerprint = _fingerprint(smiles_file, progress)
+    smiles_file, whole_file = source_file(source, split, format)
+    fingerprint = source_fingerprint(smiles_file, progress)
     report = FileReport(source="moses" if whole_file else str(smiles_file.path), layout=smiles_file.describe(),
                         n_lines=fingerprint["n_lines"], kept=0, dropped={}, examples=[], splits={}, seed=seed)
     for name in [split] if whole_file else list(SPLITS):
-        order = _split_order(_n_data_lines(smiles_file, fingerprint), whole_file, name, seed)
+        order = split_order(n_data_lines(smiles_file, fingerprint), whole_file, name, seed)
         if len(order) == 0:
             report.splits[name] = (0, 0)
             continue
-        state, cached, _ = _encoded(smiles_file, whole_file, name, seed, None, workers, timeout_s, progress)
+        state, cached, _ = encoded(smiles_file, whole_file, name, seed, None, workers, timeout_s, progress)
         report.splits[name], report.kept = (len(order), state.n_kept), report.kept + state.n_kept
         for reason, positions in state.drops.items():  # permutation positions -> line numbers
             lines = order[np.asarray(positions, np.int64)] + 1 + smiles_file.header_lines
@@ -723,54 +250,6 @@ def describe(source: str, *, seed: int = 0, workers: int | None = None, timeout_
             report.train = _report(state, source, name, seed, None, cached)
             report.train.vocab_size = len(state.tokenizer)
     return report
-
-
-# --- batches -------------------------------------------------------------------------------------
-
-def pad_batch(seqs: list[np.ndarray]) -> torch.Tensor:
-    """(B, T) LongTensor: [BOS] ids [EOS] then [PAD] up to the longest molecule in the batch."""
-    import torch  # here, not at the top: the corpus CLI starts in a fraction of the time without it
-
-    T = max(len(s) for s in seqs) + 2
-    out = np.full((len(seqs), T), PAD_ID, dtype=np.int64)
-    out[:, 0] = BOS_ID
-    for i, s in enumerate(seqs):
-        out[i, 1: len(s) + 1] = s
-        out[i, len(s) + 1] = EOS_ID
-    return torch.from_numpy(out)
-
-
-class MoleculeLoader:
-    """Batches of a TokenCorpus, (B, T) LongTensors from `pad_batch`, one epoch per iteration.
-
-    Each iteration shuffles with numpy Generator(seed + epoch) and then advances the epoch, so
-    epochs differ yet are reproducible; `set_epoch(e)` picks the next one (e.g. on resume).
-    With `max_len`, molecules whose [BOS] ids [EOS] is longer are left out (`n_skipped`).
-    """
-
-    def __init__(self, corpus: TokenCorpus, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True, max_len: int | None = None):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        self.corpus, self.batch_size, self.shuffle, self.drop_last = corpus, batch_size, shuffle, drop_last
-        self.seed = seed
-        lengths = np.diff(np.asarray(corpus.offsets)) + 2
-        self.index = np.flatnonzero(lengths <= max_len) if max_len is not None else np.arange(len(corpus))
-        self.n_skipped = len(corpus) - len(self.index)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.index)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.index) if self.shuffle else self.index
-        self.epoch += 1
-        for b in range(len(self)):
-            yield pad_batch([self.corpus[i] for i in order[b * self.batch_size: (b + 1) * self.batch_size]])
 
 
 # --- command line --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from chemscale.config import atomic_write_json
-from chemscale.lm import corpus
+from chemscale.lm import cache, corpus
 
 VOCAB, CORPUS_RECORD = "vocab.json", "corpus.json"  # written into the run folder when it starts
 
@@ -36,9 +36,9 @@ def keep_vocabulary(run_dir: Path, tokenizer, source: str) -> None:
 
 
 def corpus_sha256(source: str) -> str:
-    """sha256 of the training file of a data source (memoised by the corpus module for big files)."""
-    smiles_file, _ = corpus._source_file(source, "train", None)
-    return corpus._fingerprint(smiles_file, progress=False)["sha256"]
+    """sha256 of the training file of a data source (memoised by the corpus cache for big files)."""
+    smiles_file, _ = cache.source_file(source, "train", None)
+    return cache.source_fingerprint(smiles_file, progress=False)["sha256"]
 
 
 def run_vocabulary(run_dir: Path, data_cfg):
