@@ -392,11 +392,6 @@ def fits_table(fits: dict, name: str = "group") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def fit_by_group(df: pd.DataFrame, x: str, y: str, by: str, **kw) -> pd.DataFrame:
-    """fits_table(fit_groups(...)): the per-group exponents as one table."""
-    return fits_table(fit_groups(df, x, y, by, **kw), by)
-
-
 def compute_optimal_frontier(df: pd.DataFrame, compute: str = "flops", loss: str = "val_loss",
                              n_bins: int | None = None) -> pd.DataFrame:
     """The rows (of any run) whose loss no row reached with less or equal compute, by increasing compute.
@@ -423,13 +418,6 @@ def _thin(frontier: pd.DataFrame, compute: str, n_bins: int) -> pd.DataFrame:
     bins = np.clip(np.searchsorted(edges, log_c, side="right") - 1, 0, n_bins - 1)
     last_in_bin = np.append(bins[1:] != bins[:-1], True)
     return frontier[last_in_bin]
-
-
-def fit_frontier(df: pd.DataFrame, compute: str = "flops", loss: str = "val_loss", n_bins: int | None = None,
-                 **kw) -> PowerLawFit:
-    """fit_power_law of loss against compute on the compute-optimal frontier."""
-    frontier = compute_optimal_frontier(df, compute, loss, n_bins)
-    return fit_power_law(frontier[compute], frontier[loss], **kw)
 
 
 def compare_exponents(table: pd.DataFrame, group: str, better: str, than: str, value: str = "alpha",

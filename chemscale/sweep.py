@@ -1,7 +1,8 @@
 """Sweeps: generate run configs from a base and axes, run the unfinished ones, collect results.
 
+    base = sweep.base_config("chemgpt", globals(), model={"depth": 2}, data={"source": "moses"})
     configs = sweep.grid("chemgpt_scaling", base, width=[32, 64], n_train_molecules=[1000, 10000])
-    sweep.run(configs)                       # local processes; executor="slurm" submits with submitit
+    sweep.run(configs, **sweep.run_options(globals()))   # local processes, or Slurm jobs through submitit
     df = sweep.collect("chemgpt_scaling")    # one row per run: config columns + result columns
 
 Run ids are hashes of the config, so re-running a notebook finds the finished runs and skips
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,9 +48,10 @@ def _section_fields(task: str) -> dict[str, set[str]]:
     """Field names of each config section of a task, from its dataclasses."""
     import dataclasses
 
-    from chemscale.train import TrainConfig, task_module
+    from chemscale.task import task_kind
+    from chemscale.train import TrainConfig
 
-    module = task_module(task)
+    module = task_kind(task)
     return {"train": {f.name for f in dataclasses.fields(TrainConfig)},
             **{s: {f.name for f in dataclasses.fields(cls)} for s, cls in module.SECTIONS.items()}}
 
@@ -72,9 +75,10 @@ def _set_axis(config: dict, key: str, value) -> None:
 
 def validate(config: dict, source: str = "<sweep config>") -> None:
     """Check every section of a run config now, before any run starts."""
-    from chemscale.train import check_top_level, parse_train_config, task_module
+    from chemscale.task import task_kind
+    from chemscale.train import check_top_level, parse_train_config
 
-    task = task_module(config.get("task"), source)
+    task = task_kind(config.get("task"), source)
     check_top_level(config, task, source)
     parse_train_config(config, source)
     task.validate(config, source)
@@ -86,7 +90,7 @@ def check_data(configs: list[dict], progress: bool = False) -> None:
     Configs that differ only in their data sizes (the `n_*` keys of `data`) read the same
     data: each such group is checked once, at its largest sizes, by its task's `validate`.
     """
-    from chemscale.train import task_module
+    from chemscale.task import task_kind
 
     largest: dict[str, dict] = {}
     for config in configs:
@@ -99,7 +103,40 @@ def check_data(configs: list[dict], progress: bool = False) -> None:
         kept = largest[key].setdefault("data", {})
         kept.update({k: max(v, kept.get(k, v)) for k, v in sizes.items()})
     for config in largest.values():
-        task_module(config.get("task")).validate(config, f"sweep {config.get('study')}", data=True, progress=progress)
+        task_kind(config.get("task")).validate(config, f"sweep {config.get('study')}", data=True, progress=progress)
+
+
+def base_config(task: str, params: Mapping, *, model: dict | None = None, data: dict | None = None) -> dict:
+    """A sweep's base run config from a notebook's parameters (`globals()`), for `grid`.
+
+    The train section is every `TrainConfig` field that `params` holds (batch_size, lr,
+    precision, accelerator, devices, num_nodes, ...) and nothing else, so a notebook parameter
+    named like a run-config key reaches the run without notebook code, and a name that is not
+    one never does. `strategy` is "ddp" when a run spans more than one device (devices *
+    num_nodes > 1), unless `params` sets it. `seed` is taken when present; `model` and `data`
+    are the task's own sections, as the notebook writes them.
+    """
+    import dataclasses
+
+    from chemscale.train import TrainConfig
+
+    train = {f.name: params[f.name] for f in dataclasses.fields(TrainConfig) if f.name in params}
+    if "strategy" not in train:
+        train["strategy"] = "ddp" if int(train.get("devices", 1)) * int(train.get("num_nodes", 1)) > 1 else "auto"
+    seed = {"seed": params["seed"]} if "seed" in params else {}
+    return {"task": task, **seed, "model": copy.deepcopy(dict(model or {})),
+            "data": copy.deepcopy(dict(data or {})), "train": train}
+
+
+def run_options(params: Mapping) -> dict:
+    """`sweep.run`'s executor, parallel and slurm options from a notebook's parameters (`globals()`).
+
+    Slurm options are given only for a non-empty `slurm_partition` (empty: the cluster's default);
+    parameters left out get `run`'s defaults (local, one run at a time).
+    """
+    partition = params.get("slurm_partition", "")
+    return {"executor": params.get("executor", "local"), "parallel": params.get("parallel"),
+            "slurm": {"slurm_partition": partition} if partition else {}}
 
 
 def grid(study: str, base: dict, **axes) -> list[dict]:
@@ -379,7 +416,3 @@ def curves(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True).merge(df, on="run_id", how="left")
 
-
-def load_config(path: str | os.PathLike) -> dict:
-    """Read a run config JSON (e.g. a run folder's config.json) for `grid`'s base."""
-    return json.loads(Path(path).read_text())

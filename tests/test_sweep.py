@@ -1,6 +1,7 @@
 """Sweeps: grid generation, data sizes checked up front, skipping finished runs, collecting,
 failures that do not stop a sweep (and a sweep where all fail), resuming killed runs, parallel runs."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -37,6 +38,49 @@ def test_grid_ids_are_stable_and_distinct():
     assert ids == [runs.run_id(c) for c in sweep.grid("s", base, width=[16, 32], n_train_molecules=[100, 200])]
     assert {(c["model"]["width"], c["data"]["n_train_molecules"]) for c in configs} == {
         (16, 100), (16, 200), (32, 100), (32, 200)}
+
+
+NOTEBOOK_PARAMS = {"run_name": "s", "seed": 3, "accelerator": "cpu", "precision": "32-true", "batch_size": 8,
+                   "lr": 0.01, "max_steps": 20, "val_every_steps": 5, "patience": 2, "devices": 1, "num_nodes": 1,
+                   "width": [16, 32], "depth": 2, "executor": "local", "parallel": 2, "slurm_partition": "",
+                   "n_samples": 10, "save_figures": False}
+
+
+def test_base_config_takes_the_train_fields_and_the_seed_from_notebook_parameters():
+    base = sweep.base_config("chemgpt", NOTEBOOK_PARAMS, model={"depth": 2}, data={"source": "moses"})
+    assert base == {"task": "chemgpt", "seed": 3, "model": {"depth": 2}, "data": {"source": "moses"},
+                    "train": {"batch_size": 8, "lr": 0.01, "max_steps": 20, "val_every_steps": 5, "patience": 2,
+                              "precision": "32-true", "accelerator": "cpu", "devices": 1, "num_nodes": 1,
+                              "strategy": "auto"}}
+    assert set(base["train"]) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
+    everything = {f.name: getattr(train.TrainConfig(), f.name) for f in dataclasses.fields(train.TrainConfig)}
+    assert sweep.base_config("ff", {**everything, "other": 1})["train"] == everything  # every field, nothing else
+    assert sweep.base_config("ff", {}) == {"task": "ff", "model": {}, "data": {}, "train": {"strategy": "auto"}}
+    by_hand = {"task": "chemgpt", "seed": 3, "model": {"depth": 2}, "data": {"source": "moses"},  # notebook 01's
+               "train": {k: v for k, v in base["train"].items() if k != "strategy"}}          # config cell before
+    assert ([runs.run_id(c) for c in sweep.grid("s", base, width=[16, 32])]
+            == [runs.run_id(c) for c in sweep.grid("s", by_hand, width=[16, 32])]), "the same runs as before"
+
+
+def test_base_config_uses_ddp_only_across_devices():
+    strategy = lambda **p: sweep.base_config("chemgpt", {**NOTEBOOK_PARAMS, **p})["train"]["strategy"]  # noqa: E731
+    assert strategy(devices=1, num_nodes=1) == "auto"
+    assert strategy(devices=4, num_nodes=1) == strategy(devices=1, num_nodes=2) == "ddp"
+    assert strategy(devices=4, strategy="auto") == "auto"  # a strategy the parameters name is kept
+
+
+def test_base_config_copies_its_sections():
+    model = {"depth": 2}
+    base = sweep.base_config("chemgpt", NOTEBOOK_PARAMS, model=model)
+    base["model"]["width"] = 16
+    assert model == {"depth": 2}
+
+
+def test_run_options_give_slurm_options_only_for_a_partition():
+    assert sweep.run_options(NOTEBOOK_PARAMS) == {"executor": "local", "parallel": 2, "slurm": {}}
+    slurm = sweep.run_options({**NOTEBOOK_PARAMS, "executor": "slurm", "slurm_partition": "gpu"})
+    assert slurm == {"executor": "slurm", "parallel": 2, "slurm": {"slurm_partition": "gpu"}}
+    assert sweep.run_options({}) == {"executor": "local", "parallel": None, "slurm": {}}
 
 
 def test_grid_rejects_unknown_axis_and_bad_values():
