@@ -43,6 +43,9 @@ _DATA_KEY = re.compile(r"(?:^|_)(?:source|path|file)$")
 _PATH_SUFFIXES = {".gz", ".bz2", ".xz", ".smi", ".txt", ".csv", ".tsv", ".npz", ".h5", ".hdf5", ".xyz", ".extxyz"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _YAML11_SCALARS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+# Parameters renamed to the run config's names (issue 9): a params file written before says which name to use.
+RENAMED = {"device": "accelerator", "widths": "width", "depths": "depth", "n_molecules": "n_train_molecules",
+           "models": "name", "n_train": "n_train_structures"}
 
 
 _running: dict = {}  # the executed notebook being written, named when a signal stops the study
@@ -138,6 +141,9 @@ def read_params(path: Path) -> dict:
 
 
 def _unknown_key_message(source: str, notebook: Path, unknown: list[str], declared: dict) -> str:
+    renamed = [f"'{k}' was renamed '{RENAMED[k]}'" for k in unknown if RENAMED.get(k) in declared]
+    if renamed:
+        return f"{source}: parameter {', '.join(renamed)}; use the new name (the run config's) for {notebook.name}"
     hints = [f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, declared, n=1)) else f"'{k}'"
              for k in unknown]
     return (f"{source}: unknown parameter(s) {', '.join(hints)} for {notebook.name}; "
@@ -185,8 +191,8 @@ def check_params(notebook: Path, params: dict, source: str) -> None:
         _check_value(f"{source}: parameter '{key}'", notebook, value, _default(declared[key]))
         if key == "run_name":
             _check_run_name(source, value)
-        if key == "device":
-            _check_device(source, value)
+        if key == "accelerator":
+            _check_accelerator(source, value)
 
 
 def _item_type(default) -> str | None:
@@ -215,22 +221,22 @@ def _check_value(what: str, notebook: Path, value, default) -> None:
         _check_value(f"{what}: item {i + 1}", notebook, item, None)
 
 
-def _check_device(source: str, device) -> None:
-    """`device` is Lightning's accelerator: device: cpux fails here, not when the first run starts.
+def _check_accelerator(source: str, accelerator) -> None:
+    """`accelerator` is Lightning's: accelerator: cpux fails here, not when the first run starts.
 
     The usual names pass without importing Lightning (seconds); others are looked up in its registry.
     """
     usual = {"auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"}
-    if not isinstance(device, str) or device in usual:
+    if not isinstance(accelerator, str) or accelerator in usual:
         return
     from pytorch_lightning.accelerators import AcceleratorRegistry
 
     names = usual | set(AcceleratorRegistry.available_accelerators())
-    if device not in names:
-        close = difflib.get_close_matches(device, sorted(names), n=1)
+    if accelerator not in names:
+        close = difflib.get_close_matches(accelerator, sorted(names), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: parameter 'device' = {device!r} is not a Lightning accelerator{hint}; "
-                          f"one of {sorted(names)}")
+        raise ConfigError(f"{source}: parameter 'accelerator' = {accelerator!r} is not a Lightning accelerator"
+                          f"{hint}; one of {sorted(names)}")
 
 
 def _check_run_name(source: str, name) -> None:
@@ -500,12 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             out = run_notebook(nb, source, label, args.output_dir)
             print(f"{nb.name} ({_shown(source)}): {time.perf_counter() - t0:.0f} s -> {_shown(out)}", flush=True)
-    except ConfigError as e:
+    except (ConfigError, NotebookFailed) as e:  # one line: 2 for what was asked, 1 for a notebook that failed
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NotebookFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, NotebookFailed) else 2
     return 0
 
 

@@ -65,7 +65,7 @@ def test_unknown_and_mistyped_params_are_rejected(tmp_path):
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "cpu.yaml"
-    bad.write_text("seed: 1\nwidths: [16, 32\nlr: 0.1\n")
+    bad.write_text("seed: 1\nwidth: [16, 32\nlr: 0.1\n")
     with pytest.raises(ConfigError, match=r"cpu.yaml: line \d+"):
         study.read_params(bad)
 

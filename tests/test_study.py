@@ -43,7 +43,7 @@ def _params(tmp_path, text, name="mine.yaml"):
 # --- params errors: one line, exit 2, nothing executed ---
 
 def test_malformed_params_file_names_file_and_line(tmp_path):
-    bad = _params(tmp_path, "seed: 1\nwidths: [16, 32\nlr: 0.1\n")
+    bad = _params(tmp_path, "seed: 1\nwidth: [16, 32\nlr: 0.1\n")
     proc = _study("--params", bad, "01_chemgpt_scaling", "--output-dir", tmp_path / "out")
     assert proc.returncode == 2
     assert "mine.yaml: line" in _one_error_line(proc)
@@ -140,11 +140,31 @@ def test_recipe_fields_are_checked_by_the_recipe(tmp_path):
     assert _checked(tmp_path, "recipe: {n_train: 5, equilibration_steps: 10}\n", nb02)["recipe"]["n_train"] == 5
 
 
-def test_device_is_a_lightning_accelerator(tmp_path):
-    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'device' = 'cpux' is not a Lightning accelerator "
-                                          r"\(did you mean 'cpu'\?\)"):
-        _checked(tmp_path, "device: cpux\n")
-    assert _checked(tmp_path, "device: cuda\n") == {"device": "cuda"}
+def test_accelerator_is_a_lightning_accelerator(tmp_path):
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'accelerator' = 'cpux' is not a Lightning "
+                                          r"accelerator \(did you mean 'cpu'\?\)"):
+        _checked(tmp_path, "accelerator: cpux\n")
+    assert _checked(tmp_path, "accelerator: cuda\n") == {"accelerator": "cuda"}
+
+
+@pytest.mark.parametrize("notebook, old, new", [
+    ("01_chemgpt_scaling", "device", "accelerator"), ("01_chemgpt_scaling", "widths", "width"),
+    ("01_chemgpt_scaling", "n_molecules", "n_train_molecules"), ("02_gnn_scaling", "device", "accelerator"),
+    ("02_gnn_scaling", "models", "name"), ("02_gnn_scaling", "n_train", "n_train_structures"),
+    ("02_gnn_scaling", "widths", "width"), ("02_gnn_scaling", "depths", "depth"),
+])
+def test_a_renamed_parameter_names_its_new_name(tmp_path, notebook, old, new):
+    """Params files written before the parameters took the run config's names (issue 9) say what to write."""
+    with pytest.raises(ConfigError, match=rf"mine.yaml: parameter '{old}' was renamed '{new}'; use the new name"):
+        _checked(tmp_path, f"seed: 1\n{old}: []\n", paths.NOTEBOOKS / f"{notebook}.ipynb")
+
+
+def test_an_old_name_the_notebook_still_declares_is_not_renamed(tmp_path):
+    """`n_train` is a recipe field, and a notebook's own parameter may use a name renamed elsewhere."""
+    nb = _tiny_notebook(tmp_path, body="pass\n")
+    assert study.load_checked(nb, _params(tmp_path, "n_molecules: 3\n")) == {"n_molecules": 3}
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) 'widths' for 00_tiny.ipynb"):
+        study.load_checked(nb, _params(tmp_path, "widths: [3]\n"))
 
 
 # --- keys and YAML 1.1 surprises (items 5, 13) ---
@@ -180,14 +200,15 @@ def test_integers_read_as_written(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('widths: ["a", 2]\n', r"'widths': item 1 = 'a' is str, but 01_chemgpt_scaling.ipynb declares a list of int"),
-    ("widths: [16, true]\n", r"'widths': item 2 = True is bool"),
-    ("n_molecules: [10, 1e2]\n", r"'n_molecules': item 2 = 100.0 is float.*write it as an integer, e.g. 100"),
-    ("widths: []\n", r"'widths' = \[\]: list at least one value"),
+    ('width: ["a", 2]\n', r"'width': item 1 = 'a' is str, but 01_chemgpt_scaling.ipynb declares a list of int"),
+    ("width: [16, true]\n", r"'width': item 2 = True is bool"),
+    ("n_train_molecules: [10, 1e2]\n",
+     r"'n_train_molecules': item 2 = 100.0 is float.*write it as an integer, e.g. 100"),
+    ("width: []\n", r"'width' = \[\]: list at least one value"),
     ("lr: .nan\n", r"'lr' = nan: a number must be finite"),
     ("lr: -.inf\n", r"'lr' = -inf: a number must be finite"),
     ("max_steps: -5\n", r"'max_steps' = -5: a count, size or seed cannot be negative"),
-    ("n_molecules: [100, -3]\n", r"'n_molecules': item 2 = -3: a count, size or seed cannot be negative"),
+    ("n_train_molecules: [100, -3]\n", r"'n_train_molecules': item 2 = -3: a count, size or seed cannot be negative"),
 ])
 def test_values_are_checked_before_the_notebook_starts(tmp_path, text, message):
     with pytest.raises(ConfigError, match=rf"mine.yaml: parameter {message}"):
@@ -196,10 +217,11 @@ def test_values_are_checked_before_the_notebook_starts(tmp_path, text, message):
 
 def test_list_items_of_the_gnn_notebook(tmp_path):
     nb02 = paths.NOTEBOOKS / "02_gnn_scaling.ipynb"
-    with pytest.raises(ConfigError, match=r"'models': item 2 = 3 is int, but 02_gnn_scaling.ipynb declares a list of str"):
-        _checked(tmp_path, "models: [schnet, 3]\n", nb02)
-    assert _checked(tmp_path, "n_train: [10, 100]\nmodels: [painn]\n", nb02) == {"n_train": [10, 100],
-                                                                                  "models": ["painn"]}
+    with pytest.raises(ConfigError, match=r"'name': item 2 = 3 is int, but 02_gnn_scaling.ipynb declares a list "
+                                          r"of str"):
+        _checked(tmp_path, "name: [schnet, 3]\n", nb02)
+    assert _checked(tmp_path, "n_train_structures: [10, 100]\nname: [painn]\n", nb02) == {
+        "n_train_structures": [10, 100], "name": ["painn"]}
 
 
 @pytest.mark.parametrize("profile", sorted(study.PROFILES))
