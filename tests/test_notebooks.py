@@ -137,6 +137,14 @@ def test_docs_cite_only_files_in_the_repository():
             assert (paths.ROOT / cited).exists(), f"{name} cites {cited}, which is not in the repository"
 
 
+def test_the_package_map_names_every_module():
+    """chemscale/README.md is the map of the package: a module it does not name is one a newcomer cannot find."""
+    text = (paths.ROOT / "chemscale" / "README.md").read_text()
+    for module in sorted((paths.ROOT / "chemscale").rglob("*.py")):
+        if module.name != "__init__.py":
+            assert re.search(rf"\b{module.stem}\b", text), f"chemscale/README.md does not name {module.name}"
+
+
 def test_license_and_citation():
     assert "MIT License" in (paths.ROOT / "LICENSE").read_text()
     assert tomllib.loads((paths.ROOT / "pyproject.toml").read_text())["project"]["license"] == {"text": "MIT"}
