@@ -177,7 +177,8 @@ def ff_bench(quick: bool = False) -> dict:
 
 
 def _measure(quick: bool) -> dict:
-    data_config = {**RECIPES[quick], "n_train": RECIPES[quick]["recipe"]["n_train"], "n_val": 0}
+    recipe_sizes = RECIPES[quick]["recipe"]
+    data_config = {**RECIPES[quick], "n_train_structures": recipe_sizes["n_train"], "n_val_structures": 0}
     recipe = ffdata.as_recipe(data_config["source"], **data_config["recipe"])
     directory = ffdata.generate(recipe, progress=not quick)
     train_set = ffdata.load(directory, "train", progress=False)
