@@ -16,7 +16,8 @@ fields) builds the LightningModule and the data loaders, under the contract writ
 - `last.ckpt`: written atomically at each validation, with the random generators' states and its
   sha256 in `last.ckpt.sha256` (checked on resume: a changed byte is refused, not trained on); a
   restarted run resumes from it and, its data order a function of (seed, epoch) resumed at the
-  checkpoint's batch (`ResumableSampler`), repeats the uninterrupted run's losses exactly;
+  checkpoint's batch (the tasks' loaders: `chemscale.lm.loader.ResumableSampler`, the force-field
+  loader), repeats the uninterrupted run's losses exactly;
 - divergence: a NaN/inf training loss is caught at the step it happens (`LossWatch`), a NaN/inf
   validation loss at its validation; the run stops and `result.json` records why, so a sweep goes on;
 - `result.json`: written atomically last; its presence means "finished", and a finished run is
@@ -335,41 +336,6 @@ class LossWatch:
         if done is not None:
             done.synchronize()
         return bool(previous)
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """This process's share of shuffled passes over `n` items, in an order a restarted run repeats.
-
-    Pass e is the permutation seeded by (seed, e) alone, and each pass starts where training
-    stands: `steps_done()` (optimizer steps taken, which a resumed trainer restores from its
-    checkpoint) gives the epoch and how many of its batches are done, so a run resumed mid-epoch
-    trains on exactly the batches the uninterrupted run would have. It assumes one optimizer step
-    per batch, and a pass yields whole batches only (the items left over are in other epochs'
-    shuffles), or one short batch when a process's share is smaller than a batch. Under DDP each
-    process takes every world_size-th item of the permutation (the rank is read when a pass starts,
-    after Lightning has set up the process group; the Trainer is told not to replace this sampler).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, steps_done):
-        self.n, self.batch_size, self.seed, self.steps_done = n, batch_size, seed, steps_done
-
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        dist = torch.distributed
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-    def __len__(self) -> int:
-        share = self.n // self._rank_world()[1]
-        return share if share < self.batch_size else share - share % self.batch_size
-
-    def __iter__(self):
-        import numpy as np
-
-        rank, world = self._rank_world()
-        batches = max(1, len(self) // self.batch_size)
-        epoch, done = divmod(int(self.steps_done()), batches)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)[rank::world][: len(self)]
-        return iter(order[done * self.batch_size:].tolist())
 
 
 def _rng_state() -> dict:

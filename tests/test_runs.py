@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from chemscale import paths, runs, train
+from chemscale.lm import chemgpt
 from chemscale.lm import task as lmtask
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
@@ -16,7 +17,7 @@ from conftest import tiny_lm_config
 def test_writing_a_default_out_is_the_same_run():
     config = tiny_lm_config()
     explicit = tiny_lm_config(weight_decay=train.TrainConfig.weight_decay, precision="32-true")
-    explicit["model"]["dropout"] = lmtask.LMModelConfig.dropout
+    explicit["model"]["dropout"] = chemgpt.ChemGPTShape.dropout
     explicit["seed"] = 0
     assert runs.run_id(explicit) == runs.run_id(config)
     assert runs.run_id({**config, "meta": {"created": "now"}}) == runs.run_id(config), "metadata is not a setting"
@@ -42,7 +43,7 @@ def test_changing_a_default_changes_the_id_of_configs_that_rely_on_it(monkeypatc
     monkeypatch.undo()
 
     @dataclasses.dataclass
-    class NewModelDefault(lmtask.LMModelConfig):
+    class NewModelDefault(chemgpt.ChemGPTShape):
         n_positions: int = 64
 
     monkeypatch.setitem(lmtask.SECTIONS, "model", NewModelDefault)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from chemscale import paths, runs, sweep, task, train
+from chemscale.lm import loader
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
 
@@ -118,19 +119,19 @@ def test_resumed_force_field_run_repeats_the_uninterrupted_run(runs_root, monkey
 
 def test_sampler_order_depends_on_seed_and_epoch_and_resumes_at_the_step(monkeypatch):
     steps = [0]
-    sampler = train.ResumableSampler(50, 8, seed=3, steps_done=lambda: steps[0])  # 6 whole batches an epoch
+    sampler = loader.ResumableSampler(50, 8, seed=3, steps_done=lambda: steps[0])  # 6 whole batches an epoch
     epoch0 = list(sampler)
     assert len(epoch0) == len(sampler) == 48 and len(set(epoch0)) == 48
     steps[0] = 6
     epoch1 = list(sampler)
-    assert epoch1 != epoch0 and list(train.ResumableSampler(50, 8, 3, lambda: 6)) == epoch1
+    assert epoch1 != epoch0 and list(loader.ResumableSampler(50, 8, 3, lambda: 6)) == epoch1
     steps[0] = 6 + 4  # epoch 1, 4 batches done
     assert list(sampler) == epoch1[32:]
-    assert len(list(train.ResumableSampler(5, 8, 3, lambda: 0))) == 5, "fewer items than a batch: one short batch"
+    assert len(list(loader.ResumableSampler(5, 8, 3, lambda: 0))) == 5, "fewer items than a batch: one short batch"
     shards = []
     for rank in (0, 1):
-        monkeypatch.setattr(train.ResumableSampler, "_rank_world", staticmethod(lambda r=rank: (r, 2)))
-        shards.append(list(train.ResumableSampler(50, 8, 3, lambda: 0)))
+        monkeypatch.setattr(loader.ResumableSampler, "_rank_world", staticmethod(lambda r=rank: (r, 2)))
+        shards.append(list(loader.ResumableSampler(50, 8, 3, lambda: 0)))
     assert len(shards[0]) == len(shards[1]) == 24 and not set(shards[0]) & set(shards[1]), "DDP shares are disjoint"
 
 

@@ -356,7 +356,7 @@ def _source_smiles(source: str) -> list[str]:
     """SMILES strings of the MOSES training set or of a file (first comma/space separated column)."""
     import gzip
 
-    from chemscale.lm.corpus import moses_path
+    from chemscale.lm.read import moses_path
 
     path = moses_path("train") if source == "moses" else Path(source)
     opener = gzip.open if path.suffix == ".gz" else open

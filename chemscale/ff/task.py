@@ -20,10 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from chemscale.config import from_dict, require
 from chemscale.ff import data as ffdata
 from chemscale.ff import models
+from chemscale.ff.forcefield import P, ForceField
 from chemscale.ff.loader import ff_loader
 from chemscale.task import TaskModule
 
-P = models.P  # schnetpack batch keys
 EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
 
 
@@ -58,12 +58,12 @@ class FFDataConfig:
 
 
 class FFModule(TaskModule):
-    """Energy+force regression with a `chemscale.ff.models.ForceField`; a sample is a structure."""
+    """Energy+force regression with a `chemscale.ff.forcefield.ForceField`; a sample is a structure."""
 
     VAL_GRAD = True  # forces are energy gradients
     VAL_SUMS = 5  # loss·n, n, |dE|, |dF|, force components
 
-    def __init__(self, model: models.ForceField, tcfg, energy_weight: float):
+    def __init__(self, model: ForceField, tcfg, energy_weight: float):
         super().__init__(model, tcfg)
         self.energy_weight = energy_weight
 

@@ -1,0 +1,71 @@
+"""The runner-task contract (chemscale.task): every registered task keeps it; the base module's state is compatible."""
+
+import pytest
+import torch
+
+from chemscale import task, train
+from chemscale.config import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(task.TASKS))
+def test_every_task_declares_what_the_runner_reads(name):
+    kind = task.task_kind(name)
+    assert set(kind.SECTIONS) == {"model", "data"} and all(isinstance(c, type) for c in kind.SECTIONS.values())
+    assert isinstance(kind.EXTRA_COLUMNS, tuple) and not set(kind.EXTRA_COLUMNS) & set(train.METRIC_COLUMNS)
+    assert callable(kind.build) and callable(kind.validate)
+    modules = [v for v in vars(kind).values() if isinstance(v, type) and issubclass(v, task.TaskModule)
+               and v is not task.TaskModule]
+    assert len(modules) == 1, f"{name}: one TaskModule subclass, found {modules}"
+    for method in ("step_loss", "val_sums"):  # what a task must supply
+        assert getattr(modules[0], method) is not getattr(task.TaskModule, method), f"{name} lacks {method}"
+
+
+def test_an_unknown_task_is_named_with_the_known_ones():
+    with pytest.raises(ConfigError, match=r"x.json: key 'task' = 'gpt'; known tasks: \['chemgpt', 'ff'\]"):
+        task.task_kind("gpt", "x.json")
+
+
+def _module():
+    return task.TaskModule(torch.nn.Linear(2, 1), train.TrainConfig())
+
+
+def test_checkpoint_state_round_trips_and_older_checkpoints_load():
+    saved = _module()
+    saved.samples_seen, saved.samples_at_best, saved.best_val_metrics = 1200, 800, {"energy_mae_mev": 3.5}
+    checkpoint = {}
+    saved.on_save_checkpoint(checkpoint)
+    loaded = _module()
+    loaded.on_load_checkpoint(checkpoint)
+    assert (loaded.samples_seen, loaded.samples_at_best, loaded.best_val_metrics) == (1200, 800, {"energy_mae_mev": 3.5})
+    older = _module()  # a checkpoint written before the counters were called samples
+    older.on_load_checkpoint({"chemscale": {"tokens_seen": 640, "tokens_at_best": 320}})
+    assert (older.samples_seen, older.samples_at_best) == (640, 320)
+
+
+def test_schedule_is_the_base_modules():
+    module = _module()
+    module.lr, module.warmup_steps, module.max_steps = 1e-2, 4, 20
+    opt_and_sched = module.configure_optimizers()
+    opt, sched = opt_and_sched["optimizer"], opt_and_sched["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW) and opt_and_sched["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(20):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])  # linear warm-up
+    assert rates[-1] == pytest.approx(1e-2 * task.lr_lambda(4, 20)(19)) and 1e-3 < rates[-1] < 1.1e-3  # cosine to 10%
+
+
+def test_metrics_of_a_run_from_before_the_samples_column_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    old = ("step,epoch,tokens,flops,train_loss,val_loss,current_lr\n1,0,,,2.5,,0.001\n2,0,,,2.25,,0.001\n"
+           "2,0,512,1000.0,,2.4,\n3,0,,,2.0,,0.001\n")
+    path.write_text(old)
+    log = train.MetricsLog(path)
+    assert log.truncate_after(2) == 1  # the row past the checkpoint goes
+    assert path.read_text() == ("step,epoch,samples,flops,train_loss,val_loss,current_lr\n1,0,,,2.5,,0.001\n"
+                                "2,0,,,2.25,,0.001\n2,0,512,1000.0,,2.4,\n")
+    path.write_text(old.replace("tokens", "atoms"))
+    with pytest.raises(train.BadMetrics, match="does not start with the header"):
+        train.MetricsLog(path).truncate_after(2)
