@@ -41,7 +41,7 @@ def _import_side_effects():
     """Libraries that set log levels or environment variables on first use (not the benchmarks' doing)."""
     import pytorch_lightning  # noqa: F401 (sets its loggers' levels)
 
-    from chemscale.lm import task  # noqa: F401 (rdkit sets RDBASE)
+    from chemscale import molecules  # noqa: F401 (imports rdkit, which sets RDBASE)
     from chemscale.ff import import_schnetpack
 
     import_schnetpack()
