@@ -184,23 +184,23 @@ def test_force_field_sizes_are_checked_before_any_run(runs_root, tmp_path, monke
     generate = ffdata.generate
     monkeypatch.setattr(ffdata, "generate", lambda recipe, progress=True: built.append(recipe)
                         or generate(recipe, progress))
-    configs = sweep.grid("ff", tiny_ff_config(), name=["schnet", "painn"], n_train=[8, 50])
-    with pytest.raises(ConfigError, match="n_train = 50 structures, but the train split of 'md:ethanol' has 40; "
+    configs = sweep.grid("ff", tiny_ff_config(), name=["schnet", "painn"], n_train_structures=[8, 50])
+    with pytest.raises(ConfigError, match="n_train_structures = 50, but the train split of 'md:ethanol' has 40; "
                                           "raise the recipe's size"):
         sweep.run(configs, progress=False, root=runs_root)
     val = tiny_ff_config()
-    val["data"]["n_val"] = 11
-    with pytest.raises(ConfigError, match="n_val = 11 structures, but the val split of 'md:ethanol' has 10"):
+    val["data"]["n_val_structures"] = 11
+    with pytest.raises(ConfigError, match="n_val_structures = 11, but the val split of 'md:ethanol' has 10"):
         sweep.check_data([val])
     assert built == [] and not (runs_root / "ff").exists()  # refused from the recipe: nothing generated
     z, r, e, f = ethanol_arrays(n=40)
     path = write_rmd17(tmp_path / "rmd17_ethanol.npz", z, r, e, f)  # splits 34 / 2 / 4
     user = tiny_ff_config()
     user["data"].update(source=str(path), recipe={})
-    sweep.check_data(sweep.grid("ff", user, name=["schnet", "painn"], n_train=[10, 34]))
-    with pytest.raises(ConfigError, match=r"n_train = 35 structures, but the train split of '.*rmd17_ethanol.npz' "
+    sweep.check_data(sweep.grid("ff", user, name=["schnet", "painn"], n_train_structures=[10, 34]))
+    with pytest.raises(ConfigError, match=r"n_train_structures = 35, but the train split of '.*rmd17_ethanol.npz' "
                                           r"has 34$"):
-        sweep.check_data(sweep.grid("ff", user, name=["schnet", "painn"], n_train=[10, 35]))
+        sweep.check_data(sweep.grid("ff", user, name=["schnet", "painn"], n_train_structures=[10, 35]))
     assert len(built) == 2  # once per check, not once per run
 
 
