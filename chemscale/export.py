@@ -23,10 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from chemscale import runs
-from chemscale.lm import best
 from chemscale.config import ConfigError, atomic_write_text, process_alive
+from chemscale.lm import best
 from chemscale.lm.read import CorpusError
 from chemscale.lm.tokenizer import BOS_ID, SPECIALS, SYMBOL_PATTERN, Tokenizer, TokenizerError
+from chemscale.task import BEST
 
 VOCAB = best.VOCAB  # the run's vocabulary, saved in the run folder when it starts
 MARKER = ".chemscale-export"  # written into every export: --force replaces only a folder holding it
@@ -91,7 +92,7 @@ def _check_run(run_dir: Path) -> dict:
     if config.get("task") != "chemgpt":
         raise ExportError(f"{run_dir}: a {config.get('task')!r} run; only ChemGPT runs export to Hugging Face")
     runs.check_folder(run_dir, config)  # an edited config.json would build a model of another shape
-    if not (run_dir / "best.pt").is_file():
+    if not (run_dir / BEST).is_file():
         raise ExportError(f"{run_dir}: no best weights (best.pt); the run has not reached its first validation")
     return config
 

@@ -30,12 +30,12 @@ _VERSIONED = ("torch", "numpy", "selfies", "pytorch-lightning", "rdkit", "schnet
 def run_id(config: dict) -> str:
     """Stable id of a run config: the hash of its canonical JSON, every default filled in.
 
-    Defaults count (`chemscale.train.complete_config`): a config that leaves `lr` out and one
+    Defaults count (`chemscale.run_config.complete_config`): a config that leaves `lr` out and one
     that writes the default `lr` are the same run, and changing a default in the code changes
     the id of every config that relied on it, so no finished run of the old default is reused.
     Metadata (`meta`) is left out. Raises `ConfigError` for a config that does not validate.
     """
-    from chemscale.train import complete_config
+    from chemscale.run_config import complete_config
 
     return _hash(complete_config(config))
 
@@ -110,7 +110,7 @@ def create(study: str, config: dict, root: Path | None = None) -> Path:
     config.json holds the config with every default filled in, so the folder describes its run
     completely and keeps its id when a default changes later.
     """
-    from chemscale.train import complete_config
+    from chemscale.run_config import complete_config
 
     full = complete_config(config, f"<run config of study {study!r}>")
     run_dir = Path(root or paths.RUNS) / study / _hash(full)

@@ -48,8 +48,7 @@ def _section_fields(task: str) -> dict[str, set[str]]:
     """Field names of each config section of a task, from its dataclasses."""
     import dataclasses
 
-    from chemscale.task import task_kind
-    from chemscale.train import TrainConfig
+    from chemscale.run_config import TrainConfig, task_kind
 
     module = task_kind(task)
     return {"train": {f.name for f in dataclasses.fields(TrainConfig)},
@@ -75,8 +74,7 @@ def _set_axis(config: dict, key: str, value) -> None:
 
 def validate(config: dict, source: str = "<sweep config>") -> None:
     """Check every section of a run config now, before any run starts."""
-    from chemscale.task import task_kind
-    from chemscale.train import check_top_level, parse_train_config
+    from chemscale.run_config import check_top_level, parse_train_config, task_kind
 
     task = task_kind(config.get("task"), source)
     check_top_level(config, task, source)
@@ -90,7 +88,7 @@ def check_data(configs: list[dict], progress: bool = False) -> None:
     Configs that differ only in their data sizes (the `n_*` keys of `data`) read the same
     data: each such group is checked once, at its largest sizes, by its task's `validate`.
     """
-    from chemscale.task import task_kind
+    from chemscale.run_config import task_kind
 
     largest: dict[str, dict] = {}
     for config in configs:
@@ -118,7 +116,7 @@ def base_config(task: str, params: Mapping, *, model: dict | None = None, data: 
     """
     import dataclasses
 
-    from chemscale.train import TrainConfig
+    from chemscale.run_config import TrainConfig
 
     train = {f.name: params[f.name] for f in dataclasses.fields(TrainConfig) if f.name in params}
     if "strategy" not in train:

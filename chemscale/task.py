@@ -1,7 +1,7 @@
 """The contract between the runner (`chemscale.train`) and a training task, and the base module that keeps it.
 
-A task is a module registered in `TASKS` that provides what `TaskKind` declares: its config
-sections, extra metric columns, `build` and `validate`. `build` returns a `RunTask`: a
+A task is a module, registered in `chemscale.run_config.TASKS`, that provides what `TaskKind`
+declares: its config sections, extra metric columns, `build` and `validate`. `build` returns a `RunTask`: a
 `TaskModule` (the LightningModule), the data loaders, and the end-of-run summary. The runner
 owns everything around training (config checks, metrics.csv, checkpoints, divergence, results)
 and reads only what these classes declare.
@@ -21,16 +21,13 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
 from chemscale.config import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from chemscale.train import TrainConfig
 
 BEST = "best.pt"  # the best-validation weights of the model, in the run folder
 
@@ -66,7 +63,7 @@ class TaskModule(pl.LightningModule):
     VAL_GRAD = False  # True: validation computes gradients (force fields differentiate the energy)
     VAL_SUMS = 2  # length of `val_sums`: loss·count, count, then the task's own sums
 
-    def __init__(self, model: torch.nn.Module, tcfg: TrainConfig):
+    def __init__(self, model: torch.nn.Module, tcfg):  # tcfg: a run's `chemscale.run_config.TrainConfig`
         super().__init__()
         self.model = model
         self.lr, self.weight_decay = tcfg.lr, tcfg.weight_decay
@@ -169,30 +166,6 @@ class TaskKind(Protocol):
     SECTIONS: dict[str, type]  # run-config section -> dataclass that validates it
     EXTRA_COLUMNS: tuple[str, ...]  # metrics.csv columns beyond the runner's, filled from `extra_val`
 
-    def build(self, config: dict, tcfg: TrainConfig, run_dir: Path, source: str) -> RunTask: ...
+    def build(self, config: dict, tcfg, run_dir: Path, source: str) -> RunTask: ...  # tcfg: TrainConfig
 
     def validate(self, config: dict, source: str, *, data: bool = False, progress: bool = False) -> None: ...
-
-
-def _chemgpt() -> TaskKind:
-    from chemscale.lm import task
-
-    return task
-
-
-def _ff() -> TaskKind:
-    from chemscale.ff import task  # imports schnetpack, nequip and Lightning: seconds, so only when asked
-
-    return task
-
-
-TASKS = {"chemgpt": _chemgpt, "ff": _ff}  # a run config's "task" -> its module, imported when first used
-
-
-def task_kind(name, source: str = "<config>") -> TaskKind:
-    """The module of the task named in a run config; `ConfigError` naming the known ones otherwise."""
-    from chemscale.config import ConfigError
-
-    if name not in TASKS:
-        raise ConfigError(f"{source}: key 'task' = {name!r}; known tasks: {sorted(TASKS)}")
-    return TASKS[name]()

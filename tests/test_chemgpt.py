@@ -131,13 +131,13 @@ def test_a_run_configs_model_section_is_the_models_shape():
     (the ids below were computed at the commit before the shape was shared); checked in one place."""
     from conftest import tiny_lm_config
 
-    from chemscale import runs, train
+    from chemscale import run_config, runs
     from chemscale.config import ConfigError
     from chemscale.lm.chemgpt import ChemGPTShape
 
     assert runs.run_id(tiny_lm_config()) == "9afbf9042190"
     assert runs.run_id({"task": "chemgpt"}) == "600f2d08335c"
-    assert list(train.complete_config({"task": "chemgpt"})["model"].items()) == [
+    assert list(run_config.complete_config({"task": "chemgpt"})["model"].items()) == [
         ("width", 64), ("depth", 2), ("n_heads", 0), ("n_positions", 128), ("attention_layers", "global"),
         ("window_size", 256), ("dropout", 0.0)]
     with pytest.raises(ConfigError, match="key 'n_heads' must divide width 64, got 5"):

@@ -20,7 +20,7 @@ from chemscale import export, molecules, runs, train
 from chemscale.lm import best, vocabulary
 from chemscale.lm import corpus
 from chemscale.config import ConfigError
-from chemscale.lm.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from chemscale.lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from conftest import tiny_lm_config
 
 pytest.importorskip("transformers")

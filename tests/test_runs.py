@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chemscale import paths, runs, train
+from chemscale import paths, run_config, runs, train
 from chemscale.lm import chemgpt
 from chemscale.lm import task as lmtask
 from chemscale.config import ConfigError
@@ -16,7 +16,7 @@ from conftest import tiny_lm_config
 
 def test_writing_a_default_out_is_the_same_run():
     config = tiny_lm_config()
-    explicit = tiny_lm_config(weight_decay=train.TrainConfig.weight_decay, precision="32-true")
+    explicit = tiny_lm_config(weight_decay=run_config.TrainConfig.weight_decay, precision="32-true")
     explicit["model"]["dropout"] = chemgpt.ChemGPTShape.dropout
     explicit["seed"] = 0
     assert runs.run_id(explicit) == runs.run_id(config)
@@ -34,10 +34,10 @@ def test_changing_a_default_changes_the_id_of_configs_that_rely_on_it(monkeypatc
     before = runs.run_id(config)
 
     @dataclasses.dataclass
-    class NewTrainDefault(train.TrainConfig):
+    class NewTrainDefault(run_config.TrainConfig):
         weight_decay: float = 0.01
 
-    monkeypatch.setattr(train, "TrainConfig", NewTrainDefault)
+    monkeypatch.setattr(run_config, "TrainConfig", NewTrainDefault)
     assert runs.run_id(config) != before
     assert runs.run_id(tiny_lm_config(weight_decay=0.1)) == before, "a config that names the value keeps its id"
     monkeypatch.undo()
@@ -58,10 +58,10 @@ def test_run_folder_holds_every_default_and_keeps_its_id(runs_root, monkeypatch)
     assert run_dir.name == runs.run_id(stored) == runs.run_id(tiny_lm_config())
 
     @dataclasses.dataclass
-    class NewTrainDefault(train.TrainConfig):
+    class NewTrainDefault(run_config.TrainConfig):
         weight_decay: float = 0.01
 
-    monkeypatch.setattr(train, "TrainConfig", NewTrainDefault)
+    monkeypatch.setattr(run_config, "TrainConfig", NewTrainDefault)
     runs.check_folder(run_dir, stored)  # its settings are written out: a later default does not orphan it
     assert runs.create("t", tiny_lm_config(), runs_root) != run_dir
 

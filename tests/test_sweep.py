@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chemscale import paths, runs, sweep, train
+from chemscale import paths, run_config, runs, sweep, train
 from chemscale.lm import corpus
 from chemscale.config import ConfigError
 from chemscale.ff import data as ffdata
@@ -52,8 +52,8 @@ def test_base_config_takes_the_train_fields_and_the_seed_from_notebook_parameter
                     "train": {"batch_size": 8, "lr": 0.01, "max_steps": 20, "val_every_steps": 5, "patience": 2,
                               "precision": "32-true", "accelerator": "cpu", "devices": 1, "num_nodes": 1,
                               "strategy": "auto"}}
-    assert set(base["train"]) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
-    everything = {f.name: getattr(train.TrainConfig(), f.name) for f in dataclasses.fields(train.TrainConfig)}
+    assert set(base["train"]) <= {f.name for f in dataclasses.fields(run_config.TrainConfig)}
+    everything = {f.name: getattr(run_config.TrainConfig(), f.name) for f in dataclasses.fields(run_config.TrainConfig)}
     assert sweep.base_config("ff", {**everything, "other": 1})["train"] == everything  # every field, nothing else
     assert sweep.base_config("ff", {}) == {"task": "ff", "model": {}, "data": {}, "train": {"strategy": "auto"}}
     by_hand = {"task": "chemgpt", "seed": 3, "model": {"depth": 2}, "data": {"source": "moses"},  # notebook 01's

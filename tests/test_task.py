@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from chemscale import task, train
+from chemscale import run_config, task, train
 from chemscale.config import ConfigError
 
 
-@pytest.mark.parametrize("name", sorted(task.TASKS))
+@pytest.mark.parametrize("name", sorted(run_config.TASKS))
 def test_every_task_declares_what_the_runner_reads(name):
-    kind = task.task_kind(name)
+    kind = run_config.task_kind(name)
     assert set(kind.SECTIONS) == {"model", "data"} and all(isinstance(c, type) for c in kind.SECTIONS.values())
     assert isinstance(kind.EXTRA_COLUMNS, tuple) and not set(kind.EXTRA_COLUMNS) & set(train.METRIC_COLUMNS)
     assert callable(kind.build) and callable(kind.validate)
@@ -22,11 +22,11 @@ def test_every_task_declares_what_the_runner_reads(name):
 
 def test_an_unknown_task_is_named_with_the_known_ones():
     with pytest.raises(ConfigError, match=r"x.json: key 'task' = 'gpt'; known tasks: \['chemgpt', 'ff'\]"):
-        task.task_kind("gpt", "x.json")
+        run_config.task_kind("gpt", "x.json")
 
 
 def _module():
-    return task.TaskModule(torch.nn.Linear(2, 1), train.TrainConfig())
+    return task.TaskModule(torch.nn.Linear(2, 1), run_config.TrainConfig())
 
 
 def test_checkpoint_state_round_trips_and_older_checkpoints_load():

@@ -7,8 +7,9 @@ Where each concept lives:
 - models: `forcefield` (the `ForceField` base, the `Graph` networks read, the batch/output keys `P`),
   `models` (the registry: one row per model, `build`, `rebuild`, `check`, `kind`), one module per
   network family: `schnetpack_models` (SchNet, PaiNN), `allegro_adapter` (Allegro), `spookynet`;
-- `task` (the training task of `python -m chemscale.train`), `calculator` (a trained run as an ASE
-  calculator), `bench` (training speed against stock schnetpack).
+- `task` (the training task of `python -m chemscale.train`), `card` (best_model.json: what rebuilds a
+  run's best model), `calculator` (a trained run as an ASE calculator), `bench` (training speed
+  against stock schnetpack).
 
 Importing this package is cheap; schnetpack (which pulls in Lightning, seconds) is imported
 only by `import_schnetpack()`.

@@ -85,7 +85,7 @@ def _fit(module, clock: MoleculeClock, steps: int, **fit_kwargs) -> float:
 def chemscale_run(data_config: dict, steps: int, warmup: int) -> float:
     """Molecules/s of chemscale's task (its loader, SchNet and FFModule)."""
     from chemscale.ff import task
-    from chemscale.train import TrainConfig
+    from chemscale.run_config import TrainConfig
 
     torch.manual_seed(0)
     config = {"task": "ff", "seed": 0, "model": {"name": "schnet", "width": WIDTH, "depth": DEPTH, "cutoff": CUTOFF,

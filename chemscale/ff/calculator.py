@@ -45,18 +45,11 @@ from ase.calculators.calculator import CalculationFailed, Calculator, PropertyNo
 from ase.data import chemical_symbols
 
 from chemscale import runs
-from chemscale.config import ConfigError, atomic_write_json, from_dict
+from chemscale.config import ConfigError, from_dict
+from chemscale.ff.card import MODEL_CARD
+from chemscale.task import BEST
 
-WEIGHTS, MODEL_CARD = "best.pt", "best_model.json"
-UNITS = {"energy": "eV", "forces": "eV/Å", "positions": "Å"}
 MIN_DISTANCE = 0.1  # Å: atoms closer than this are coincident (no bond is; PaiNN's directions are undefined at 0)
-
-
-def write_model_card(run_dir: Path, build_args: dict, reference_energies: dict[int, float]) -> None:
-    """Write RUN_DIR/best_model.json: what `ChemscaleCalculator.from_run` needs beside best.pt."""
-    card = {"build": build_args, "reference_energies_ev": {str(z): float(e) for z, e in reference_energies.items()},
-            "units": UNITS, "weights": WEIGHTS}
-    atomic_write_json(Path(run_dir) / MODEL_CARD, card)
 
 
 def read_model_card(run_dir: Path) -> tuple[dict, dict[int, float]]:
@@ -132,7 +125,7 @@ class ChemscaleCalculator(Calculator):
 
         dtype, device = _as_dtype(dtype), _as_device(device)
         run_dir = _run_folder(Path(run_dir))
-        weights = run_dir / WEIGHTS
+        weights = run_dir / BEST
         if not weights.exists():
             raise FileNotFoundError(f"{weights}: no best model in this run folder (it is written at the run's first "
                                     f"validation; train it with: python -m chemscale.train {run_dir})")
@@ -204,7 +197,7 @@ def _run_folder(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     if not run_dir.is_dir():
         raise NotADirectoryError(f"{run_dir}: a file, not a run folder (pass the folder that holds "
-                                 f"{runs.CONFIG} and {WEIGHTS})")
+                                 f"{runs.CONFIG} and {BEST})")
     if not (run_dir / runs.CONFIG).exists():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no {runs.CONFIG}); runs are made by "
                                 f"chemscale.sweep or chemscale.runs.create")

@@ -1,7 +1,7 @@
 """The force-field training task: structures -> GNN -> energy+force loss.
 
 `chemscale.train` calls `build(config, ...)` for runs with `"task": "ff"`. A run config has
-`model` (`FFModelConfig`), `data` (`FFDataConfig`) and `train` (`chemscale.train.TrainConfig`).
+`model` (`FFModelConfig`), `data` (`FFDataConfig`) and `train` (`chemscale.run_config.TrainConfig`).
 The loss is the weighted MSE of energies (eV per structure, reference energies subtracted)
 and force components (eV/Å); validations also report `energy_mae_mev` and
 `force_mae_mev_per_a`, and at the end the best model is evaluated on the test split.
@@ -20,9 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from chemscale.config import from_dict, require
 from chemscale.ff import data as ffdata
 from chemscale.ff import models
-from chemscale.ff.forcefield import P, ForceField
+from chemscale.ff.card import write_model_card
+from chemscale.ff.forcefield import ForceField, P
 from chemscale.ff.loader import ff_loader
-from chemscale.task import TaskModule
+from chemscale.task import BEST, TaskModule
 
 EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
 
@@ -171,10 +172,8 @@ class Task:
         that the data side subtracted), which `chemscale.ff.calculator` reads.
         """
         model = self.module.model
-        if (run_dir / "best.pt").exists():
-            model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True))
-            from chemscale.ff.calculator import write_model_card
-
+        if (run_dir / BEST).exists():
+            model.load_state_dict(torch.load(run_dir / BEST, map_location="cpu", weights_only=True))
             write_model_card(run_dir, model.build_args, self.test_set.reference_energies)
         model.eval().cpu()
         abs_e = abs_f = n_e = n_f = 0.0

@@ -15,13 +15,15 @@ from chemscale.config import from_dict
 from chemscale.lm import chemgpt, corpus
 from chemscale.lm.task import LMDataConfig, make_model
 from chemscale.lm.vocabulary import VOCAB, BestModelError, run_vocabulary
+from chemscale.task import BEST
+
 
 def _best_settings(run_dir: Path) -> tuple[chemgpt.ChemGPTShape, LMDataConfig, Path]:
     config = runs.read_config(run_dir)
     source = str(run_dir / runs.CONFIG)
     model_cfg = from_dict(chemgpt.ChemGPTShape, config.get("model", {}), f"{source} [model]")
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
-    best = run_dir / "best.pt"
+    best = run_dir / BEST
     if not best.exists():  # before the corpus: loading it may encode molecules for minutes
         raise FileNotFoundError(f"{best}: the run has no best weights (did it finish?)")
     return model_cfg, data_cfg, best

@@ -11,6 +11,8 @@ from chemscale import molecules
 from chemscale.config import atomic_write_json, atomic_write_text
 from chemscale.lm import corpus
 from chemscale.lm.best import load_best
+from chemscale.task import BEST
+
 
 def generation_quality(run_dir: str | Path, n_samples: int = 1000, seed: int = 0) -> dict:
     """Validity, uniqueness and novelty of `n_samples` molecules sampled from a run's best model.
@@ -25,7 +27,7 @@ def generation_quality(run_dir: str | Path, n_samples: int = 1000, seed: int = 0
     import hashlib
 
     run_dir = Path(run_dir)
-    cached, best = run_dir / f"samples_{n_samples}_{seed}.json", run_dir / "best.pt"
+    cached, best = run_dir / f"samples_{n_samples}_{seed}.json", run_dir / BEST
     weights = None
     if best.exists():
         with open(best, "rb") as f:

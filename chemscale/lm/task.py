@@ -3,7 +3,7 @@
 `chemscale.train` calls `build(config, ...)` for runs with `"task": "chemgpt"`, under the contract
 of `chemscale.task` (a sample is a token; result.json names them so). A run config
 has three sections, each a dataclass validated on load: `model` (`chemgpt.ChemGPTShape`, the
-model's own shape), `data` (`LMDataConfig`) and `train` (`chemscale.train.TrainConfig`).
+model's own shape), `data` (`LMDataConfig`) and `train` (`chemscale.run_config.TrainConfig`).
 """
 
 from __future__ import annotations
