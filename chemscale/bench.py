@@ -36,9 +36,7 @@ inside a notebook or a test.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -50,11 +48,11 @@ from pathlib import Path
 import torch
 
 from chemscale import paths
+from chemscale.measure import paired_ratio, process_state_kept
 from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, ChemGPTShape
 from chemscale.lm.tokenizer import PAD_ID
 
 VOCAB = 30  # MOSES SELFIES: 26 symbols + 4 specials
-LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 PHYSICAL_BOUNDS = {"mfu": 1.0, "end_to_end_fraction": 1.0}  # a step cannot beat its own reference
 
 
@@ -70,32 +68,6 @@ def cpu_has_bf16() -> bool:
 def bf16_wanted(flag: bool | None = None) -> bool:
     """Whether to measure bf16: `flag` (`--bf16 on|off`) if given, else whether the CPU has native bf16."""
     return cpu_has_bf16() if flag is None else flag
-
-
-@contextlib.contextmanager
-def process_state_kept():
-    """Restore, on the way out, the process-wide state a benchmark changes (the caller may be a notebook)."""
-    from chemscale.lm import cache as lm_cache
-    from chemscale.ff import data as ff_data
-
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_default_dtype(),
-             lm_cache.CACHE_DIR, ff_data.CACHE_DIR, {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS})
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            threads, deterministic, warn_only, dtype, lm_cache.CACHE_DIR, ff_data.CACHE_DIR, levels = saved
-            torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-            torch.set_default_dtype(dtype)
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
-
-
-def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> float:
-    """Median over rounds of scale·num/den: each round's two sides were measured back to back."""
-    return statistics.median(scale * a / b for a, b in zip(num, den, strict=True))
 
 
 def flag_impossible(result: dict) -> list[str]:

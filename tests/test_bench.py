@@ -13,7 +13,7 @@ import statistics
 import pytest
 import torch
 
-from chemscale import bench, memory
+from chemscale import bench, measure, memory
 from chemscale.lm import cache as lm_cache
 from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
 from chemscale.ff import data as ff_data
@@ -24,7 +24,7 @@ def _process_state() -> dict:
     return {"threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(), "dtype": torch.get_default_dtype(),
             "caches": (lm_cache.CACHE_DIR, ff_data.CACHE_DIR), "malloc": memory.thresholds(),
-            "log_levels": {name: logging.getLogger(name).level for name in (*bench.LIGHTNING_LOGGERS, "root")},
+            "log_levels": {name: logging.getLogger(name).level for name in (*measure.LIGHTNING_LOGGERS, "root")},
             "rng": torch.get_rng_state().numpy().tobytes(), "cwd": os.getcwd(),
             "env": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}}  # pytest's own: (setup)/(call)
 

@@ -40,7 +40,7 @@ import pytorch_lightning as pl
 import torch
 
 from chemscale import memory, paths
-from chemscale.bench import LIGHTNING_LOGGERS, paired_ratio, process_state_kept
+from chemscale.measure import LIGHTNING_LOGGERS, paired_ratio, process_state_kept
 from chemscale.ff import data as ffdata
 from chemscale.ff import import_schnetpack
 
