@@ -1,4 +1,4 @@
-"""Physics tests of the four force fields (nequip-style mixins on tiny configs).
+"""Physics tests of every registered force field (nequip-style mixins on tiny configs).
 
 Every check in a `Test*` class runs for each model in `MODELS` through the `model_name` fixture.
 Physics checks use float64 models (built with ``dtype=torch.float64``: nequip fixes Allegro's

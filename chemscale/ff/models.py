@@ -94,7 +94,7 @@ def build(name: str, *, width: int, depth: int, cutoff: float = 5.0, elements: l
     """Build a force field.
 
     Args:
-        name: a key of `REGISTRY` ("schnet", "painn", "allegro", "spookynet").
+        name: a key of `REGISTRY` (the table in the module docstring).
         width: feature size (see the table in the module docstring for each model's mapping).
         depth: number of interaction layers.
         cutoff: neighbour cutoff in Å.

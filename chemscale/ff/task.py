@@ -32,7 +32,7 @@ EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
 class FFModelConfig:
     """Which network, and its size."""
 
-    name: str = "schnet"  # a row of `chemscale.ff.models.REGISTRY`: schnet, painn, allegro, spookynet
+    name: str = "schnet"  # a key of `chemscale.ff.models.REGISTRY` (its table: chemscale.ff.models's docstring)
     width: int = 64  # features per atom (see chemscale.ff.models for each model's meaning)
     depth: int = 3  # interaction layers
     cutoff: float = 5.0  # neighbour cutoff, Å
