@@ -18,7 +18,7 @@ import pytest
 import selfies as sf
 
 from chemscale.lm import cache, corpus, loader
-from chemscale.lm import encode as selfies_workers
+from chemscale.lm import encode
 from chemscale.lm.corpus import describe, load
 from chemscale.lm.encode import encode_smiles
 from chemscale.lm.loader import pad_batch
@@ -209,7 +209,7 @@ def test_a_hanging_molecule_times_out_and_its_worker_is_replaced(monkeypatch):
             threading.Event().wait()
         return sf.encoder(smiles)
 
-    monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
+    monkeypatch.setattr(encode, "_selfies_encoder", encoder)
     # a timeout far above what a healthy molecule takes (~0.1 ms) even on a crowded machine:
     # only the molecule that never returns can reach it
     out = encode_smiles(["CCO", "HANG", "CCN", "CCC"], workers=1, timeout_s=3.0, progress=False)
@@ -223,7 +223,7 @@ def test_a_crashing_worker_drops_only_its_molecule(monkeypatch):
             os._exit(1)
         return sf.encoder(smiles)
 
-    monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
+    monkeypatch.setattr(encode, "_selfies_encoder", encoder)
     out = encode_smiles(["CCO"] * 40 + ["BOOM"] + ["CCN"] * 40, workers=2, progress=False)
     assert out[40] == (None, "crash")
     assert out[:40] == [("[C][C][O]", None)] * 40 and out[41:] == [("[C][C][N]", None)] * 40
@@ -275,7 +275,7 @@ def test_workers_hold_neither_the_cache_lock_nor_other_pipe_ends(tmp_path, monke
                 links.append(os.readlink(f"/proc/self/fd/{fd}"))
         return "\n".join(links)
 
-    monkeypatch.setattr(selfies_workers, "_selfies_encoder", open_files)
+    monkeypatch.setattr(encode, "_selfies_encoder", open_files)
     before = sockets()
     with cache._locked(tmp_path / "folder"):
         seen = encode_smiles(["C"] * 40, workers=2, progress=False)  # 3 tasks: two workers
@@ -711,7 +711,7 @@ def test_timeouts_and_crashes_are_retried_on_the_next_load(tmp_path, monkeypatch
             threading.Event().wait()
         return sf.encoder(smiles)
 
-    monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
+    monkeypatch.setattr(encode, "_selfies_encoder", encoder)
     calm = quiet_load(str(FIXTURE), workers=1, timeout_s=3.0)
     monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "busy_cache")
     flag.touch()
@@ -733,7 +733,7 @@ def test_a_molecule_that_still_hangs_stays_dropped_and_the_rest_is_kept(tmp_path
             threading.Event().wait()
         return sf.encoder(smiles)
 
-    monkeypatch.setattr(selfies_workers, "_selfies_encoder", encoder)
+    monkeypatch.setattr(encode, "_selfies_encoder", encoder)
     first = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
     again = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
     assert first.report.dropped == again.report.dropped == {"timeout": 1}
