@@ -77,8 +77,8 @@ class TaskModule(pl.LightningModule):
         self._val_sums = torch.zeros(self.VAL_SUMS, dtype=torch.float64)
 
     # What a task supplies.
-    def step_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training loss of a batch and how many samples it counts (a tensor, left on the device)."""
+    def step_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """The training loss of a batch and how many samples it counts (an int, or a tensor left on the device)."""
         raise NotImplementedError
 
     def val_sums(self, batch) -> torch.Tensor:

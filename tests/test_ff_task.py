@@ -6,6 +6,7 @@ ranges that the data set itself gives, so an error in units or in the reduction 
 """
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from chemscale import runs, sweep, train
 from chemscale.config import ConfigError
-from chemscale.ff import data
+from chemscale.ff import data, models
 from chemscale.ff.models import MODELS
 
 TINY_RECIPE = {"n_train": 40, "n_val": 10, "n_test": 10, "equilibration_steps": 50}
@@ -125,3 +126,18 @@ def test_a_dataset_without_val_or_test_structures_is_refused(tmp_path):
         task.validate(config, "cfg", data=True)
     with pytest.raises(ConfigError, match=expected):
         task.build(config, None, tmp_path, "cfg")
+
+
+def test_a_models_own_options_come_from_the_run_config(runs_root):
+    """The registry row's options (schnet's n_filters) are set in the model section; others are refused by name."""
+    config = tiny_ff_config(max_steps=2, val_every_steps=2)
+    config["model"]["options"] = {"n_filters": 4}
+    run_dir = runs.create("ff", config, root=runs_root)
+    result = train.train(run_dir)
+    default = tiny_ff_config()["model"]
+    assert result["status"] == "finished"
+    assert result["n_params"] < models.build("schnet", width=default["width"], depth=default["depth"]).n_params()
+    assert json.loads((run_dir / "best_model.json").read_text())["build"]["n_filters"] == 4
+    config["model"]["options"] = {"l_max": 2}
+    with pytest.raises(ConfigError, match=r"\[model\]: schnet has no option\(s\) \['l_max'\]; its options: \['n_filters'\]"):
+        runs.create("ff", config, root=runs_root)

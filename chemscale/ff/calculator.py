@@ -89,7 +89,7 @@ def _card_from_config(run_dir: Path) -> tuple[dict, dict[int, float]]:
     test = ffdata.load(recipe, "test", None, progress=False)
     elements = sorted(set(train.elements) | set(val.elements) | set(test.elements))
     build_args = {"name": mcfg.name, "width": mcfg.width, "depth": mcfg.depth, "cutoff": mcfg.cutoff,
-                  "elements": elements, "n_rbf": mcfg.n_rbf, "per_element_shift": True}
+                  "elements": elements, "n_rbf": mcfg.n_rbf, "per_element_shift": True, **mcfg.options}
     return build_args, train.reference_energies
 
 

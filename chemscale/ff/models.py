@@ -82,11 +82,13 @@ def kind(name: str) -> str:
     return _row(name).kind
 
 
-def check(name: str, *, width: int, depth: int, cutoff: float, n_rbf: int) -> None:
-    """Raise `ValueError` unless `name` is a registered model and the sizes are positive."""
-    _row(name)
+def check(name: str, *, width: int, depth: int, cutoff: float, n_rbf: int, options: dict | None = None) -> None:
+    """Raise `ValueError` unless `name` is a registered model, the sizes are positive and `options` are its row's."""
+    spec = _row(name)
     if width < 1 or depth < 1 or cutoff <= 0 or n_rbf < 1:
         raise ValueError(f"need width, depth, n_rbf >= 1 and cutoff > 0; got {width=}, {depth=}, {n_rbf=}, {cutoff=}")
+    if unknown := sorted(set(options or {}) - spec.options):
+        raise ValueError(f"{name} has no option(s) {unknown}; its options: {sorted(spec.options)}")
 
 
 def build(name: str, *, width: int, depth: int, cutoff: float = 5.0, elements: list[int] | None = None,
@@ -101,23 +103,20 @@ def build(name: str, *, width: int, depth: int, cutoff: float = 5.0, elements: l
         elements: atomic numbers the model accepts (default H, C, N, O).
         n_rbf: number of radial basis functions: Gaussians with a cosine cutoff (SchNet, PaiNN;
             schnetpack's default configs), Bessel functions (Allegro), Bernstein polynomials (SpookyNet).
-        **kw: ``dtype`` (default float32), ``per_element_shift`` (default True), and the model's
-            options (its row's `options`): schnet ``n_filters``; allegro ``l_max`` (1),
-            ``tensor_features`` (width // 4), ``avg_num_neighbors`` (10; better: the training
-            set's mean neighbour count).
+        **kw: ``dtype`` (default float32), ``per_element_shift`` (default True), and the options
+            of the model's row (the table's last column; each builder documents its defaults).
+            A run config sets them in its `model` section's `options`.
 
     Returns:
         The `ForceField`, in ``dtype``; its ``build_args`` (a dict) rebuild it with `rebuild`.
     """
-    check(name, width=width, depth=depth, cutoff=cutoff, n_rbf=n_rbf)
+    dtype = kw.pop("dtype", torch.float32)
+    shift = kw.pop("per_element_shift", True)
+    check(name, width=width, depth=depth, cutoff=cutoff, n_rbf=n_rbf, options=kw)
     spec = _row(name)
     elements = sorted(set(DEFAULT_ELEMENTS if elements is None else elements))
     if not all(1 <= z < len(chemical_symbols) for z in elements):
         raise ValueError(f"elements must be atomic numbers 1..{len(chemical_symbols) - 1}; got {elements}")
-    dtype = kw.pop("dtype", torch.float32)
-    shift = kw.pop("per_element_shift", True)
-    if unknown := sorted(set(kw) - spec.options):
-        raise ValueError(f"{name} has no option(s) {unknown}; its options: {sorted(spec.options)}")
     common = dict(width=width, depth=depth, cutoff=cutoff, elements=elements, n_rbf=n_rbf, per_element_shift=shift)
     if spec.builds_in_dtype:
         built = spec.build(**common, **kw, dtype=dtype)

@@ -38,8 +38,11 @@ class FFModelConfig:
     cutoff: float = 5.0  # neighbour cutoff, Å
     n_rbf: int = 20  # radial basis functions
 
+    options: dict = field(default_factory=dict)  # the model's own options (its registry row's), e.g. {"l_max": 2}
+
     def __post_init__(self):  # the checks `models.build` makes, before anything is built
-        models.check(self.name, width=self.width, depth=self.depth, cutoff=self.cutoff, n_rbf=self.n_rbf)
+        models.check(self.name, width=self.width, depth=self.depth, cutoff=self.cutoff, n_rbf=self.n_rbf,
+                     options=self.options)
 
 
 @dataclass
@@ -247,7 +250,7 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     _require_held_out(dcfg.source, {"train": len(train_set), "val": len(val_set), "test": len(test_set)}, source)
     elements = sorted(set(train_set.elements) | set(val_set.elements) | set(test_set.elements))
     model = models.build(mcfg.name, width=mcfg.width, depth=mcfg.depth, cutoff=mcfg.cutoff, elements=elements,
-                         n_rbf=mcfg.n_rbf)
+                         n_rbf=mcfg.n_rbf, **mcfg.options)
     module = FFModule(model, tcfg, dcfg.energy_weight)
     batch_size = min(tcfg.batch_size, len(train_set))
     module.measure_flops(next(iter(ff_loader(train_set, batch_size=batch_size, cutoff=mcfg.cutoff))))

@@ -53,7 +53,6 @@ class Task:
         """result.json's ChemGPT entries; the module's samples are tokens, named so here."""
         m = self.module
         return {
-            "best_val_loss_nats_per_token": best_val,
             "n_params": m.model.n_params(non_embedding=False),
             "n_params_non_embedding": m.model.n_params(non_embedding=True),
             "flops_per_token": m.flops_per_sample,
