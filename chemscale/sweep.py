@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import itertools
 import json
 import os
@@ -30,7 +31,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from chemscale import paths, runs
-from chemscale.config import ConfigError
+from chemscale.config import ConfigError, from_dict
 
 SECTIONS = ("model", "data", "train")
 EXIT_MARK = "chemscale.sweep: the run's process exited with code"  # appended to train.log on failure
@@ -112,13 +113,16 @@ def base_config(task: str, params: Mapping, *, model: dict | None = None, data: 
     named like a run-config key reaches the run without notebook code, and a name that is not
     one never does. `strategy` is "ddp" when a run spans more than one device (devices *
     num_nodes > 1), unless `params` sets it. `seed` is taken when present; `model` and `data`
-    are the task's own sections, as the notebook writes them.
+    are the task's own sections, as the notebook writes them. The train fields are checked here:
+    a notebook global that only happens to share a field's name (a module, None, "auto") is
+    refused naming its key, not left to fail later in `int()` or a deep copy.
     """
     import dataclasses
 
     from chemscale.run_config import TrainConfig
 
     train = {f.name: params[f.name] for f in dataclasses.fields(TrainConfig) if f.name in params}
+    from_dict(TrainConfig, train, "notebook parameters (the run config's train section)")
     if "strategy" not in train:
         train["strategy"] = "ddp" if int(train.get("devices", 1)) * int(train.get("num_nodes", 1)) > 1 else "auto"
     seed = {"seed": params["seed"]} if "seed" in params else {}
@@ -270,6 +274,9 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         raise ConfigError("sweep.run: no run configs given (is a sweep axis an empty list?)")
     if executor not in ("local", "slurm", "submitit-local"):
         raise ConfigError(f"executor must be 'local', 'slurm' or 'submitit-local', got {executor!r}")
+    if executor != "local" and importlib.util.find_spec("submitit") is None:  # before data checks and run folders
+        raise ConfigError(f"executor {executor!r} needs submitit, which is not installed: pip install submitit "
+                          "(or pip install 'chemscale[slurm]'), or use executor 'local'")
     unfinished = [c for c in configs if not runs.is_finished(Path(root or paths.RUNS) / c["study"] / runs.run_id(c))]
     check_data(unfinished, progress)  # before any run folder is made
     dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run

@@ -69,6 +69,23 @@ def test_base_config_uses_ddp_only_across_devices():
     assert strategy(devices=4, strategy="auto") == "auto"  # a strategy the parameters name is kept
 
 
+@pytest.mark.parametrize("key, value", [("devices", "auto"), ("devices", None), ("num_nodes", [1]),
+                                        ("threads", os), ("lr", "fast")])
+def test_base_config_names_a_notebook_global_of_the_wrong_type(key, value):
+    """A global that shares a train field's name but not its type fails here, naming the key (not in int())."""
+    with pytest.raises(ConfigError, match=f"notebook parameters.*'{key}'"):
+        sweep.base_config("chemgpt", {**NOTEBOOK_PARAMS, key: value})
+
+
+def test_slurm_executor_without_submitit_says_so_before_any_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    configs = sweep.grid("s", tiny_lm_config(), seed=[0])
+    for executor in ("slurm", "submitit-local"):
+        with pytest.raises(ConfigError, match="needs submitit.*pip install submitit"):
+            sweep.run(configs, executor=executor, root=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_base_config_copies_its_sections():
     model = {"depth": 2}
     base = sweep.base_config("chemgpt", NOTEBOOK_PARAMS, model=model)
