@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from chemscale import molecules
+from chemscale.lm import molecules
 from chemscale.config import atomic_write_json, atomic_write_text
 from chemscale.lm import corpus
 from chemscale.lm.best import load_best
