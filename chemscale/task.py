@@ -56,8 +56,9 @@ class TaskModule(pl.LightningModule):
     (extra metrics for `extra_val`) and `make_optimizer()`. It sets `flops_per_sample`.
 
     Counters are summed on the device and read only at validation (an `.item()` per step would
-    stall a GPU); `samples_seen` is over all ranks and restored from checkpoints,
-    `samples_this_process` is this process's since it started (for its rate).
+    stall a GPU), then summed over ranks: `samples_seen` is the run's, restored from checkpoints;
+    `samples_this_process` counts the same (all ranks) since this process started, so a resumed
+    run's rate is that of its last attempt.
     """
 
     VAL_GRAD = False  # True: validation computes gradients (force fields differentiate the energy)

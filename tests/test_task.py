@@ -69,3 +69,44 @@ def test_metrics_of_a_run_from_before_the_samples_column_resume(tmp_path):
     path.write_text(old.replace("tokens", "atoms"))
     with pytest.raises(train.BadMetrics, match="does not start with the header"):
         train.MetricsLog(path).truncate_after(2)
+
+
+def _two_ranks(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        module = _module()
+        module.log = lambda *a, **k: None  # no trainer here: what the base logs is checked through its sums
+        for step in range(3):  # rank 0 counts 5 samples a step, rank 1 counts 7
+            module._samples = module._samples + (5 if rank == 0 else 7)
+        module.on_validation_epoch_start()
+        module.val_sums = lambda batch: torch.tensor([2.0 * batch, batch], dtype=torch.float64)  # loss 2 each
+        module.val_metrics = lambda sums: {"count": float(sums[1])}
+        for batch in ([1.0, 3.0] if rank == 0 else [4.0]):
+            module.validation_step(batch, 0)
+        module.on_validation_epoch_end()
+        out.put((rank, module.samples_seen, module.samples_this_process, module.extra_val))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_samples_and_validation_sums_are_summed_over_ranks():
+    """Under DDP every rank ends a validation with the run's totals (2 CPU processes, gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(rank, port, out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results == [(0, 36, 36, {"count": 8.0}), (1, 36, 36, {"count": 8.0})]
