@@ -22,6 +22,7 @@ from chemscale import paths
 from chemscale.config import ConfigError, atomic_write_json
 
 CONFIG, METRICS, RESULT, CHECKPOINT = "config.json", "metrics.csv", "result.json", "last.ckpt"
+METRICS_RENAMED = {"tokens": "samples"}  # metrics.csv columns of runs started before issue 9 -> today's names
 
 # Packages whose versions change numbers; recorded with every run.
 _VERSIONED = ("torch", "numpy", "selfies", "pytorch-lightning", "rdkit", "schnetpack", "tblite", "scipy")

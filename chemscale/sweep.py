@@ -409,12 +409,16 @@ def collect(study: str, root: Path | None = None) -> pd.DataFrame:
 
 
 def curves(df: pd.DataFrame) -> pd.DataFrame:
-    """metrics.csv rows of the runs in `df` (one per step/validation), joined with their config columns."""
+    """metrics.csv rows of the runs in `df` (one per step/validation), joined with their config columns.
+
+    Columns are read under today's names: a finished run from before a rename keeps its id and its
+    file, and its rows would otherwise fill a column of their own beside the new runs'.
+    """
     frames = []
     for row in df.itertuples(index=False):
         path = Path(row.run_dir) / runs.METRICS
         if path.exists():
-            m = pd.read_csv(path)
+            m = pd.read_csv(path).rename(columns=runs.METRICS_RENAMED)
             m["run_id"] = row.run_id
             frames.append(m)
     if not frames:

@@ -49,7 +49,6 @@ from chemscale.config import ConfigError, atomic_write_json
 from chemscale.run_config import TrainConfig, complete_config, parse_train_config, task_kind
 
 METRIC_COLUMNS = ("step", "epoch", "samples", "flops", "train_loss", "val_loss", "current_lr")
-LEGACY_COLUMNS = {"tokens": "samples"}  # metrics.csv of runs started before the column was renamed
 
 
 class Diverged(RuntimeError):
@@ -168,11 +167,11 @@ class MetricsLog:
             raise self._damaged("is missing, but last.ckpt is there") from None
         except (UnicodeDecodeError, csv.Error) as e:
             raise self._damaged(f"is not a metrics file ({type(e).__name__}: {e})") from None
-        renamed = tuple(LEGACY_COLUMNS.get(c, c) for c in header)
+        renamed = tuple(runs.METRICS_RENAMED.get(c, c) for c in header)
         if header != self.columns and renamed != self.columns:
             raise self._damaged(f"does not start with the header {','.join(self.columns)}")
         if renamed != header:  # an older run's file: its rows under today's names (rewritten on resume)
-            rows = [{LEGACY_COLUMNS.get(k, k): v for k, v in r.items()} for r in rows]
+            rows = [{runs.METRICS_RENAMED.get(k, k): v for k, v in r.items()} for r in rows]
         bad = [i for i, r in enumerate(rows) if not _complete_row(r, self.columns)]
         if bad and bad[0] < len(rows) - 1:
             raise self._damaged(f"row {bad[0] + 2} is incomplete")

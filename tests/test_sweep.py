@@ -345,3 +345,14 @@ def test_a_run_trained_by_another_process_is_running_not_failed(runs_root, capsy
         assert df["status"].tolist() == ["running"]
         assert "1 of 1 runs are being trained by another process" in capsys.readouterr().err
     assert sweep.collect("t", runs_root)["status"].tolist() == ["pending"], "free again: not running, not crashed"
+
+
+def test_curves_read_the_samples_of_a_run_from_before_the_column_was_renamed(tmp_path):
+    """A finished run keeps its id across the rename, so a study mixes metrics.csv headers 'tokens' and 'samples'."""
+    for name, column in (("old", "tokens"), ("new", "samples")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / runs.METRICS).write_text(f"step,epoch,{column},flops,train_loss,val_loss,current_lr\n"
+                                                    f"1,0,,,2.5,,0.001\n1,0,512,1000.0,,2.4,\n")
+    df = pd.DataFrame({"run_id": ["old", "new"], "run_dir": [str(tmp_path / "old"), str(tmp_path / "new")]})
+    curves = sweep.curves(df).dropna(subset=["val_loss"])
+    assert "tokens" not in curves.columns and list(curves["samples"]) == [512, 512]
