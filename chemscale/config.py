@@ -53,13 +53,22 @@ def _check_type(value: Any, annotation: Any) -> bool:
 def from_dict(cls: type, data: dict, source: str = "<config>"):
     """Build dataclass `cls` from `data`, naming `source` (a file) in any error.
 
-    Unknown keys and wrong types raise `ConfigError`; `cls.__post_init__` may raise
-    `ConfigError`/`ValueError` for impossible values, re-raised here with the source.
+    Unknown keys and wrong types raise `ConfigError` (a key in `cls.RENAMED`, a dict of old name ->
+    new name, is named with its new name); `cls.__post_init__` may raise `ConfigError`/`ValueError`
+    for impossible values, re-raised here with the source.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED", {})  # old key -> new key, for configs (run folders) written before a rename
+    if moved := [f"'{k}' was renamed '{renamed[k]}'" for k in unknown if k in renamed]:
+        others = [k for k in unknown if k not in renamed]
+        raise ConfigError(
+            f"{source}: key {', '.join(moved)}{f'; unknown key(s) {others}' if others else ''}: written by an older "
+            f"chemscale. Use the new name; a run folder made before the rename is not resumed under it (its id "
+            f"changes): run its sweep again to train it under its new id"
+        )
     if unknown:
         close = [f"'{k}' -> '{m[0]}'" for k in unknown if (m := difflib.get_close_matches(str(k), fields, n=1))]
         hint = f"; did you mean {', '.join(close)}?" if close else ""

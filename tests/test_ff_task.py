@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from chemscale import runs, sweep, train
+from chemscale import run_config, runs, sweep, train
 from chemscale.config import ConfigError
 from chemscale.ff import data, models
 from chemscale.ff.models import MODELS
@@ -141,3 +141,14 @@ def test_a_models_own_options_come_from_the_run_config(runs_root):
     config["model"]["options"] = {"l_max": 2}
     with pytest.raises(ConfigError, match=r"\[model\]: schnet has no option\(s\) \['l_max'\]; its options: \['n_filters'\]"):
         runs.create("ff", config, root=runs_root)
+
+
+def test_a_run_config_from_before_the_data_keys_were_renamed_names_their_new_names(tmp_path):
+    """A force-field run folder of issue 8 says n_train/n_val: the error says what they are called now."""
+    old = tiny_ff_config()
+    old["data"]["n_train"] = old["data"].pop("n_train_structures")
+    old["data"].update(n_val=0, energy_wieght=0.1)
+    with pytest.raises(ConfigError, match=r"x/config.json \[data\]: key 'n_train' was renamed 'n_train_structures', "
+                                          r"'n_val' was renamed 'n_val_structures'; unknown key\(s\) "
+                                          r"\['energy_wieght'\]: written by an older chemscale.*run its sweep again"):
+        run_config.complete_config(old, "x/config.json")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,8 @@ class FFDataConfig:
     n_train_structures: int = 1000  # training structures (nested subsets of a fixed permutation)
     n_val_structures: int = 0  # validation structures; 0 = the whole validation split
     energy_weight: float = 0.01  # loss = energy_weight·MSE(E) + (1 - energy_weight)·MSE(F)
+    # Names before issue 9: n_train meant frames generated inside `recipe` and the training subset here.
+    RENAMED: ClassVar[dict] = {"n_train": "n_train_structures", "n_val": "n_val_structures"}
 
     def __post_init__(self):
         require(self.n_train_structures > 0, "n_train_structures", "must be > 0")
