@@ -141,11 +141,14 @@ def read_params(path: Path) -> dict:
 
 
 def _unknown_key_message(source: str, notebook: Path, unknown: list[str], declared: dict) -> str:
+    """Renamed parameters with their new names, and in the same message any other unknown one (with a hint)."""
     renamed = [f"'{k}' was renamed '{RENAMED[k]}'" for k in unknown if RENAMED.get(k) in declared]
-    if renamed:
-        return f"{source}: parameter {', '.join(renamed)}; use the new name (the run config's) for {notebook.name}"
     hints = [f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, declared, n=1)) else f"'{k}'"
-             for k in unknown]
+             for k in unknown if RENAMED.get(k) not in declared]
+    if renamed:
+        others = f"; unknown parameter(s) {', '.join(hints)}" if hints else ""
+        return (f"{source}: parameter {', '.join(renamed)}{others}; use the new name (the run config's) for "
+                f"{notebook.name}")
     return (f"{source}: unknown parameter(s) {', '.join(hints)} for {notebook.name}; "
             f"its parameters are {sorted(declared)}")
 

@@ -159,6 +159,13 @@ def test_a_renamed_parameter_names_its_new_name(tmp_path, notebook, old, new):
         _checked(tmp_path, f"seed: 1\n{old}: []\n", paths.NOTEBOOKS / f"{notebook}.ipynb")
 
 
+def test_a_renamed_parameter_and_a_misspelt_one_are_both_named(tmp_path):
+    """An old params file fixed for its renames alone would only fail again on the typo."""
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'widths' was renamed 'width'; unknown parameter\(s\) "
+                                          r"'paitence' \(did you mean 'patience'\?\); use the new name"):
+        _checked(tmp_path, "widths: []\npaitence: 3\n", paths.NOTEBOOKS / "01_chemgpt_scaling.ipynb")
+
+
 def test_an_old_name_the_notebook_still_declares_is_not_renamed(tmp_path):
     """`n_train` is a recipe field, and a notebook's own parameter may use a name renamed elsewhere."""
     nb = _tiny_notebook(tmp_path, body="pass\n")
