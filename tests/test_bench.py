@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from chemscale import bench, measure, memory
+from chemscale.lm import bench as lm_bench
 from chemscale.lm import cache as lm_cache
 from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig, preset_heads
 from chemscale.ff import data as ff_data
@@ -41,11 +42,11 @@ def _import_side_effects():
     """Libraries that set log levels or environment variables on first use (not the benchmarks' doing)."""
     import pytorch_lightning  # noqa: F401 (sets its loggers' levels)
 
-    from chemscale import molecules  # noqa: F401 (imports rdkit, which sets RDBASE)
+    from chemscale.lm import molecules  # noqa: F401 (imports rdkit, which sets RDBASE)
     from chemscale.ff import import_schnetpack
 
     import_schnetpack()
-    bench._chemgpt(16, 1).to_hf()  # building an HF model sets TORCHINDUCTOR_CACHE_DIR
+    lm_bench._chemgpt(16, 1).to_hf()  # building an HF model sets TORCHINDUCTOR_CACHE_DIR
 
 
 @pytest.fixture
@@ -73,11 +74,11 @@ def test_chemgpt_bench_quick_bf16_on_is_consistent_and_restores_state(capsys, un
     assert bench.main(["chemgpt", "--quick", "--bf16", "on"]) == 0  # on: the bf16 path runs on any CPU
     assert _changes(unusual_state, _process_state()) == []
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["bf16_measured"] is True and result["bf16_supported"] == bench.cpu_has_bf16()
+    assert result["bf16_measured"] is True and result["bf16_supported"] == lm_bench.cpu_has_bf16()
 
     rounds, rates = result["rounds"], result["rates"]
     for key, width in (("w128", 32), ("w256", 64)):  # quick: stand-in widths
-        model = ChemGPT(ChemGPTConfig(vocab_size=bench.VOCAB, width=width, depth=4, n_heads=preset_heads(width)))
+        model = ChemGPT(ChemGPTConfig(vocab_size=lm_bench.VOCAB, width=width, depth=4, n_heads=preset_heads(width)))
         assert rates[key]["width"] == width and rates[key]["flops_per_token"] == model.flops_per_token(63)
         for name, per_round in rounds[key].items():
             assert len(per_round) == 2 and all(math.isfinite(r) and r > 0 for r in per_round), (key, name)
@@ -101,21 +102,21 @@ def test_chemgpt_bench_quick_bf16_on_is_consistent_and_restores_state(capsys, un
 
 
 def test_bf16_flag_off_skips_bf16_and_auto_follows_the_cpu(unusual_state):
-    result = bench.step_speed(quick=True, bf16=False)
+    result = lm_bench.step_speed(quick=True, bf16=False)
     assert "ours_bf16" not in result["rounds"]["w256"] and result["speedup_vs_hf_bf16"] is None
-    assert result["bf16_measured"] is False and result["bf16_supported"] == bench.cpu_has_bf16()
-    assert bench.bf16_wanted(True) is True and bench.bf16_wanted(False) is False
-    assert bench.bf16_wanted(None) is bench.cpu_has_bf16()
+    assert result["bf16_measured"] is False and result["bf16_supported"] == lm_bench.cpu_has_bf16()
+    assert lm_bench.bf16_wanted(True) is True and lm_bench.bf16_wanted(False) is False
+    assert lm_bench.bf16_wanted(None) is lm_bench.cpu_has_bf16()
 
 
 def test_impossible_figures_are_flagged_not_reported():
     """The figures of a busy machine seen in issue 8: mfu 3.50 and end_to_end_fraction 0.09."""
     result = {"mfu": 3.5, "end_to_end_fraction": 0.09, "speedup_vs_hf": 1.4}
-    warnings = bench.flag_impossible(result)
+    warnings = lm_bench.flag_impossible(result)
     assert result == {"mfu": None, "end_to_end_fraction": 0.09, "speedup_vs_hf": 1.4}
     assert len(warnings) == 1 and warnings[0].startswith("mfu measured 3.5 > 1")
     result = {"mfu": 1.0, "end_to_end_fraction": 1.2}
-    assert [w.split()[0] for w in bench.flag_impossible(result)] == ["end_to_end_fraction"]
+    assert [w.split()[0] for w in lm_bench.flag_impossible(result)] == ["end_to_end_fraction"]
     assert result == {"mfu": 1.0, "end_to_end_fraction": None}
 
 

@@ -16,9 +16,8 @@ import pytest
 import selfies as sf
 import torch
 
-from chemscale import export, molecules, runs, train
-from chemscale.lm import best, vocabulary
-from chemscale.lm import corpus
+from chemscale import runs, train
+from chemscale.lm import best, corpus, export, molecules, vocabulary
 from chemscale.config import ConfigError
 from chemscale.lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from conftest import tiny_lm_config

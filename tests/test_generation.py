@@ -13,8 +13,8 @@ import pytest
 import selfies as sf
 import torch
 
-from chemscale import molecules, runs
-from chemscale.lm import corpus, generation
+from chemscale import runs
+from chemscale.lm import corpus, generation, molecules
 from chemscale.lm.chemgpt import ChemGPT, ChemGPTConfig
 from chemscale.lm.tokenizer import BOS_ID, EOS_ID
 

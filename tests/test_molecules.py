@@ -2,7 +2,7 @@
 
 import pytest
 
-from chemscale.molecules import canonical, is_selfies, quality, selfies_to_smiles
+from chemscale.lm.molecules import canonical, is_selfies, quality, selfies_to_smiles
 
 # 6 samples: 4 valid (CCO twice, written two ways), 3 distinct, CCO in training
 GENERATED = ["CCO", "OCC", "c1ccccc1", "C1CC", "", "CCN"]

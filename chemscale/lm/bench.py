@@ -1,6 +1,7 @@
-"""`python -m chemscale.bench chemgpt|ff`: how fast chemscale trains, measured against baselines in the same run.
+"""`python -m chemscale.bench chemgpt`: how fast ChemGPT trains, measured against baselines in the same run.
 
-`ff` is described in `chemscale.ff.bench`; `chemgpt` here.
+The command line is `chemscale.bench` (shared with `ff`, the force-field benchmark in
+`chemscale.ff.bench`); the figures are measured here.
 
 Figures (the last line printed is one JSON object with all of them). Every ratio's two sides
 alternate in rounds (a few steps of one, then of the other) and the ratio is the median of the
@@ -35,7 +36,6 @@ inside a notebook or a test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -269,31 +269,3 @@ def chemgpt_bench(quick: bool = False, bf16: bool | None = None) -> dict:
     result["warnings"] = flag_impossible(result)
     return result
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chemscale.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["chemgpt", "ff"],
-                        help="chemgpt: language-model training and data; ff: force-field training and xTB labelling")
-    parser.add_argument("--quick", action="store_true", help="few steps: checks that it runs, not a measurement")
-    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="chemgpt: measure ChemGPT under bf16 autocast (auto: where the CPU has AVX512-BF16 "
-                             "or AMX; on a CPU without them bf16 runs, slowly)")
-    parser.add_argument("--json", type=Path, help="also write the JSON result here")
-    args = parser.parse_args(argv)
-    if args.what == "ff":
-        from chemscale.ff.bench import ff_bench
-
-        result = ff_bench(args.quick)
-    else:
-        result = chemgpt_bench(args.quick, {"auto": None, "on": True, "off": False}[args.bf16])
-    for warning in result.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
-    line = json.dumps(result, default=float)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Take a trained ChemGPT away as a Hugging Face model: `python -m chemscale.export RUN_DIR OUT_DIR`.
+"""Take a trained ChemGPT away as a Hugging Face model: `python -m chemscale.lm.export RUN_DIR OUT_DIR`.
 
 The folder written holds what `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
 `transformers.AutoTokenizer.from_pretrained(OUT_DIR)` load without chemscale and without a
@@ -194,7 +194,7 @@ tags: [chemistry, selfies, gpt-neo, chemscale]
 # ChemGPT {run} (study {study})
 
 A decoder-only transformer over SELFIES strings (GPT-Neo architecture, as ChemGPT, Frey et al.
-2023), trained with chemscale and exported by `python -m chemscale.export`.
+2023), trained with chemscale and exported by `python -m chemscale.lm.export`.
 
 | | |
 |---|---|
@@ -227,7 +227,7 @@ was trained on. Symbols the training data lacked, and text outside `[...]`, map 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chemscale.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m chemscale.lm.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a ChemGPT run folder holding config.json and best.pt")
     parser.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
