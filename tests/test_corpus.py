@@ -23,7 +23,7 @@ from chemscale.lm.corpus import describe, load
 from chemscale.lm.encode import encode_smiles
 from chemscale.lm.loader import pad_batch
 from chemscale.lm.read import CorpusError, moses_path, open_smiles_file, read_smiles
-from chemscale.molecules import canonical
+from chemscale.lm.molecules import canonical
 from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 MOSES test-split molecules
