@@ -65,7 +65,11 @@ TASKS = {"chemgpt": _chemgpt, "ff": _ff}  # a run config's "task" -> its module,
 def task_kind(name, source: str = "<config>") -> TaskKind:
     """The module of the task named in a run config; `ConfigError` naming the known ones otherwise."""
     if name not in TASKS:
-        raise ConfigError(f"{source}: key 'task' = {name!r}; known tasks: {sorted(TASKS)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: key 'task' = {name!r}{hint}; known tasks: {sorted(TASKS)}")
     return TASKS[name]()
 
 

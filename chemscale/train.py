@@ -169,7 +169,8 @@ class MetricsLog:
             raise self._damaged(f"is not a metrics file ({type(e).__name__}: {e})") from None
         renamed = tuple(runs.METRICS_RENAMED.get(c, c) for c in header)
         if header != self.columns and renamed != self.columns:
-            raise self._damaged(f"does not start with the header {','.join(self.columns)}")
+            raise self._damaged(f"starts with the header {','.join(header) or '(none)'}, not "
+                                f"{','.join(self.columns)}")
         if renamed != header:  # an older run's file: its rows under today's names (rewritten on resume)
             rows = [{runs.METRICS_RENAMED.get(k, k): v for k, v in r.items()} for r in rows]
         bad = [i for i, r in enumerate(rows) if not _complete_row(r, self.columns)]

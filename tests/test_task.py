@@ -21,8 +21,10 @@ def test_every_task_declares_what_the_runner_reads(name):
 
 
 def test_an_unknown_task_is_named_with_the_known_ones():
-    with pytest.raises(ConfigError, match=r"x.json: key 'task' = 'gpt'; known tasks: \['chemgpt', 'ff'\]"):
-        run_config.task_kind("gpt", "x.json")
+    with pytest.raises(ConfigError, match=r"x.json: key 'task' = 'xyz'; known tasks: \['chemgpt', 'ff'\]"):
+        run_config.task_kind("xyz", "x.json")
+    with pytest.raises(ConfigError, match=r"key 'task' = 'chemgtp' \(did you mean 'chemgpt'\?\); known tasks"):
+        run_config.task_kind("chemgtp", "x.json")
 
 
 def _module():
@@ -67,7 +69,8 @@ def test_metrics_of_a_run_from_before_the_samples_column_resume(tmp_path):
     assert path.read_text() == ("step,epoch,samples,flops,train_loss,val_loss,current_lr\n1,0,,,2.5,,0.001\n"
                                 "2,0,,,2.25,,0.001\n2,0,512,1000.0,,2.4,\n")
     path.write_text(old.replace("tokens", "atoms"))
-    with pytest.raises(train.BadMetrics, match="does not start with the header"):
+    with pytest.raises(train.BadMetrics, match="metrics.csv: starts with the header step,epoch,atoms,flops,.*, not "
+                                               "step,epoch,samples,flops"):
         train.MetricsLog(path).truncate_after(2)
 
 
