@@ -64,6 +64,33 @@ def _draw_fit(ax, fit: scaling.PowerLawFit, color, label: str | None = None) -> 
     ax.plot(xs, fit.predict(xs), "--", color=color, lw=1.3, label=label)
 
 
+def _capped(df: pd.DataFrame) -> np.ndarray:
+    """Which rows' runs hit their step cap (`convergence` == "capped"; no such column: none)."""
+    if "convergence" not in df.columns:
+        return np.zeros(len(df), dtype=bool)
+    return (df["convergence"] == "capped").to_numpy()
+
+
+def _points(ax, x, y, capped: np.ndarray, color, label, linestyle="-", **kw) -> None:
+    """Markers at (x, y) joined by `linestyle`: filled where the run converged, hollow (white face, same colour)
+    where it was capped, so a loss that is the step budget's is not read as the model's."""
+    x, y = np.asarray(x), np.asarray(y)
+    filled = [int(i) for i in np.flatnonzero(~capped)]
+    mixed = bool(filled) and capped.any()
+    ax.plot(x, y, marker="o", linestyle=linestyle, color=color, label=label, markevery=filled if mixed else None,
+            markerfacecolor=color if filled else "white", **kw)
+    if mixed:
+        ax.plot(x[capped], y[capped], marker="o", linestyle="none", color=color, markerfacecolor="white", **kw)
+
+
+def _capped_note(ax, capped: np.ndarray) -> None:
+    """A legend line saying how many of the drawn points are capped, when any are."""
+    if capped.any():
+        ax.plot([], [], "o", linestyle="none", color="0.35", markerfacecolor="white",
+                label=f"{int(capped.sum())} of {len(capped)} points capped (hollow): their loss is the step budget's, "
+                      "not converged")
+
+
 def _finish(ax, x, y, xlabel, ylabel, title, legend_title=None) -> None:
     """Log-log axes, labels and a legend if anything is labelled."""
     ax.set(xscale="log", yscale="log", xlabel=xlabel or x, ylabel=ylabel or y, title=title)
@@ -81,8 +108,9 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
 
     `fits` is a mapping hue value -> PowerLawFit (as `scaling.fit_groups` returns), each drawn in
     its group's colour with its exponent in the legend, or a single PowerLawFit for all points.
-    With a mapping, a group it lacks (too few points to fit) is drawn with hollow markers and
-    'not fitted' in the legend, so a missing line reads as skipped, not forgotten.
+    With a mapping, a group it lacks (too few points to fit) is joined by a dotted line with
+    'not fitted' in the legend, so a missing line reads as skipped, not forgotten. Points of runs
+    that hit their step cap (a `convergence` column of "capped") are hollow and counted in the legend.
     """
     fig, ax = _axes(ax)
     groups = list(df.groupby(hue, sort=True)) if hue else [(None, df)]
@@ -92,16 +120,17 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
         group = group.sort_values(x)
         fit = per_group.get(level) if per_group is not None else None
         label = _fmt(level) if hue else None
-        hollow = per_group is not None and fit is None
+        skipped = per_group is not None and fit is None
         if fit is not None:
             _draw_fit(ax, fit, colors[level])
             label = f"{label}: {fit.label()}" if label else fit.label()
-        elif hollow:
+        elif skipped:
             label = f"{label}: not fitted" if label else "not fitted"
-        ax.plot(group[x], group[y], "o-", color=colors[level], ms=5, lw=0.9, label=label,
-                markerfacecolor="none" if hollow else colors[level])
+        _points(ax, group[x], group[y], _capped(group), colors[level], label, linestyle=":" if skipped else "-",
+                ms=5, lw=0.9)
     if isinstance(fits, scaling.PowerLawFit):
         _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {fits.label()}")
+    _capped_note(ax, _capped(df))
     _finish(ax, x, y, xlabel, ylabel, title, legend_title=hue)
     return fig
 
@@ -110,7 +139,11 @@ def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = N
                   frontier: pd.DataFrame | None = None, fit: scaling.PowerLawFit | None = None, *,
                   run: str = "run_id", ax=None, xlabel: str | None = None, ylabel: str | None = None,
                   title: str | None = "Loss vs compute", palette: str = "viridis"):
-    """Every run's loss-vs-compute curve (faint, coloured by `hue`), the frontier (bold) and its fit."""
+    """Every run's loss-vs-compute curve (faint, coloured by `hue`), the frontier (bold) and its fit.
+
+    Frontier points of runs that hit their step cap (a `convergence` column of "capped") are hollow
+    and counted in the legend.
+    """
     fig, ax = _axes(ax)
     if frontier is None:
         frontier = scaling.compute_optimal_frontier(df, compute, loss)
@@ -121,7 +154,9 @@ def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = N
         ax.plot(curve[compute], curve[loss], "-", color=color, alpha=0.35, lw=1)
     for level in levels if hue else []:  # one legend entry per hue level, not per run
         ax.plot([], [], "-", color=colors[level], label=f"{hue} = {_fmt(level)}")
-    ax.plot(frontier[compute], frontier[loss], "o", color="black", ms=5, zorder=3, label="compute-optimal frontier")
+    _points(ax, frontier[compute], frontier[loss], _capped(frontier), "black", "compute-optimal frontier",
+            linestyle="none", ms=5, zorder=3)
+    _capped_note(ax, _capped(frontier))
     if fit is not None:
         _draw_fit(ax, fit, FIT_COLOR, label=f"frontier fit: {fit.label()}")
     _finish(ax, compute, loss, xlabel, ylabel, title)

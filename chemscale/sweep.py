@@ -388,8 +388,22 @@ def _status(run_dir: Path, result: dict | None) -> str:
     return "crashed" if "Traceback" in text or EXIT_MARK in text else "pending"
 
 
+def _convergence(result: dict | None) -> str | None:
+    """converged, capped or diverged (None for an unfinished run): result.json's own, or for a result written
+    before it had one, derived from its stop_reason, so finished runs need no retraining to be told apart."""
+    from chemscale.train import CONVERGENCE
+
+    if result is None:
+        return None
+    if "convergence" in result:
+        return result["convergence"]
+    if result.get("status") == "diverged":
+        return "diverged"
+    return CONVERGENCE.get(result.get("stop_reason"))
+
+
 def collect_dirs(dirs: list[Path]) -> pd.DataFrame:
-    """One row per run folder: config columns, result columns, run_id, run_dir, status."""
+    """One row per run folder: config columns, result columns, run_id, run_dir, status, convergence."""
     rows = []
     for d in dirs:
         config = runs.read_config(d)
@@ -397,6 +411,7 @@ def collect_dirs(dirs: list[Path]) -> pd.DataFrame:
         row = {"run_id": d.name, "run_dir": str(d), **_flatten(config), "status": _status(d, result)}
         if result:
             row.update({k: v for k, v in result.items() if k not in ("meta", "train", "status")})
+        row["convergence"] = _convergence(result)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -22,7 +22,8 @@ fields) builds the LightningModule and the data loaders, under the contract writ
   validation loss at its validation; the run stops and `result.json` records why, so a sweep goes on;
 - `result.json`: written atomically last; its presence means "finished", and a finished run is
   left alone unless asked to retrain (`--retrain` moves its outputs to `previous/<time>/`);
-  `stop_reason` says what ended it: "early_stopped", "max_steps" or "diverged";
+  `stop_reason` says what ended it: "early_stopped", "max_steps" or "diverged", and `convergence` what
+  that makes its loss: "converged", "capped" (the step budget's loss, not the model's) or "diverged";
 - `train.lock`: held (flock) while a process trains the run, so a second sweep or notebook that
   reaches the same run fails at once with the holder's pid instead of writing into its files.
 """
@@ -553,7 +554,8 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
         "status": status, "reason": reason, "best_val_loss": best_val,
         "best_step": book.best_step, "steps": trainer.global_step, "wall_s": wall,
         "train_seconds": train_seconds, "stop_reason": stop_reason, "stopped_early": stop_reason == "early_stopped",
-        "resumed_from_step": None if resume is None else step, **task.summary(best_val, segment),
+        "convergence": CONVERGENCE[stop_reason], "resumed_from_step": None if resume is None else step,
+        **task.summary(best_val, segment),
     }
     if status == "finished":
         result.update(task.finish(run_dir))
@@ -562,6 +564,10 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     result["torch_threads"] = torch.get_num_threads()  # floating-point sums depend on it: part of "same machine"
     atomic_write_json(run_dir / runs.RESULT, result)
     return result
+
+
+# What a stop_reason makes a run's loss: only an early-stopped run's is the model's; a capped one's is its budget's.
+CONVERGENCE = {"early_stopped": "converged", "max_steps": "capped", "diverged": "diverged"}
 
 
 def _stop_reason(status: str, early: list, steps: int, max_steps: int) -> str:

@@ -43,7 +43,18 @@ def fit_lines(ax):
 
 
 def is_hollow(line) -> bool:
-    return line.get_markerfacecolor() == "none"
+    return to_rgba(line.get_markerfacecolor()) == to_rgba("white")
+
+
+def is_dotted(line) -> bool:
+    return line.get_linestyle() == ":"
+
+
+def markers(line):
+    """The (x, y) points a line draws markers at (all, or its markevery indices)."""
+    keep = line.get_markevery()
+    xy = list(zip(line.get_xdata(), line.get_ydata()))
+    return xy if keep is None else [xy[i] for i in keep]
 
 
 def test_loglog_draws_each_group_its_fit_and_band():
@@ -74,20 +85,39 @@ def test_loglog_draws_each_group_its_fit_and_band():
         assert polygon[:, 1].min() == pytest.approx(lo.min()) and polygon[:, 1].max() == pytest.approx(hi.max())
 
 
-def test_loglog_draws_groups_without_a_fit_hollow():
+def test_loglog_draws_groups_without_a_fit_dotted():
     df = pd.concat([two_groups(), pd.DataFrame({"x": [100.0, 1000.0], "y": [0.5, 0.4], "size": [5e6, 5e6]})])
     with pytest.warns(UserWarning, match="not fitted"):
         fits = scaling.fit_groups(df, "x", "y", by="size", n_bootstrap=0)
     ax = plots.loglog(df, "x", "y", hue="size", fits=fits).axes[0]
     points = data_lines(ax)
     assert sorted(points) == ["1000: α = 0.10", "2e5: α = 0.30", "5e6: not fitted"]
-    assert [label for label, line in points.items() if is_hollow(line)] == ["5e6: not fitted"]
+    assert [label for label, line in points.items() if is_dotted(line)] == ["5e6: not fitted"]
+    assert not any(is_hollow(line) for line in points.values()), "hollow means capped, not unfitted"
     assert len(fit_lines(ax)) == 2
     everything_skipped = plots.loglog(df, "x", "y", hue="size", fits={}).axes[0]
-    assert all(is_hollow(line) for line in data_lines(everything_skipped).values())
+    assert all(is_dotted(line) for line in data_lines(everything_skipped).values())
     no_fits_asked = plots.loglog(df, "x", "y", hue="size").axes[0]  # no fits given: nothing was skipped
-    assert not any(is_hollow(line) for line in data_lines(no_fits_asked).values())
+    assert not any(is_dotted(line) for line in data_lines(no_fits_asked).values())
     assert sorted(data_lines(no_fits_asked)) == ["1000", "2e5", "5e6"]
+
+
+def test_loglog_draws_capped_points_hollow_in_their_colour_and_counts_them():
+    df = two_groups().sort_values(["size", "x"])
+    df["convergence"] = ["converged"] * 3 + ["capped"] * 2 + ["capped"] * 5  # the large model never converged
+    fits = scaling.fit_groups(df[df["convergence"] == "converged"], "x", "y", by="size", n_bootstrap=0)
+    ax = plots.loglog(df, "x", "y", hue="size", fits=fits).axes[0]
+    small, large = (line for label, line in data_lines(ax).items() if label.startswith(("1000", "2e5")))
+    assert markers(small) == list(zip(df["x"][:3], df["y"][:3])) and not is_hollow(small)  # converged: filled
+    [small_capped] = [line for line in ax.lines if line.get_marker() == "o" and line.get_label().startswith("_")
+                      and to_rgba(line.get_color()) == to_rgba(small.get_color())]
+    assert list(zip(small_capped.get_xdata(), small_capped.get_ydata())) == list(zip(df["x"][3:5], df["y"][3:5]))
+    assert is_hollow(small_capped) and to_rgba(small_capped.get_markeredgecolor()) == to_rgba(small.get_color())
+    assert is_hollow(large) and len(markers(large)) == 5 and is_dotted(large)  # all capped: hollow, not fitted
+    assert "7 of 10 points capped (hollow): their loss is the step budget's, not converged" in legend_texts(ax.figure)
+    converged = plots.loglog(df.assign(convergence="converged"), "x", "y", hue="size").axes[0]
+    assert not any(is_hollow(line) for line in converged.lines) and not any("capped" in t for t in
+                                                                          legend_texts(converged.figure))
 
 
 def test_loglog_with_one_fit_or_none():
@@ -119,6 +149,15 @@ def test_frontier_plot_shows_runs_frontier_and_fit():
     np.testing.assert_allclose(fitted.get_ydata(), fit.predict(fitted.get_xdata()))
     computed = plots.frontier_plot(curves, "flops", "val_loss").axes[0]  # no hue: the frontier is computed
     np.testing.assert_array_equal(data_lines(computed)["compute-optimal frontier"].get_xdata(), [1, 2, 4, 8])
+    curves["convergence"] = ["converged"] * 3 + ["capped"] * 3  # run b hit its step cap
+    capped = plots.frontier_plot(curves, "flops", "val_loss", "size").axes[0]
+    front = data_lines(capped)["compute-optimal frontier"]
+    assert markers(front) == [(1, 3.0), (2, 2.5)] and not is_hollow(front)
+    [hollow] = [line for line in capped.lines if line.get_marker() == "o" and is_hollow(line)
+                and line.get_label().startswith("_")]
+    assert list(zip(hollow.get_xdata(), hollow.get_ydata())) == [(4, 2.0), (8, 1.5)]
+    assert "2 of 4 points capped (hollow): their loss is the step budget's, not converged" in legend_texts(
+        capped.figure)
 
 
 def test_exponent_plot_draws_intervals_clips_wide_ones_and_tolerates_missing_ones():
