@@ -1,4 +1,5 @@
-"""The closing checks of a study notebook: every run finished, every fit is a finite number.
+"""The closing checks of a study notebook: every run finished, every fit is a finite number, and how
+many of the points behind each fit converged (early stopping ended the run) rather than hit the step cap.
 
 A sweep keeps going when a run crashes (its folder says why) and `scaling.fit_groups` skips a
 group left with too few points, so a notebook could end with plots and tables while a model's
@@ -56,14 +57,34 @@ def _flatten_fits(fits: dict) -> dict[str, PowerLawFit | JointFit]:
     return flat
 
 
-def verify(results: pd.DataFrame, fits: dict) -> str:
-    """Raise StudyCheckError unless every run finished and every fit is finite; else a one-line summary.
+def _converged(rows: pd.DataFrame, what: str) -> str:
+    """'11 of 20 runs converged (55%)': the share of `rows` whose `convergence` is "converged"."""
+    n = len(rows)
+    done = int((rows["convergence"] == "converged").sum()) if "convergence" in rows.columns else 0
+    return f"{done} of {n} {what} converged ({done / n:.0%})" if n else f"no {what}"
+
+
+def convergence_report(results: pd.DataFrame, used: dict[str, pd.DataFrame]) -> str:
+    """How many runs converged, over all runs and among the points each fit was given.
+
+    `used` maps a fit's name to the rows it was fitted on (a DataFrame with `convergence`, as
+    `sweep.collect` gives it): a fit's exponent measures the models only as far as its points converged.
+    """
+    lines = [f"all runs: {_converged(results, 'runs')}"]
+    lines += [f"{name}: {_converged(rows, 'points')}" for name, rows in used.items()]
+    return "\n".join(lines)
+
+
+def verify(results: pd.DataFrame, fits: dict, used: dict[str, pd.DataFrame] | None = None) -> str:
+    """Raise StudyCheckError unless every run finished and every fit is finite; else a summary that
+    says, over all runs and per fit in `used`, how many points converged (`convergence_report`).
 
     Args:
         results: the DataFrame `sweep.run` returned (one row per run, with `status`).
         fits: name -> a PowerLawFit/JointFit, or name -> the dict `scaling.fit_groups` returned.
             An empty dict (every group had fewer than 3 points by the grid's design) or a None
             (a fit `scaling.fit_or_skip` skipped) is allowed.
+        used: fit name -> the rows it was fitted on, for the convergence lines.
     """
     flat = _flatten_fits(fits)
     problems = [f"run {line}" for line in unfinished_runs(results)]
@@ -71,4 +92,7 @@ def verify(results: pd.DataFrame, fits: dict) -> str:
         problems += _fit_problems(name, fit)
     if problems:
         raise StudyCheckError("study incomplete:\n  " + "\n  ".join(problems))
-    return f"checks passed: {len(results)} of {len(results)} runs finished; {len(flat)} fits, all finite"
+    summary = f"checks passed: {len(results)} of {len(results)} runs finished; {len(flat)} fits, all finite"
+    if "convergence" not in results.columns:  # results from before runs said why they stopped
+        return summary
+    return f"{summary}\n{convergence_report(results, used or {})}"

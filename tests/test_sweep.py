@@ -2,6 +2,7 @@
 failures that do not stop a sweep (and a sweep where all fail), resuming killed runs, parallel runs."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -356,3 +357,20 @@ def test_curves_read_the_samples_of_a_run_from_before_the_column_was_renamed(tmp
     df = pd.DataFrame({"run_id": ["old", "new"], "run_dir": [str(tmp_path / "old"), str(tmp_path / "new")]})
     curves = sweep.curves(df).dropna(subset=["val_loss"])
     assert "tokens" not in curves.columns and list(curves["samples"]) == [512, 512]
+
+
+def test_collect_says_which_runs_converged_also_for_results_written_before_convergence(runs_root):
+    """Old result.json files have only stop_reason: collect derives convergence, so they need no retraining."""
+    results = {"early": {"stop_reason": "early_stopped"}, "capped": {"stop_reason": "max_steps"},
+               "nan": {"status": "diverged", "stop_reason": "diverged"},
+               "new": {"stop_reason": "max_steps", "convergence": "capped"}}
+    dirs = []
+    for seed, (name, result) in enumerate(results.items()):
+        run_dir = runs.create("old", tiny_lm_config(max_steps=20 + seed), runs_root)
+        (run_dir / runs.RESULT).write_text(json.dumps({"status": "finished", "best_val_loss": 1.0, **result}))
+        dirs.append(run_dir)
+    pending = runs.create("old", tiny_lm_config(max_steps=99), runs_root)
+    df = sweep.collect_dirs([*dirs, pending])
+    assert df["convergence"].tolist()[:4] == ["converged", "capped", "diverged", "capped"]
+    assert pd.isna(df["convergence"].iloc[4]), "an unfinished run has no convergence yet"
+    assert sorted(train.CONVERGENCE.values()) == ["capped", "converged", "diverged"]

@@ -264,6 +264,7 @@ def test_divergence_is_caught_at_the_step_it_happens(runs_root):
     run_dir = runs.create("t", tiny_lm_config(lr=1e9, grad_clip=0.0, max_steps=30), runs_root)
     result = train.train(run_dir)
     assert result["status"] == "diverged" and result["stop_reason"] == "diverged" and runs.is_finished(run_dir)
+    assert result["convergence"] == "diverged"
     train_losses, val_losses = _losses(run_dir)
     bad = [s for s, loss in train_losses if not math.isfinite(loss)]
     assert bad and bad[0] == result["steps"] == train_losses[-1][0], "stopped at the first non-finite loss"
@@ -318,6 +319,7 @@ def test_early_stopping_stops_at_the_validation_where_patience_runs_out(runs_roo
     assert 1 in waits[: waits.index(2) - 1], "one validation without a new best (then a new best) went on"
     assert result["steps"] == expected == vals[-1][0] and result["stop_reason"] == "early_stopped"
     assert result["stopped_early"] is True and {r["epoch"] for r in rows} == {"0"}
+    assert result["convergence"] == "converged", "early stopping ended it: the loss is the model's"
     assert result["best_val_loss"] == pytest.approx(min(loss for _, loss in vals), rel=1e-8)
 
 
@@ -333,6 +335,7 @@ def _waits(losses):
 def test_a_run_that_uses_its_step_budget_says_so(runs_root):
     result = train.train(runs.create("t", tiny_lm_config(patience=5), runs_root))
     assert result["stop_reason"] == "max_steps" and result["stopped_early"] is False and result["steps"] == 20
+    assert result["convergence"] == "capped", "the step cap ended it: the loss is the budget's"
 
 
 @pytest.mark.parametrize("section,key,value,message", [
