@@ -4,6 +4,7 @@
     configs = sweep.grid("chemgpt_scaling", base, width=[32, 64], n_train_molecules=[1000, 10000])
     sweep.run(configs, **sweep.run_options(globals()))   # local processes, or Slurm jobs through submitit
     df = sweep.collect("chemgpt_scaling")    # one row per run: config columns + result columns
+    fits = scaling.fit_groups(sweep.converged(df), ...)   # converged runs only: a capped loss is the budget's
 
 Run ids are hashes of the config, so re-running a notebook finds the finished runs and skips
 them, and an interrupted sweep resumes where it stopped (an unfinished run resumes from its
@@ -421,6 +422,12 @@ def collect(study: str, root: Path | None = None) -> pd.DataFrame:
     folder = Path(root or paths.RUNS) / study
     dirs = sorted(p for p in folder.glob("*/") if (p / runs.CONFIG).exists()) if folder.exists() else []
     return collect_dirs(dirs)
+
+
+def converged(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `df` whose run converged (early stopping ended it): the rows a fit may use, since a capped
+    run's loss is its step budget's, not the model's."""
+    return df[df["convergence"] == "converged"]
 
 
 def curves(df: pd.DataFrame) -> pd.DataFrame:

@@ -374,3 +374,8 @@ def test_collect_says_which_runs_converged_also_for_results_written_before_conve
     assert df["convergence"].tolist()[:4] == ["converged", "capped", "diverged", "capped"]
     assert pd.isna(df["convergence"].iloc[4]), "an unfinished run has no convergence yet"
     assert sorted(train.CONVERGENCE.values()) == ["capped", "converged", "diverged"]
+
+
+def test_converged_keeps_the_runs_early_stopping_ended():
+    df = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "convergence": ["converged", "capped", "diverged", None]})
+    assert sweep.converged(df)["run_id"].tolist() == ["a"]
