@@ -5,12 +5,21 @@
     joint = scaling.fit_joint(N, D, L)                                              # L = E + A/N^α + B/D^β
     frontier = scaling.compute_optimal_frontier(curves, compute="flops", loss="val_loss")
 
-The method is Hoffmann et al.'s (Chinchilla), as refitted by Besiroglu et al. (Epoch): every
-form is written as a log-sum-exp of its terms, `log L = LSE(a - α·log x, e)` with `A = exp(a)`,
-`E = exp(e)`, so each term stays positive without constraints; the loss is a Huber loss
-(δ = 1e-3) on the log-loss residuals, nearly an L1 loss, so one odd run does not pull the
-exponent; L-BFGS-B starts from a grid of starting points and the best fit is kept. Confidence
-intervals are percentiles of refits to resamples of the points drawn with replacement.
+A plain power law `L = A·x^-α` is a straight line in log space: it is fitted by ordinary least
+squares on (log x, log L), and its intervals are Student-t intervals with n - 2 degrees of
+freedom, the textbook intervals that hold at the 3-5 points of a study's axis (a percentile
+bootstrap of 3 points, where a resample often holds only 2 distinct points, covered the truth
+in about two thirds of trials at a nominal 95%: tests/test_scaling.py measures the coverage).
+
+The forms with a floor, `E + A·x^-α` and Hoffmann et al.'s (Chinchilla) `E + A/N^α + B/D^β`,
+are not linear in any space; they are fitted as Besiroglu et al. (Epoch) refitted Chinchilla:
+every form is written as a log-sum-exp of its terms, `log L = LSE(a - α·log x, e)` with
+`A = exp(a)`, `E = exp(e)`, so each term stays positive without constraints; the loss is a
+Huber loss (δ = 1e-3) on the log-loss residuals, nearly an L1 loss, so one odd run does not
+pull the exponent; L-BFGS-B starts from a grid of starting points and the best fit is kept.
+Their intervals are percentiles of refits to resamples of the points drawn with replacement,
+and a joint-fit parameter the grid cannot pin down is marked "not constrained by this grid"
+instead of being given an interval (see `JointFit.constrained`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from scipy.optimize import minimize
 
 try:
@@ -248,18 +258,58 @@ def _label(symbol: str, value: float, interval) -> str:
 
 def fit_power_law(x, y, *, offset: bool = False, n_bootstrap: int = 1000, seed: int = 0,
                   ci: float = 0.95) -> PowerLawFit:
-    """Fit L = A·x^-α (or E + A·x^-α with offset=True) by Huber loss on log L, with bootstrap CIs."""
+    """Fit L = A·x^-α by least squares on log L, or E + A·x^-α (offset=True) by Huber loss on log L.
+
+    Without an offset the intervals are Student-t intervals of the least-squares line (n - 2
+    degrees of freedom), which cover the truth at their nominal level even at 3 points, where a
+    bootstrap does not; `samples` are then n_bootstrap draws of (A, α) from the same
+    t-distribution (seeded), so `band` and callers that read samples see the same uncertainty.
+    With an offset the intervals are bootstrap percentiles. n_bootstrap=0 gives no interval.
+    """
     (x, y), n_dropped = _clean([(_name(x, "x"), x), (_name(y, "y"), y)], min_points=4 if offset else 3)
     log_x = np.log(x)
     centre = log_x.mean()  # fit a at the centre of the data: a and α are then nearly uncorrelated
     U = (log_x - centre)[:, None]
-    theta, thetas = _fit(U, np.log(y), offset, n_bootstrap, seed, min_distinct=3 if offset else 2)
-    samples = _powerlaw_params(thetas, centre, offset)
+    if offset:
+        theta, thetas = _fit(U, np.log(y), offset, n_bootstrap, seed, min_distinct=3)
+        samples = _powerlaw_params(thetas, centre, offset)
+        intervals = {n: _interval(samples[:, i], ci) for i, n in enumerate(("A", "alpha", "E"))}
+    else:
+        theta, cov, dof = _least_squares(U[:, 0], np.log(y))
+        samples = _powerlaw_params(_t_draws(theta, cov, dof, n_bootstrap, seed), centre, offset)
+        intervals = _t_intervals(theta, cov, dof, centre, ci) if n_bootstrap else \
+            {n: (float("nan"), float("nan")) for n in ("A", "alpha")}
     A, alpha, E = map(float, _powerlaw_params(theta[None], centre, offset)[0])
-    names = ("A", "alpha", "E") if offset else ("A", "alpha")
-    intervals = {n: _interval(samples[:, i], ci) for i, n in enumerate(names)}
     return PowerLawFit(A=A, alpha=alpha, E=E, ci=intervals, n_points=len(x), x_min=float(x.min()),
                        x_max=float(x.max()), samples=samples, n_dropped=n_dropped, offset=offset, ci_level=ci)
+
+
+def _least_squares(u: np.ndarray, log_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """theta = [a, α] of log L = a - α·u (u centred), its covariance and the residual degrees of freedom."""
+    design = np.column_stack([np.ones_like(u), -u])
+    theta, *_ = np.linalg.lstsq(design, log_y, rcond=None)
+    dof = len(u) - 2
+    variance = np.sum((log_y - design @ theta) ** 2) / dof
+    return theta, variance * np.linalg.inv(design.T @ design), dof
+
+
+def _t_draws(theta: np.ndarray, cov: np.ndarray, dof: int, n: int, seed: int) -> np.ndarray:
+    """n draws (n, 2) from the multivariate t-distribution of the least-squares estimate: every linear
+    combination of them (log A, α, a prediction) is t-distributed with dof degrees of freedom."""
+    rng = np.random.default_rng(seed)
+    normal = rng.multivariate_normal(np.zeros(2), cov, size=n, method="eigh")  # eigh: a zero cov (exact data) is fine
+    return theta + normal / np.sqrt(rng.chisquare(dof, size=(n, 1)) / dof)
+
+
+def _t_intervals(theta: np.ndarray, cov: np.ndarray, dof: int, centre: float, ci: float) -> dict:
+    """Student-t intervals of α and of A = exp(a + α·centre) (the interval of log A, exponentiated)."""
+    t = stats.t.ppf(0.5 + ci / 2, dof)
+    log_a = np.array([1.0, centre])  # log A = a + α·centre
+    half_alpha = t * np.sqrt(cov[1, 1])
+    half_log_a = t * np.sqrt(log_a @ cov @ log_a)
+    log_A = theta @ log_a
+    return {"A": (float(np.exp(log_A - half_log_a)), float(np.exp(log_A + half_log_a))),
+            "alpha": (float(theta[1] - half_alpha), float(theta[1] + half_alpha))}
 
 
 def _powerlaw_params(thetas: np.ndarray, centre: float, offset: bool) -> np.ndarray:
@@ -272,6 +322,16 @@ def _powerlaw_params(thetas: np.ndarray, centre: float, offset: bool) -> np.ndar
 # --- L(N, D) = E + A/N^α + B/D^β ---
 
 JOINT_PARAMS = ("E", "A", "alpha", "B", "beta")
+NOT_CONSTRAINED = "not constrained by this grid"
+# An exponent whose bootstrap CI is wider than this spans flat to steep curves (known exponents are 0.05-0.5,
+# and the issue's unconstrained ChemGPT fit gave [0, 19.5]); a floor E whose CI spans more than this ratio
+# (hi / lo) is not pinned either.
+MAX_EXPONENT_WIDTH = 1.0
+MAX_FLOOR_RATIO = 10.0
+# An axis needs 3 distinct values: with 2, any exponent fits (its scale B follows), and with 1 the term
+# is a constant that merges with E, so the optimiser never moves its exponent and the bootstrap CI is a
+# point that looks precise.
+MIN_DISTINCT_VALUES = 3
 
 
 @dataclass
@@ -288,23 +348,36 @@ class JointFit:
     samples: np.ndarray = field(repr=False)  # (n_bootstrap, 5): E, A, alpha, B, beta of each resample
     n_dropped: int = 0
     ci_level: float = 0.95
+    constrained: dict[str, bool] = field(default_factory=dict)  # parameter -> False where the grid does not pin it
 
     def predict(self, N, D) -> np.ndarray:
         """The fitted loss of N parameters trained on D samples."""
         N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
         return self.E + self.A * N**-self.alpha + self.B * D**-self.beta
 
+    def interval(self, name: str) -> tuple[float, float]:
+        """The CI of a parameter, or NaNs where the grid does not constrain it (its bootstrap CI means nothing)."""
+        return self.ci[name] if self.constrained.get(name, True) else (float("nan"), float("nan"))
+
     def summary(self) -> dict:
-        """One table row: each parameter with its CI."""
+        """One table row: each parameter with its CI (NaN where not constrained, named in `note`)."""
         row = {}
         for name in JOINT_PARAMS:
-            lo, hi = self.ci[name]
+            lo, hi = self.interval(name)
             row.update({name: getattr(self, name), f"{name}_lo": lo, f"{name}_hi": hi})
-        return {**row, "n_points": self.n_points, "n_dropped": self.n_dropped}
+        loose = [name for name in JOINT_PARAMS if not self.constrained.get(name, True)]
+        note = f"{', '.join(loose)}: {NOT_CONSTRAINED}" if loose else ""
+        return {**row, "n_points": self.n_points, "n_dropped": self.n_dropped, "note": note}
 
     def label(self) -> str:
         """Short legend text, e.g. 'α = 0.34 [0.30, 0.38], β = 0.28 [0.25, 0.31]'."""
-        return f"{_label('α', self.alpha, self.ci['alpha'])}, {_label('β', self.beta, self.ci['beta'])}"
+        return ", ".join(self._label(symbol, name) for symbol, name in (("α", "alpha"), ("β", "beta")))
+
+    def _label(self, symbol: str, name: str) -> str:
+        """'α = 0.34 [0.30, 0.38]', or 'α = 0.57 (not constrained by this grid)'."""
+        if self.constrained.get(name, True):
+            return _label(symbol, getattr(self, name), self.ci[name])
+        return f"{symbol} = {getattr(self, name):.2f} ({NOT_CONSTRAINED})"
 
 
 def fit_joint(N, D, L, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> JointFit:
@@ -320,7 +393,28 @@ def fit_joint(N, D, L, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.
     samples = _joint_params(thetas, centres)
     best = map(float, _joint_params(theta[None], centres)[0])
     intervals = {name: _interval(samples[:, i], ci) for i, name in enumerate(JOINT_PARAMS)}
-    return JointFit(*best, ci=intervals, n_points=len(L), samples=samples, n_dropped=n_dropped, ci_level=ci)
+    return JointFit(*best, ci=intervals, n_points=len(L), samples=samples, n_dropped=n_dropped, ci_level=ci,
+                    constrained=_constrained(intervals, len(np.unique(N)), len(np.unique(D))))
+
+
+def _constrained(intervals: dict, n_sizes: int, n_data: int) -> dict[str, bool]:
+    """Which joint-fit parameters the grid pins down (see MAX_EXPONENT_WIDTH, MIN_DISTINCT_VALUES).
+
+    An exponent is not constrained when its axis has too few distinct values or its CI is not
+    finite or wider than MAX_EXPONENT_WIDTH; its scale (A or B, the term's value at N or D = 1,
+    an extrapolation whose CI is wide even when the fit is good) shares its exponent's verdict;
+    E is not constrained when either term is not (E absorbs a term the grid cannot shape) or its
+    CI spans more than MAX_FLOOR_RATIO. Without a bootstrap nothing is marked.
+    """
+    def narrow(lo: float, hi: float, limit: float) -> bool:
+        return bool(np.isnan(lo) or (np.isfinite(lo) and np.isfinite(hi) and hi - lo <= limit))
+
+    with np.errstate(divide="ignore"):  # a floor CI down to exp(-inf) = 0 is infinitely wide in log
+        log_floor = np.log(np.array(intervals["E"], dtype=float))
+    alpha = n_sizes >= MIN_DISTINCT_VALUES and narrow(*intervals["alpha"], MAX_EXPONENT_WIDTH)
+    beta = n_data >= MIN_DISTINCT_VALUES and narrow(*intervals["beta"], MAX_EXPONENT_WIDTH)
+    floor = alpha and beta and narrow(*log_floor, np.log(MAX_FLOOR_RATIO))
+    return {"E": floor, "A": alpha, "alpha": alpha, "B": beta, "beta": beta}
 
 
 def _joint_params(thetas: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -371,14 +465,19 @@ def fit_or_skip(what: str, fit, *args, **kw):
 def exponents_table(fits: dict) -> pd.DataFrame:
     """One row per exponent of the named fits (columns fit, alpha, alpha_lo, alpha_hi), for `plots.exponent_plot`.
 
-    A PowerLawFit gives its α; a JointFit two rows, 'name: α' and 'name: β'; a None (a fit that
+    A PowerLawFit gives its α; a JointFit two rows, 'name: α' and 'name: β' (an exponent the grid
+    does not constrain gets no interval and says so in its name, which `plots.exponent_plot` prints
+    beside it, instead of an error bar to 19.5); a None (a fit that
     `fit_or_skip` skipped) gives none, so the table holds what could be fitted.
     """
     rows = []
     for name, fit in fits.items():
         if isinstance(fit, JointFit):
-            rows += [{"fit": f"{name}: {symbol}", "alpha": getattr(fit, param), "alpha_lo": fit.ci[param][0],
-                      "alpha_hi": fit.ci[param][1]} for symbol, param in (("α", "alpha"), ("β", "beta"))]
+            for symbol, param in (("α", "alpha"), ("β", "beta")):
+                note = "" if fit.constrained.get(param, True) else f" ({NOT_CONSTRAINED})"
+                lo, hi = fit.interval(param)
+                rows.append({"fit": f"{name}: {symbol}{note}", "alpha": getattr(fit, param), "alpha_lo": lo,
+                             "alpha_hi": hi})
         elif fit is not None:
             lo, hi = fit.ci.get("alpha", (float("nan"), float("nan")))
             rows.append({"fit": name, "alpha": fit.alpha, "alpha_lo": lo, "alpha_hi": hi})
@@ -392,14 +491,19 @@ def fits_table(fits: dict, name: str = "group") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+FRONTIER_BINS = 8
+
+
 def compute_optimal_frontier(df: pd.DataFrame, compute: str = "flops", loss: str = "val_loss",
-                             n_bins: int | None = None) -> pd.DataFrame:
+                             n_bins: int | None = FRONTIER_BINS) -> pd.DataFrame:
     """The rows (of any run) whose loss no row reached with less or equal compute, by increasing compute.
 
     `df` holds every evaluation of every run (e.g. sweep.curves), so the result keeps each
-    point's run_id and config columns. With n_bins, the frontier is thinned to its lowest
-    point in each of n_bins log-spaced compute bins, so densely logged runs do not outweigh
-    the others in a fit.
+    point's run_id and config columns. The frontier is thinned to its lowest point in each of
+    n_bins log-spaced compute bins (n_bins=None keeps every point): consecutive evaluations of
+    one run are strongly correlated, so ~60 raw frontier points fitted as independent give an
+    interval several times too narrow, while a few points per decade of compute, mostly from
+    different runs, are close to independent and let the fit's interval reflect what was measured.
     """
     points = df.dropna(subset=[compute, loss])
     points = points[points[compute] > 0].sort_values([compute, loss], kind="stable")
