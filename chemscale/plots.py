@@ -87,8 +87,8 @@ def _capped_note(ax, capped: np.ndarray) -> None:
     """A legend line saying how many of the drawn points are capped, when any are."""
     if capped.any():
         ax.plot([], [], "o", linestyle="none", color="0.35", markerfacecolor="white",
-                label=f"{int(capped.sum())} of {len(capped)} points capped (hollow): their loss is the step budget's, "
-                      "not converged")
+                label=f"{int(capped.sum())} of {len(capped)} points capped (hollow):\ntheir loss is the step "
+                      "budget's, not converged")
 
 
 def _finish(ax, x, y, xlabel, ylabel, title, legend_title=None) -> None:

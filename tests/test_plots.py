@@ -114,7 +114,7 @@ def test_loglog_draws_capped_points_hollow_in_their_colour_and_counts_them():
     assert list(zip(small_capped.get_xdata(), small_capped.get_ydata())) == list(zip(df["x"][3:5], df["y"][3:5]))
     assert is_hollow(small_capped) and to_rgba(small_capped.get_markeredgecolor()) == to_rgba(small.get_color())
     assert is_hollow(large) and len(markers(large)) == 5 and is_dotted(large)  # all capped: hollow, not fitted
-    assert "7 of 10 points capped (hollow): their loss is the step budget's, not converged" in legend_texts(ax.figure)
+    assert "7 of 10 points capped (hollow):\ntheir loss is the step budget's, not converged" in legend_texts(ax.figure)
     converged = plots.loglog(df.assign(convergence="converged"), "x", "y", hue="size").axes[0]
     assert not any(is_hollow(line) for line in converged.lines) and not any("capped" in t for t in
                                                                           legend_texts(converged.figure))
@@ -156,7 +156,7 @@ def test_frontier_plot_shows_runs_frontier_and_fit():
     [hollow] = [line for line in capped.lines if line.get_marker() == "o" and is_hollow(line)
                 and line.get_label().startswith("_")]
     assert list(zip(hollow.get_xdata(), hollow.get_ydata())) == [(4, 2.0), (8, 1.5)]
-    assert "2 of 4 points capped (hollow): their loss is the step budget's, not converged" in legend_texts(
+    assert "2 of 4 points capped (hollow):\ntheir loss is the step budget's, not converged" in legend_texts(
         capped.figure)
 
 
