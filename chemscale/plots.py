@@ -56,7 +56,7 @@ def _colors(levels, palette: str) -> dict:
 
 
 def _draw_fit(ax, fit: scaling.PowerLawFit, color, label: str | None = None) -> None:
-    """The fitted curve over the fitted range, dashed, with its bootstrap band."""
+    """The fitted curve over the fitted range, dashed, with its confidence band (drawn from the fit's samples)."""
     xs = np.geomspace(fit.x_min, fit.x_max, 100)
     band = fit.band(xs)
     if band is not None:

@@ -190,7 +190,8 @@ def _clean(columns: list[tuple[str, object]], min_points: int) -> tuple[list[np.
     if len(arrays[0]) < min_points:
         raise TooFewPoints(f"{len(arrays[0])} point(s) with a finite loss"
                            + (f" ({drop.sum()} dropped as NaN)" if drop.any() else "")
-                           + f", and this fit needs at least {min_points}: add values to the sweep axis")
+                           + f", and this fit needs at least {min_points}: add values to the sweep axis, or give the "
+                           f"runs the budget to converge (the notebooks fit converged runs only)")
     return arrays, int(drop.sum())
 
 
