@@ -17,6 +17,7 @@ from chemscale.config import ConfigError, from_dict, require
 from chemscale.task import TaskKind
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+SCHEDULES = ("cosine", "plateau")
 
 
 @dataclass
@@ -26,8 +27,14 @@ class TrainConfig:
     batch_size: int = 64  # molecules (or structures) per step and device
     lr: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.1
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to 10% at max_steps
-    max_steps: int = 1000  # hard cap on optimizer steps
+    warmup_steps: int = 50  # linear warm-up to lr over this many steps, then the schedule
+    # cosine: decay to 10% of lr at max_steps, so over the run's own budget (the LM's usual schedule);
+    # plateau: lr x plateau_factor after plateau_patience validations without improvement (torch's
+    # ReduceLROnPlateau, what schnetpack and nequip train force fields with), never ending by itself.
+    schedule: str = "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    max_steps: int = 1000  # hard cap on optimizer steps (a sweep sets it per point: `sweep.budget`)
     val_every_steps: int = 100  # validate (and checkpoint) every this many steps
     patience: int = 5  # stop after this many validations without improvement; 0 = never
     grad_clip: float = 1.0  # max gradient norm; 0 = off
@@ -45,6 +52,13 @@ class TrainConfig:
         require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         require(self.patience >= 0 and self.warmup_steps >= 0 and self.threads >= 0, "patience/warmup_steps/threads",
                 "must be >= 0")
+        require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(0 < self.plateau_factor < 1, "plateau_factor", f"must be between 0 and 1, got {self.plateau_factor}")
+        require(self.plateau_patience >= 0, "plateau_patience", f"must be >= 0, got {self.plateau_patience}")
+        # Early stopping must outwait the plateau, or the run stops before the lower rate is tried.
+        require(self.schedule != "plateau" or not self.patience or self.patience > self.plateau_patience + 1,
+                "patience", f"= {self.patience} stops the run before ReduceLROnPlateau (plateau_patience = "
+                f"{self.plateau_patience}) lowers the rate: use patience > plateau_patience + 1, or 0")
 
 
 def _chemgpt() -> TaskKind:

@@ -18,6 +18,7 @@ import copy
 import importlib.util
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -154,6 +155,40 @@ def grid(study: str, base: dict, **axes) -> list[dict]:
         validate(config, f"sweep {study} {dict(zip(names, values))}")
         configs.append(config)
     return configs
+
+
+# The data-section key that holds a task's training-set size (in the units of `batch_size`).
+TRAIN_SIZE = {"chemgpt": "n_train_molecules", "ff": "n_train_structures"}
+
+
+def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]:
+    """Give each run a step budget that follows from its point on the curve, not one cap for all.
+
+    A run may take `epochs` passes over its own training set, at least `min_steps` steps (a tiny
+    set still gets enough validations to stop early) and at most the config's `max_steps`:
+    max_steps = clip(ceil(epochs · n_train / batch_size), min_steps, max_steps). With early stopping,
+    this is a cap that a converged run does not reach; a run that does reach it is marked capped in
+    result.json. The cosine schedule decays over this budget, the run's own. `epochs` <= 0 leaves
+    every config's max_steps as it is. Returns new configs; the ones given are not changed.
+    """
+    if epochs <= 0:
+        return [copy.deepcopy(c) for c in configs]
+    out = []
+    for config in configs:
+        config = copy.deepcopy(config)
+        train, key = config.setdefault("train", {}), TRAIN_SIZE[config["task"]]
+        n_train, batch = int(config["data"][key]), int(train.get("batch_size", 64))
+        cap = int(train.get("max_steps", 1000))
+        train["max_steps"] = max(1, min(cap, max(int(min_steps), math.ceil(epochs * n_train / batch))))
+        out.append(config)
+    return out
+
+
+def longer(config: dict, factor: float = 3.0) -> dict:
+    """The same run with `factor` times its step budget: the check that a point's budget did not set its loss."""
+    config = copy.deepcopy(config)
+    config["train"]["max_steps"] = math.ceil(factor * int(config["train"]["max_steps"]))
+    return config
 
 
 def run_dirs(configs: list[dict], root: Path | None = None) -> list[Path]:

@@ -69,6 +69,9 @@ class TaskModule(pl.LightningModule):
         self.model = model
         self.lr, self.weight_decay = tcfg.lr, tcfg.weight_decay
         self.warmup_steps, self.max_steps = tcfg.warmup_steps, tcfg.max_steps
+        self.schedule, self.plateau_factor, self.plateau_patience = tcfg.schedule, tcfg.plateau_factor, tcfg.plateau_patience
+        self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+        self._plateau_state: dict | None = None
         self.flops_per_sample = 0.0
         self.samples_seen = self.samples_at_best = self.samples_this_process = 0
         self.last_loss = torch.zeros(())
@@ -132,7 +135,8 @@ class TaskModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["chemscale"] = {"samples_seen": self.samples_seen, "samples_at_best": self.samples_at_best,
                                    "flops_per_sample": self.flops_per_sample,
-                                   "best_val_metrics": self.best_val_metrics}
+                                   "best_val_metrics": self.best_val_metrics,
+                                   "plateau": None if self.plateau is None else self.plateau.state_dict()}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("chemscale", {})
@@ -140,11 +144,37 @@ class TaskModule(pl.LightningModule):
         self.samples_seen = state.get("samples_seen", state.get("tokens_seen", 0))
         self.samples_at_best = state.get("samples_at_best", state.get("tokens_at_best", 0))
         self.best_val_metrics = state.get("best_val_metrics", {})
+        self._plateau_state = state.get("plateau")  # loaded into the scheduler once configure_optimizers made it
+        if self.plateau is not None and self._plateau_state:
+            self.plateau.load_state_dict(self._plateau_state)
 
     def configure_optimizers(self):
+        """AdamW with the run's schedule (`TrainConfig.schedule`).
+
+        cosine: one LambdaLR, warm-up then cosine decay over max_steps. plateau: LinearLR warms up
+        (it is chainable: past its last step it leaves the rate alone) and torch's ReduceLROnPlateau
+        lowers the rate. The plateau scheduler is stepped by `after_validation` with the validation
+        loss reduced over ranks, right before the checkpoint that saves its state, rather than by
+        Lightning, which steps a step-interval plateau scheduler by batch index within a loader epoch,
+        out of phase with validations that come every val_every_steps optimizer steps.
+        """
         opt = self.make_optimizer()
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.warmup_steps, self.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.warmup_steps, self.max_steps))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # factor (k + 1) / warmup_steps at step k, reaching 1 at step warmup_steps - 1: the cosine schedule's warm-up
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / max(1, self.warmup_steps), end_factor=1.0,
+                                                   total_iters=max(1, self.warmup_steps - 1))
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.plateau_factor,
+                                                                  patience=self.plateau_patience)
+        if self._plateau_state:
+            self.plateau.load_state_dict(self._plateau_state)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def after_validation(self, val_loss: float) -> None:
+        """Called by the runner after each validation (every rank, the same loss): steps the plateau schedule."""
+        if self.plateau is not None and not self.trainer.sanity_checking:
+            self.plateau.step(val_loss)
 
 
 class RunTask(Protocol):

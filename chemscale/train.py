@@ -377,6 +377,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             if val < self.best_val:
                 self.best_val, self.best_step = val, trainer.global_step
                 module.on_new_best(run_dir)
+            module.after_validation(val)  # the plateau schedule's step, saved by the checkpoint below
             tmp = run_dir / f".{runs.CHECKPOINT}.tmp"
             trainer.save_checkpoint(tmp)
             if trainer.is_global_zero:

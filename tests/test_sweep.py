@@ -379,3 +379,20 @@ def test_collect_says_which_runs_converged_also_for_results_written_before_conve
 def test_converged_keeps_the_runs_early_stopping_ended():
     df = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "convergence": ["converged", "capped", "diverged", None]})
     assert sweep.converged(df)["run_id"].tolist() == ["a"]
+
+
+def test_budget_follows_each_point_clipped_to_its_floor_and_cap():
+    from conftest import tiny_lm_config
+
+    configs = []
+    for n in (100, 1000, 10000):
+        c = tiny_lm_config(batch_size=50, max_steps=1500)
+        c["data"]["n_train_molecules"] = n
+        configs.append(c)
+    budgeted = sweep.budget(configs, epochs=5, min_steps=40)
+    # 5 epochs: 10, 100 and 1,000 steps; the first raised to the floor, none above the cap
+    assert [c["train"]["max_steps"] for c in budgeted] == [40, 100, 1000]
+    assert [c["train"]["max_steps"] for c in sweep.budget(configs, epochs=20, min_steps=40)] == [40, 400, 1500]
+    assert [c["train"]["max_steps"] for c in configs] == [1500] * 3, "the configs given are left as they were"
+    assert sweep.budget(configs, epochs=0) == configs
+    assert sweep.longer(budgeted[1])["train"]["max_steps"] == 300 and budgeted[1]["train"]["max_steps"] == 100

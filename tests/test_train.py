@@ -402,3 +402,54 @@ def test_a_run_being_trained_elsewhere_is_refused_and_left_alone(runs_root):
         assert out.returncode == 2 and "being trained by another process" in out.stderr
     assert not (run_dir / runs.RESULT).exists() and not (run_dir / runs.METRICS).exists()
     assert train.train(run_dir)["status"] == "finished"  # free again once the holder is gone
+
+
+def test_plateau_schedule_lowers_the_rate_after_validations_without_improvement(runs_root):
+    """schedule: plateau warms up, then halves the rate once plateau_patience + 1 validations did not improve."""
+    config = tiny_lm_config(lr=0.05, warmup_steps=3, val_every_steps=2, max_steps=40, patience=0,
+                            schedule="plateau", plateau_factor=0.5, plateau_patience=1)
+    run_dir = runs.create("t", config, runs_root)
+    train.train(run_dir)
+    rows = _metrics(run_dir)
+    lrs = {int(r["step"]): float(r["current_lr"]) for r in rows if r["train_loss"]}
+    assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([0.05 / 3, 0.1 / 3, 0.05]), "linear warm-up over 3 steps"
+    vals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    # torch's rule (threshold 1e-4 relative): a reduction after the 2nd validation in a row without a new best.
+    best, bad, factor, expected = math.inf, 0, 1.0, {}
+    for step, loss in vals:
+        if loss < best * (1 - 1e-4):
+            best, bad = loss, 0
+        else:
+            bad += 1
+        if bad > 1:
+            factor, bad = factor * 0.5, 0
+        expected[step] = factor
+    assert min(expected.values()) < 1, "lr 0.05 on a tiny model must plateau within 20 validations"
+    for step, loss in vals[:-1]:  # the rate of the step after each validation is the one it set
+        assert lrs[step + 1] == pytest.approx(0.05 * expected[step], rel=1e-6)
+
+
+def test_plateau_schedule_resumes_with_its_state(runs_root, monkeypatch):
+    """The plateau scheduler's counters travel in the checkpoint: a resumed run equals the uninterrupted one."""
+    config = tiny_lm_config(lr=0.05, warmup_steps=0, val_every_steps=2, max_steps=24, patience=0,
+                            schedule="plateau", plateau_patience=0)
+    whole = runs.create("t", config, runs_root / "whole")
+    train.train(whole)
+    run_dir = runs.create("t", config, runs_root / "crashed")
+    _train_until_crash(monkeypatch, run_dir, 15)
+    assert train.train(run_dir)["resumed_from_step"] == 14
+    assert _losses(run_dir) == _losses(whole)
+    lr = [r["current_lr"] for r in _metrics(run_dir) if r["train_loss"]]
+    assert lr == [r["current_lr"] for r in _metrics(whole) if r["train_loss"]] and len(set(lr)) > 1
+
+
+@pytest.mark.parametrize("train_kw,message", [
+    ({"schedule": "step"}, "schedule"), ({"plateau_factor": 1.0}, "plateau_factor"),
+    ({"schedule": "plateau", "patience": 3, "plateau_patience": 2}, "patience"),
+])
+def test_bad_schedule_settings_are_named(train_kw, message):
+    from chemscale.config import ConfigError
+    from chemscale.run_config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**train_kw)
