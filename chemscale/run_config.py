@@ -37,6 +37,9 @@ class TrainConfig:
     max_steps: int = 1000  # hard cap on optimizer steps (a sweep sets it per point: `sweep.budget`)
     val_every_steps: int = 100  # validate (and checkpoint) every this many steps
     patience: int = 5  # stop after this many validations without improvement; 0 = never
+    # What counts as an improvement for early stopping: lowering the best validation loss by more than this
+    # fraction (0.01: 1%). 0: any decrease, so a slow creep resets patience and the run ends at its cap.
+    min_rel_improvement: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     precision: str = "32-true"  # Lightning precision: 32-true, bf16-mixed (CPU with AVX512-BF16, or GPU)
     accelerator: str = "auto"  # cpu, gpu, auto
@@ -52,6 +55,8 @@ class TrainConfig:
         require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         require(self.patience >= 0 and self.warmup_steps >= 0 and self.threads >= 0, "patience/warmup_steps/threads",
                 "must be >= 0")
+        require(0 <= self.min_rel_improvement < 1, "min_rel_improvement",
+                f"must be in [0, 1), got {self.min_rel_improvement}")
         require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
         require(0 < self.plateau_factor < 1, "plateau_factor", f"must be between 0 and 1, got {self.plateau_factor}")
         require(self.plateau_patience >= 0, "plateau_patience", f"must be >= 0, got {self.plateau_patience}")

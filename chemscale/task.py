@@ -121,7 +121,10 @@ class TaskModule(pl.LightningModule):
         if _ddp():
             dist.all_reduce(sums)
         self.extra_val = self.val_metrics(sums)
-        self.log("val_loss", (sums[0] / sums[1]).float(), prog_bar=True)
+        val = sums[0] / sums[1]
+        self.log("val_loss", val.float(), prog_bar=True)
+        # Early stopping with a relative threshold watches the log: an absolute step in it is a relative one in the loss.
+        self.log("val_log_loss", torch.log(val.clamp_min(1e-30)))
 
     def on_new_best(self, run_dir: Path) -> None:
         """A validation improved on every earlier one: remember its metrics, keep the weights in best.pt."""

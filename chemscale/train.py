@@ -385,7 +385,9 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
 
     early = []
     if tcfg.patience:
-        early = [pl.callbacks.EarlyStopping("val_loss", patience=tcfg.patience, mode="min",
+        rel = tcfg.min_rel_improvement  # a new best must be below best·(1 - rel): log(best) - log(new) > -log(1 - rel)
+        monitor, delta = ("val_log_loss", -math.log1p(-rel)) if rel else ("val_loss", 0.0)
+        early = [pl.callbacks.EarlyStopping(monitor, min_delta=delta, patience=tcfg.patience, mode="min",
                                             check_on_train_epoch_end=False, check_finite=False)]
     return Bookkeeping(), early
 

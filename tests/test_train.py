@@ -453,3 +453,21 @@ def test_bad_schedule_settings_are_named(train_kw, message):
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**train_kw)
+
+
+def test_early_stopping_with_a_relative_threshold_ignores_smaller_improvements(runs_root):
+    """min_rel_improvement 5%: validations that lower the loss by less do not reset patience."""
+    config = tiny_lm_config(lr=0.01, warmup_steps=0, val_every_steps=2, patience=2, max_steps=200,
+                            min_rel_improvement=0.05)
+    run_dir = runs.create("t", config, runs_root)
+    result = train.train(run_dir)
+    vals = [float(r["val_loss"]) for r in _metrics(run_dir) if r["val_loss"]]
+    best, wait, stop = math.inf, 0, None
+    for i, loss in enumerate(vals):
+        best, wait = (loss, 0) if loss < best * 0.95 else (best, wait + 1)
+        if wait == 2:
+            stop = i
+            break
+    assert stop is not None and stop == len(vals) - 1, "the run ends at the 2nd validation without a 5% gain"
+    assert result["stop_reason"] == "early_stopped" and result["steps"] < 200
+    assert any(b < a for a, b in zip(vals, vals[1:stop + 1]) if b > a * 0.95), "a small gain was seen and ignored"
