@@ -24,13 +24,49 @@ from chemscale import paths, scaling
 from chemscale.config import atomic_write_bytes
 
 DPI = 150
-FIGSIZE = (6.4, 4.4)
+FIGSIZE = (8.4, 4.4)  # wide enough for an axes and a legend beside it
 FIT_COLOR = "crimson"  # a fit drawn over data of many colours
+
+# Axis and legend titles in words with units, by the column names the runs table and curves use; a column not
+# here is shown by its name, and a caller's own xlabel/ylabel wins.
+LABELS = {
+    "flops": "training compute (FLOPs)",
+    "samples": "training samples seen",
+    "step": "optimizer steps",
+    "train_loss": "training loss (nats per token)",
+    "val_loss": "validation loss (nats per token)",
+    "best_val_loss": "validation loss (nats per token)",
+    "test_loss": "test loss (nats per token)",
+    "n_params": "parameters",
+    "n_params_non_embedding": "parameters (non-embedding)",
+    "n_train_molecules": "training molecules",
+    "n_train_structures": "training structures",
+    "width": "width (hidden features)",
+    "depth": "depth (layers)",
+    "name": "model",
+    "force_mae_mev_per_a": "validation force MAE (meV/Å)",
+    "test_force_mae_mev_per_a": "test force MAE (meV/Å)",
+    "energy_mae_mev": "validation energy MAE (meV)",
+    "test_energy_mae_mev": "test energy MAE (meV)",
+}
+# The exponent of a fit against a data axis is β, as the notebooks' prose and L(N, D) = E + A/N^α + B/D^β call it;
+# against anything else (parameters, compute) it is α.
+DATA_COLUMNS = ("n_train_molecules", "n_train_structures")
 
 
 def set_theme() -> None:
     """One look for every figure: seaborn 'ticks' with a light grid (log axes need it), notebook context."""
     sns.set_theme(style="ticks", context="notebook", rc={"axes.grid": True, "grid.alpha": 0.3})
+
+
+def column_label(column: str | None) -> str | None:
+    """The words and unit for a column on an axis or legend title (`LABELS`), or its own name if it has none."""
+    return LABELS.get(column, column)
+
+
+def exponent_symbol(x: str) -> str:
+    """β for a fit against training data, α otherwise (parameters, compute)."""
+    return "β" if x in DATA_COLUMNS else "α"
 
 
 def _axes(ax, figsize=FIGSIZE):
@@ -50,9 +86,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _colors(levels, palette: str) -> dict:
-    """One colour per level, in sorted order along the palette (small models light, large dark, or so)."""
-    return dict(zip(levels, sns.color_palette(palette, len(levels))))
+def _colors(levels, palette: str | None = None) -> dict:
+    """One colour per level, in sorted order: by default a qualitative palette, so neighbouring levels (two model
+    sizes, two architectures) differ in hue rather than in shade: seaborn's colour-blind safe 10, then its 'dark'
+    10 (each a darker hue of another), then hues spaced around the wheel."""
+    if palette is not None:
+        return dict(zip(levels, sns.color_palette(palette, len(levels))))
+    if len(levels) > 20:
+        return dict(zip(levels, sns.color_palette("husl", len(levels))))
+    return dict(zip(levels, sns.color_palette("colorblind") + sns.color_palette("dark")))
+
+
+def _fit_label(fit: scaling.PowerLawFit, symbol: str) -> str:
+    """The fit's legend text with its exponent named `symbol` ('β = 0.21 [0.15, 0.27]' for a data exponent)."""
+    return fit.label().replace("α", symbol, 1)
 
 
 def _draw_fit(ax, fit: scaling.PowerLawFit, color, label: str | None = None) -> None:
@@ -91,23 +138,98 @@ def _capped_note(ax, capped: np.ndarray) -> None:
                       "budget's, not converged")
 
 
+class _LogMinorLocator(ticker.LogLocator):
+    """Minor ticks of a log axis at 2..9 × 10^k, and on an axis shorter than a decade at steps about a tenth
+    (under 0.3 decades: a twentieth) of the value apart, so a loss between 1 and 2 has ticks to be read against."""
+
+    NARROW_SUBS = np.concatenate([np.arange(11, 20) / 10, np.arange(4, 10) / 2, np.arange(5, 10)])
+    VERY_NARROW_SUBS = np.concatenate([np.arange(21, 40) / 20, np.arange(20, 50) / 10, np.arange(25, 50) / 5])
+
+    def tick_values(self, vmin, vmax):
+        decades = abs(np.log10(vmax / vmin)) if vmin > 0 and vmax > 0 else np.inf
+        subs = np.arange(2.0, 10) if decades >= 1 else self.NARROW_SUBS if decades >= 0.3 else self.VERY_NARROW_SUBS
+        self.set_params(subs=subs)
+        return super().tick_values(vmin, vmax)
+
+
+class _LogLabels(ticker.Formatter):
+    """Plain-number labels ('0.8', '1.5', '300', '2e10') for a log axis's ticks, as many as fit.
+
+    Major ticks (the decades) are all labelled. Minor ticks are labelled roundest first (see `_roundness`), each
+    at least `min_gap` of the axis length from every other label, so an axis spanning 0.8 to 3 reads 0.8, 1,
+    1.2, 1.5, 2, 2.5, 3, one spanning 20 to 80 (no decade at all) still has numbers, and one spanning five
+    decades keeps its minor ticks unlabelled.
+    """
+
+    def __init__(self, minor: bool, min_gap: float):
+        self.minor = minor
+        self.min_gap = min_gap
+
+    def __call__(self, x, pos=None):
+        return _fmt(float(f"{x:.3g}"))
+
+    def format_ticks(self, values):
+        if not self.minor:
+            return [self(v) for v in values]
+        vmin, vmax = sorted(self.axis.get_view_interval())
+        if vmin <= 0:
+            return ["" for _ in values]
+        gap = self.min_gap * np.log10(vmax / vmin)
+        taken = [np.log10(v) for v in self.axis.get_majorticklocs() if vmin <= v <= vmax]
+        labelled = set()
+        for v in sorted((v for v in values if vmin <= v <= vmax), key=_roundness):
+            if all(abs(np.log10(v) - t) >= gap for t in taken):
+                taken.append(np.log10(v))
+                labelled.add(v)
+        return [self(v) if v in labelled else "" for v in values]
+
+
+def _roundness(value: float) -> tuple:
+    """Sort key of a tick value, roundest mantissa first: 2 and 5, then 3, 4, 6..9, then halves (1.5, 2.5),
+    then fifths (1.2, 1.4), then the rest."""
+    mantissa = round(value / 10 ** np.floor(np.log10(value)), 3)
+    return (mantissa % 1 != 0, (2 * mantissa) % 1 != 0, (5 * mantissa) % 1 != 0, mantissa not in (2, 5), mantissa)
+
+
+def _log_axis(axis) -> None:
+    """Ticks labelled with plain numbers, minor ones too where there is room (`_LogLabels`): at least 1/12 of
+    the axis apart on a y axis, 1/8 on an x axis, whose labels are side by side. A fixed number of ticks, not
+    one that follows the axes' size in pixels, so the layout settles and a saved PNG is the same every time."""
+    min_gap = 1 / 8 if axis.axis_name == "x" else 1 / 12
+    axis.set_major_locator(ticker.LogLocator(base=10, numticks=12))
+    axis.set_minor_locator(_LogMinorLocator(base=10, numticks=12))
+    axis.set_major_formatter(_LogLabels(minor=False, min_gap=min_gap))
+    axis.set_minor_formatter(_LogLabels(minor=True, min_gap=min_gap))
+
+
+def _legend(ax, title: str | None = None) -> None:
+    """The legend outside the axes, so it never covers a point or a curve: for a figure of its own, a figure legend
+    to the right that constrained layout makes room for; for axes the caller placed, beside their right edge."""
+    if not ax.get_legend_handles_labels()[1]:
+        return
+    style = dict(title=title, fontsize="small", title_fontsize="small", frameon=False)
+    if ax.figure.axes == [ax] and ax.figure.get_layout_engine() is not None:
+        ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside right upper", **style)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **style)
+
+
 def _finish(ax, x, y, xlabel, ylabel, title, legend_title=None) -> None:
-    """Log-log axes, labels and a legend if anything is labelled."""
-    ax.set(xscale="log", yscale="log", xlabel=xlabel or x, ylabel=ylabel or y, title=title)
-    # losses often span less than a decade: label the minor ticks '3', not '3 × 10^0'
-    ax.yaxis.set_major_formatter(ticker.LogFormatter())
-    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(title=legend_title, fontsize="small", title_fontsize="small", frameon=False)
+    """Log-log axes with readable ticks, axis labels in words (`LABELS`) unless given, and the legend beside."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel or column_label(x), ylabel=ylabel or column_label(y), title=title)
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    _legend(ax, legend_title)
 
 
 def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=None, ax=None,
            xlabel: str | None = None, ylabel: str | None = None, title: str | None = None,
-           palette: str = "viridis"):
+           palette: str | None = None):
     """y against x on log-log axes, one line of points per `hue` group, with fitted power laws.
 
     `fits` is a mapping hue value -> PowerLawFit (as `scaling.fit_groups` returns), each drawn in
-    its group's colour with its exponent in the legend, or a single PowerLawFit for all points.
+    its group's colour with its exponent in the legend (β against training data, α otherwise), or a
+    single PowerLawFit for all points. Axis labels and the legend title default to `LABELS`.
     With a mapping, a group it lacks (too few points to fit) is joined by a dotted line with
     'not fitted' in the legend, so a missing line reads as skipped, not forgotten. Points of runs
     that hit their step cap (a `convergence` column of "capped") are hollow and counted in the legend.
@@ -116,6 +238,7 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
     groups = list(df.groupby(hue, sort=True)) if hue else [(None, df)]
     colors = _colors([level for level, _ in groups], palette) if hue else {None: "C0"}
     per_group = fits if isinstance(fits, dict) else None
+    symbol = exponent_symbol(x)
     for level, group in groups:
         group = group.sort_values(x)
         fit = per_group.get(level) if per_group is not None else None
@@ -123,22 +246,22 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
         skipped = per_group is not None and fit is None
         if fit is not None:
             _draw_fit(ax, fit, colors[level])
-            label = f"{label}: {fit.label()}" if label else fit.label()
+            label = f"{label}: {_fit_label(fit, symbol)}" if label else _fit_label(fit, symbol)
         elif skipped:
             label = f"{label}: not fitted" if label else "not fitted"
         _points(ax, group[x], group[y], _capped(group), colors[level], label, linestyle=":" if skipped else "-",
                 ms=5, lw=0.9)
     if isinstance(fits, scaling.PowerLawFit):
-        _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {fits.label()}")
+        _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {_fit_label(fits, symbol)}")
     _capped_note(ax, _capped(df))
-    _finish(ax, x, y, xlabel, ylabel, title, legend_title=hue)
+    _finish(ax, x, y, xlabel, ylabel, title, legend_title=column_label(hue))
     return fig
 
 
 def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = None,
                   frontier: pd.DataFrame | None = None, fit: scaling.PowerLawFit | None = None, *,
                   run: str = "run_id", ax=None, xlabel: str | None = None, ylabel: str | None = None,
-                  title: str | None = "Loss vs compute", palette: str = "viridis"):
+                  title: str | None = "Loss vs compute", palette: str | None = None):
     """Every run's loss-vs-compute curve (faint, coloured by `hue`), the frontier (bold) and its fit.
 
     Frontier points of runs that hit their step cap (a `convergence` column of "capped") are hollow
@@ -153,13 +276,13 @@ def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = N
         color = colors[curve[hue].iloc[0]] if hue else colors[None]
         ax.plot(curve[compute], curve[loss], "-", color=color, alpha=0.35, lw=1)
     for level in levels if hue else []:  # one legend entry per hue level, not per run
-        ax.plot([], [], "-", color=colors[level], label=f"{hue} = {_fmt(level)}")
+        ax.plot([], [], "-", color=colors[level], label=_fmt(level))
     _points(ax, frontier[compute], frontier[loss], _capped(frontier), "black", "compute-optimal frontier",
             linestyle="none", ms=5, zorder=3)
     _capped_note(ax, _capped(frontier))
     if fit is not None:
         _draw_fit(ax, fit, FIT_COLOR, label=f"frontier fit: {fit.label()}")
-    _finish(ax, compute, loss, xlabel, ylabel, title)
+    _finish(ax, compute, loss, xlabel, ylabel, title, legend_title=column_label(hue))
     return fig
 
 
@@ -193,8 +316,7 @@ def exponent_plot(table: pd.DataFrame, *, label: str = "fit", value: str = "alph
         ax.axvline(reference, color=FIT_COLOR, ls=":", label=reference_label)
     ax.set(yticks=rows, yticklabels=t[label].astype(str), xlabel=xlabel, title=title)
     ax.grid(False, axis="y")
-    if reference_label:
-        ax.legend(fontsize="small", frameon=False)
+    _legend(ax)
     return fig
 
 
@@ -209,8 +331,9 @@ def quality_plot(quality: pd.DataFrame, x: str = "n_params_non_embedding",
     q = quality.sort_values(x)
     for metric, color in zip(metrics, sns.color_palette("colorblind", len(metrics))):
         ax.plot(q[x], q[metric], "o-", color=color, label=metric)
-    ax.set(xscale="log", ylim=(0, 1.02), xlabel=xlabel or x, ylabel="fraction", title=title)
-    ax.legend(fontsize="small", frameon=False)
+    ax.set(xscale="log", ylim=(0, 1.02), xlabel=xlabel or column_label(x), ylabel="fraction", title=title)
+    _log_axis(ax.xaxis)
+    _legend(ax)
     return fig
 
 

@@ -29,8 +29,13 @@ def two_groups():
     return df.sample(frac=1, random_state=0)
 
 
+def legend(fig):
+    """The figure's legend: a figure legend beside the axes, or the axes' own where the caller placed the axes."""
+    return (fig.legends or [fig.axes[0].get_legend()])[0]
+
+
 def legend_texts(fig):
-    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    return [t.get_text() for t in legend(fig).get_texts()]
 
 
 def data_lines(ax):
@@ -139,7 +144,8 @@ def test_frontier_plot_shows_runs_frontier_and_fit():
     fig = plots.frontier_plot(curves, "flops", "val_loss", "size", frontier, fit)
     ax = fig.axes[0]
     texts = legend_texts(fig)
-    assert texts == ["size = 1", "size = 2", "compute-optimal frontier", f"frontier fit: {fit.label()}"]
+    assert texts == ["1", "2", "compute-optimal frontier", f"frontier fit: {fit.label()}"]
+    assert legend(fig).get_title().get_text() == "size"  # one entry per size, the column named once
     runs = [line for line in ax.lines if line.get_alpha() == 0.35]
     assert [list(line.get_xdata()) for line in runs] == [[1, 2, 4], [2, 4, 8]]  # one faint curve per run
     assert to_rgba(runs[0].get_color()) != to_rgba(runs[1].get_color())  # coloured by size
@@ -227,3 +233,106 @@ def test_save_to_another_root_and_bad_names(tmp_path):
     for bad in ("f.png", "sub/f"):
         with pytest.raises(ValueError, match="bare file name"):
             plots.save(fig, "nb", bad, root=tmp_path)
+
+
+def test_axis_and_legend_titles_are_words_with_units_unless_the_caller_names_them():
+    assert plots.column_label("flops") == "training compute (FLOPs)"
+    assert plots.column_label("best_val_loss") == "validation loss (nats per token)"
+    assert plots.column_label("test_loss") == "test loss (nats per token)"
+    assert plots.column_label("n_params_non_embedding") == "parameters (non-embedding)"
+    assert plots.column_label("n_train_molecules") == "training molecules"
+    assert plots.column_label("n_train_structures") == "training structures"
+    assert plots.column_label("test_force_mae_mev_per_a") == "test force MAE (meV/Å)"
+    assert plots.column_label("some_new_column") == "some_new_column"  # no words for it: its name
+    df = two_groups().rename(columns={"x": "n_train_molecules", "y": "best_val_loss", "size": "n_params_non_embedding"})
+    fig = plots.loglog(df, "n_train_molecules", "best_val_loss", hue="n_params_non_embedding")
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("training molecules", "validation loss (nats per token)")
+    assert legend(fig).get_title().get_text() == "parameters (non-embedding)"
+    own = plots.loglog(df, "n_train_molecules", "best_val_loss", xlabel="D", ylabel="L").axes[0]
+    assert (own.get_xlabel(), own.get_ylabel()) == ("D", "L")
+    curves = pd.DataFrame({"run_id": ["a"] * 3, "flops": [1e9, 1e10, 1e11], "val_loss": [3.0, 2.0, 1.5]})
+    frontier = plots.frontier_plot(curves, "flops", "val_loss").axes[0]
+    assert (frontier.get_xlabel(), frontier.get_ylabel()) == ("training compute (FLOPs)",
+                                                              "validation loss (nats per token)")
+    quality = pd.DataFrame({"n_params_non_embedding": [10, 100], "validity": [1.0, 1.0], "uniqueness": [1.0, 1.0],
+                            "novelty": [1.0, 1.0]})
+    assert plots.quality_plot(quality).axes[0].get_xlabel() == "parameters (non-embedding)"
+
+
+def test_a_data_exponent_is_beta_and_a_parameter_exponent_alpha():
+    df = two_groups().rename(columns={"x": "n_train_structures", "y": "test_force_mae_mev_per_a", "size": "name"})
+    fits = scaling.fit_groups(df, "n_train_structures", "test_force_mae_mev_per_a", by="name", n_bootstrap=0)
+    data = plots.loglog(df, "n_train_structures", "test_force_mae_mev_per_a", hue="name", fits=fits)
+    assert legend_texts(data) == ["1000: β = 0.10", "2e5: β = 0.30"]
+    one = plots.loglog(df, "n_train_structures", "test_force_mae_mev_per_a", fits=fits[1000])
+    assert legend_texts(one) == ["fit: β = 0.10"]
+    params = plots.loglog(df.rename(columns={"n_train_structures": "n_params"}), "n_params", "test_force_mae_mev_per_a",
+                          hue="name", fits=fits)
+    assert legend_texts(params) == ["1000: α = 0.10", "2e5: α = 0.30"]
+
+
+def labelled_ticks(axis):
+    """{tick value: label} of the labelled ticks, major and minor, inside the axis's view (after a draw)."""
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = [*zip(axis.get_majorticklocs(), axis.get_majorticklabels()),
+             *zip(axis.get_minorticklocs(), axis.get_minorticklabels())]
+    return {float(v): t.get_text() for v, t in ticks if lo <= v <= hi and t.get_text()}
+
+
+@pytest.mark.parametrize("lo, hi", [(0.8, 3.0), (1.9, 2.9), (20, 80)])
+def test_a_log_axis_under_a_decade_has_labels_between_its_decades(lo, hi):
+    df = pd.DataFrame({"x": [10, 100, 1000], "y": [hi, np.sqrt(lo * hi), lo]})
+    fig = plots.loglog(df, "x", "y")
+    fig.canvas.draw()
+    labels = labelled_ticks(fig.axes[0].yaxis)
+    assert len(labels) >= 3, labels
+    assert all(float(text) == pytest.approx(value, rel=1e-3) for value, text in labels.items())  # labels are values
+    if lo < 1:
+        assert any(1 < value < 2 for value in labels), labels  # a loss of 1.3 can be read between labels
+    spacing = np.diff(np.log10(sorted(labels)))
+    assert spacing.min() >= np.log10(hi / lo) / 14  # and they do not run into each other
+
+
+def test_a_log_axis_over_decades_labels_the_decades_and_stays_uncluttered():
+    df = pd.DataFrame({"x": [1e9, 1e11, 1e14], "y": [3.0, 2.0, 1.0]})
+    fig = plots.loglog(df, "x", "y")
+    fig.canvas.draw()
+    labels = labelled_ticks(fig.axes[0].xaxis)
+    assert {1e10: "1e10", 1e12: "1e12"}.items() <= labels.items()
+    assert len(labels) <= 9
+
+
+def plotted_points(ax):
+    """Display coordinates of every point drawn on the axes (markers and line vertices)."""
+    xy = [np.column_stack([line.get_xdata(), line.get_ydata()]) for line in ax.lines if len(line.get_xdata())]
+    return ax.transData.transform(np.vstack(xy))
+
+
+@pytest.mark.parametrize("n_groups", [2, 6])
+def test_the_legend_covers_no_point(n_groups):
+    x = np.logspace(1, 3, 5)
+    df = pd.DataFrame({"x": np.tile(x, n_groups), "y": np.concatenate([(k + 1) * x**-0.2 for k in range(n_groups)]),
+                       "size": np.repeat(10.0 ** np.arange(n_groups), len(x))})
+    df["convergence"] = np.where(df["x"] > 500, "capped", "converged")
+    fig = plots.loglog(df, "x", "y", hue="size", fits=scaling.fit_groups(df, "x", "y", by="size", n_bootstrap=0))
+    fig.canvas.draw()
+    box = legend(fig).get_window_extent()
+    points = plotted_points(fig.axes[0])
+    inside = ((points[:, 0] >= box.x0) & (points[:, 0] <= box.x1) & (points[:, 1] >= box.y0)
+              & (points[:, 1] <= box.y1))
+    assert not inside.any()
+    assert not box.overlaps(fig.axes[0].get_window_extent())  # nor any part of the axes a point could be in
+    assert box.x1 <= fig.bbox.x1  # and it is on the figure, not cut off
+
+
+@pytest.mark.parametrize("n_series", [2, 4, 10, 14, 20])
+def test_series_colours_differ(n_series):
+    df = pd.DataFrame({"x": np.tile([1.0, 10.0], n_series), "y": np.tile([2.0, 1.0], n_series),
+                       "size": np.repeat(np.arange(n_series), 2)})
+    colours = [to_rgba(line.get_color())[:3] for line in data_lines(plots.loglog(df, "x", "y", hue="size").axes[0])
+               .values()]
+    assert len(colours) == n_series
+    colours = np.array(colours)
+    distance = np.linalg.norm(colours[:, None] - colours[None], axis=-1)  # in RGB, each channel 0..1
+    assert distance[~np.eye(n_series, dtype=bool)].min() > 0.15
