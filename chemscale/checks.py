@@ -96,3 +96,32 @@ def verify(results: pd.DataFrame, fits: dict, used: dict[str, pd.DataFrame] | No
     if "convergence" not in results.columns:  # results from before runs said why they stopped
         return summary
     return f"{summary}\n{convergence_report(results, used or {})}"
+
+
+BUDGET_TOLERANCE = 0.05  # a point whose metric improves by less than this with 3x its budget is not budget-limited
+
+
+def budget_check(runs: pd.DataFrame, longer: pd.DataFrame, metric: str, on: list[str],
+                 tolerance: float = BUDGET_TOLERANCE) -> pd.DataFrame:
+    """Did a point's budget set its metric? Each row of `longer` (a run trained again with 3x the step
+    budget, `sweep.longer`) beside the same point in `runs`, matched on the `on` columns.
+
+    `improvement` is (metric - metric_longer) / metric, lower being better; `verdict` says whether it is
+    below `tolerance` (the budget did not set the point) or not (it did, and the point is budget-limited
+    even if early stopping ended it). A point without a finished run on both sides is reported, not dropped.
+    """
+    keep = [*on, "max_steps", "steps", "convergence", metric]
+    a = runs[runs["status"] == "finished"][[c for c in keep if c in runs.columns]]
+    b = longer[longer["status"] == "finished"][[c for c in keep if c in longer.columns]]
+    table = longer[on].drop_duplicates().merge(a, on=on, how="left").merge(b, on=on, how="left", suffixes=("", "_3x"))
+    table["improvement"] = (table[metric] - table[f"{metric}_3x"]) / table[metric]
+
+    def verdict(gain: float) -> str:
+        if gain != gain:  # NaN: one side did not finish
+            return "not measured: a run did not finish"
+        if gain < tolerance:
+            return f"budget did not set it (3x budget: {gain:+.1%})"
+        return f"budget-limited (3x budget improves it by {gain:.1%})"
+
+    table["verdict"] = table["improvement"].map(verdict)
+    return table

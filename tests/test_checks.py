@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from chemscale import checks, scaling
 
@@ -27,3 +28,16 @@ def test_verify_reports_the_converged_share_over_all_runs_and_per_fit():
 def test_convergence_report_of_no_points_says_so():
     assert checks.convergence_report(_results("capped"), {"joint": _results().iloc[:0]}).splitlines() == [
         "all runs: 0 of 1 runs converged (0%)", "joint: no points"]
+
+
+def test_budget_check_says_which_points_their_budget_set():
+    runs = pd.DataFrame({"name": ["a", "b", "c"], "status": "finished", "max_steps": 100, "steps": [60, 100, 100],
+                         "convergence": ["converged", "capped", "capped"], "loss": [1.00, 2.00, 1.00]})
+    longer = pd.DataFrame({"name": ["a", "b", "c"], "status": ["finished", "finished", "crashed"], "max_steps": 300,
+                           "steps": [90, 300, None], "convergence": ["converged", "capped", None],
+                           "loss": [0.99, 1.50, None]})
+    table = checks.budget_check(runs, longer, "loss", on=["name"]).set_index("name")
+    assert table.loc["a", "improvement"] == pytest.approx(0.01) and table.loc["b", "improvement"] == pytest.approx(0.25)
+    assert table.loc["a", "verdict"].startswith("budget did not set it")
+    assert table.loc["b", "verdict"] == "budget-limited (3x budget improves it by 25.0%)"
+    assert table.loc["c", "verdict"].startswith("not measured") and table.loc["a", "steps_3x"] == 90
