@@ -130,22 +130,25 @@ def read_curve(run_dir: str | Path) -> Curve:
     val = [(int(r["step"]), _loss(r, "val_loss", run_dir)) for r in rows if r["val_loss"]]
     logged = [(int(r["step"]), float(r["flops"])) for r in rows if r.get("flops")]
     tcfg = config.get("train", {})
-    data = config.get("data", {})
-    size = (result or {}).get("n_train_molecules", (result or {}).get("n_train_structures",
-                                                                       data.get("n_train_molecules",
-                                                                                data.get("n_train_structures"))))
+    lacking = [k for k in ("batch_size", "devices", "num_nodes", "max_steps") if k not in tcfg]
+    if lacking:
+        raise CurveError(f"{run_dir}: config.json's train section lacks {lacking} (written by an older chemscale?)")
+    # The training set actually used (result.json), else the one asked for (config.json): one epoch.
+    sizes = [src.get(k) for src in (result or {}, config.get("data", {}))
+             for k in ("n_train_molecules", "n_train_structures")]
+    result = result or {}
     return Curve(
         name=str(run_dir),
         train_loss=np.array([v for _, v in train], dtype=float),
-        batch=tcfg.get("batch_size", 64) * tcfg.get("devices", 1) * tcfg.get("num_nodes", 1),
-        max_steps=tcfg.get("max_steps", 1000),
+        batch=tcfg["batch_size"] * tcfg["devices"] * tcfg["num_nodes"],
+        max_steps=tcfg["max_steps"],
         val_steps=np.array([s for s, _ in val], dtype=int),
         val_loss=np.array([v for _, v in val], dtype=float),
         flops_steps=np.array([s for s, _ in logged], dtype=int),
         flops=np.array([v for _, v in logged], dtype=float),
-        final=None if result is None else result.get("best_val_loss"),
-        seconds=None if result is None else result.get("train_seconds"),
-        train_size=size,
+        final=result.get("best_val_loss"),
+        seconds=result.get("train_seconds"),
+        train_size=next((n for n in sizes if n is not None), None),
     )
 
 
@@ -473,7 +476,7 @@ def tse_pruner(window: int, *, estimator: str = "TSE-E", top_k: int | None = 1, 
                min_windows: int = 1, min_trials: int = 2, **options):
     """An Optuna pruner that prunes a trial whose estimator is worse than the other trials' at the same compute.
 
-    Report each training step's loss with `trial.report(loss, step)`, where `step` counts compute in
+    Report each training step's loss with `trial.report(loss, step)`, where `step` (from 1) counts compute in
     one unit for every trial: the examples seen (s · B) when batch sizes differ, or the optimizer
     step when they do not. The pruner builds the trial's windows of `window` such steps (window
     w holds the reports with ⌈step / window⌉ = w), takes its T complete windows, and compares its
@@ -519,8 +522,8 @@ def _pruner_class():
             if any(math.isnan(v) for v in values.values()):
                 return True
             t = int(max(values) // self.window)
-            mine = self._value(values, t)
-            if t < self.min_windows or mine is None:
+            mine = self._value(values, t) if t >= self.min_windows else None
+            if mine is None:
                 return False
             states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
             reached = [o.intermediate_values for o in study.get_trials(deepcopy=False, states=states)

@@ -1,6 +1,7 @@
 """Training Performance Estimation: estimators on hand-worked windows, rank agreement, replayed searches'
 compute and regret, the metrics reader's refusals, and the Optuna pruner in a real in-memory study."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -80,7 +81,7 @@ def test_equal_samples_give_equal_windows_across_batch_sizes():
 
 def test_window_defaults_to_the_common_training_set():
     c = curve(np.ones(20))
-    assert tpe.window_size([tpe.Curve(**{**c.__dict__, "train_size": 50})] * 2) == 50
+    assert tpe.window_size([dataclasses.replace(c, train_size=50)] * 2) == 50
     with pytest.raises(ConfigError, match="give the window"):
         tpe.window_size([c])
 
@@ -235,7 +236,8 @@ HEADER = "step,epoch,samples,flops,train_loss,val_loss,current_lr"
 def write_run(folder, lines, steps=None, header=HEADER):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"task": "chemgpt", "data": {"n_train_molecules": 30},
-                                                    "train": {"batch_size": 10, "max_steps": 6}}))
+                                                    "train": {"batch_size": 10, "max_steps": 6, "devices": 1,
+                                                              "num_nodes": 1}}))
     (folder / "metrics.csv").write_text("\n".join([header, *lines]) + "\n")
     if steps is not None:
         (folder / "result.json").write_text(json.dumps({"steps": steps, "best_val_loss": 1.5, "train_seconds": 3.0,
@@ -282,6 +284,10 @@ def test_read_curve_refuses_a_missing_or_foreign_file(tmp_path):
         tpe.read_curve(folder)
     (folder / "metrics.csv").write_text("a,b\n1,2\n")
     with pytest.raises(tpe.CurveError, match="no column"):
+        tpe.read_curve(folder)
+    write_run(folder, good_lines())
+    (folder / "config.json").write_text(json.dumps({"task": "chemgpt", "train": {"batch_size": 10}}))
+    with pytest.raises(tpe.CurveError, match="lacks"):
         tpe.read_curve(folder)
 
 
