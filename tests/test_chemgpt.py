@@ -1,5 +1,7 @@
 """ChemGPT against Hugging Face GPT-Neo (golden parity), sizes, padding and local attention."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,16 +129,17 @@ def test_tanh_gelu_matches_torch_and_gradcheck():
 
 
 def test_a_run_configs_model_section_is_the_models_shape():
-    """The `model` section is ChemGPTShape: the keys, defaults and order of before, so run ids stay
-    (the ids below were computed at the commit before the shape was shared); checked in one place."""
+    """The `model` section is ChemGPTShape: the keys, defaults and order of before, so run ids stay; checked in
+    one place. The ids below change with any run-config key added or default changed (last: the data
+    section's n_test_molecules, issue 10), never with the model section's shape."""
     from conftest import tiny_lm_config
 
     from chemscale import run_config, runs
     from chemscale.config import ConfigError
     from chemscale.lm.chemgpt import ChemGPTShape
 
-    assert runs.run_id(tiny_lm_config()) == "9afbf9042190"
-    assert runs.run_id({"task": "chemgpt"}) == "600f2d08335c"
+    assert runs.run_id(tiny_lm_config()) == "56cc4facfd94"
+    assert runs.run_id({"task": "chemgpt"}) == "553b20b635f2"
     assert list(run_config.complete_config({"task": "chemgpt"})["model"].items()) == [
         ("width", 64), ("depth", 2), ("n_heads", 0), ("n_positions", 128), ("attention_layers", "global"),
         ("window_size", 256), ("dropout", 0.0)]
@@ -145,3 +148,84 @@ def test_a_run_configs_model_section_is_the_models_shape():
     with pytest.raises(ConfigError, match="key 'dropout'"):
         ChemGPTConfig(vocab_size=30, dropout=1.0)
     assert ChemGPTConfig(vocab_size=30, width=512).n_heads == preset_heads(512) == 16
+
+
+# --- the held-out test split and result.json's test_loss ---------------------------------------------
+
+def _direct_test_loss(run_dir, n_test: int) -> float:
+    """best.pt's loss on the test split, one molecule at a time: nats per target token, [EOS] included."""
+    from chemscale.lm import corpus
+    from chemscale.lm.best import load_best_model
+
+    model, tokenizer = load_best_model(run_dir)
+    test = corpus.load("moses", "test", n_test, tokenizer=tokenizer, progress=False)
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(len(test)):
+            ids = torch.tensor([[BOS_ID, *test[i].tolist(), EOS_ID]])
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+            total, count = total + float(loss) * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    return total / count
+
+
+def test_result_has_the_best_models_loss_on_the_test_split_and_a_resume_writes_the_same(runs_root):
+    import math
+
+    from conftest import tiny_lm_config
+
+    from chemscale import runs, train
+
+    config = tiny_lm_config()
+    config["data"]["n_test_molecules"] = 300
+    run = runs.create("t", config, runs_root)
+    result = train.train(run)
+    assert result["n_test_molecules"] == result["n_test_molecules_asked"] == 300  # n_positions 128: all fit
+    assert math.isfinite(result["test_loss"]) and result["test_loss"] != result["best_val_loss"]
+    assert result["test_loss"] == pytest.approx(_direct_test_loss(run, 300), rel=1e-5)
+    (run / runs.RESULT).unlink()  # resumed from its last checkpoint: best.pt decides, not the process
+    again = train.train(run)
+    assert again["resumed_from_step"] == result["steps"] and again["test_loss"] == result["test_loss"]
+
+
+def test_the_test_set_is_the_same_for_every_run_of_a_source_and_shares_nothing_with_train_or_val(tmp_path):
+    """Its molecules depend on the source and n_test_molecules only, never on the run's n_train or n_val."""
+    from conftest import tiny_lm_config
+
+    from chemscale.lm import task as lm_task
+    from chemscale.run_config import TrainConfig
+
+    def splits(n_train, n_val, folder):
+        config = tiny_lm_config()
+        config["data"].update(n_train_molecules=n_train, n_val_molecules=n_val, n_test_molecules=200)
+        task = lm_task.build(config, TrainConfig(**config["train"]), tmp_path / folder, "t")
+        loaders = (task.train_loader, task.val_loader, task.test_loader)
+        return [{d.corpus.smiles()[i] for i in d.index} for d in (loader.dataset for loader in loaders)]
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    train_a, val_a, test_a = splits(100, 50, "a")
+    train_b, val_b, test_b = splits(300, 400, "b")
+    assert test_a == test_b and len(test_a) == 200
+    for train_set, val_set, test_set in ((train_a, val_a, test_a), (train_b, val_b, test_b)):
+        assert not (train_set & val_set or train_set & test_set or val_set & test_set)  # MOSES SMILES are canonical
+
+
+def test_more_test_molecules_than_the_split_holds_is_a_config_error(tmp_path):
+    from conftest import tiny_lm_config
+
+    from chemscale.config import ConfigError
+    from chemscale.lm import task as lm_task
+
+    config = tiny_lm_config()
+    config["data"]["n_test_molecules"] = 10_001
+    with pytest.raises(ConfigError, match=r"n_test_molecules = 10,001, but the test split of 'moses' leaves 10,000 "
+                                          r"molecules that encode; ask for at most 10,000"):
+        lm_task.validate(config, "t", data=True)
+    fixture = tmp_path / "mols.smi"  # 200 lines: a test split of 20
+    fixture.write_bytes((Path(__file__).parent / "fixtures" / "moses_200.smi").read_bytes())
+    config["data"].update(source=str(fixture), n_train_molecules=100, n_val_molecules=20, n_test_molecules=21)
+    with pytest.raises(ConfigError, match=r"n_test_molecules = 21, but the test split of '.*mols.smi' leaves 20"):
+        lm_task.validate(config, "t", data=True)
+    config["data"]["n_test_molecules"] = 20
+    lm_task.validate(config, "t", data=True)
+    with pytest.raises(ConfigError, match="key 'n_test_molecules'"):
+        lm_task.LMDataConfig(n_test_molecules=0)

@@ -27,7 +27,7 @@ from chemscale.lm.molecules import canonical
 from chemscale.lm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 MOSES test-split molecules
-# 9 lines: a user file this short has no validation split, so all of them are training molecules
+# 9 lines: a user file this short has no validation or test split, so all of them are training molecules
 BAD_SMI = "CCO\ncc(\nC1CC\n\nC(C)(C)(C)(C)C\nc1cccc1\nCCN ethylamine\nc1ccccc1\nO=C=O\n"
 
 
@@ -346,10 +346,38 @@ def test_a_wait_for_the_cache_lock_says_who_holds_it(tmp_path, capfd):
 
 # --- splits, nested subsets, tokenizer mapping -------------------------------------------------------
 
-def test_user_file_splits_are_disjoint_and_val_is_ten_percent():
-    train, val = quiet_load(str(FIXTURE), "train"), quiet_load(str(FIXTURE), "val")
-    assert (len(train), len(val)) == (180, 20)
-    assert sorted(train.smiles() + val.smiles()) == sorted(FIXTURE.read_text().split())
+def test_user_file_splits_are_disjoint_and_val_and_test_are_ten_percent_each():
+    """Training, test and validation take every line of the file once: none shared, by line or by molecule."""
+    train, val, test = (quiet_load(str(FIXTURE), split) for split in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (160, 20, 20)
+    assert sorted(train.smiles() + val.smiles() + test.smiles()) == sorted(FIXTURE.read_text().split())
+    lines = [set(cache.split_order(200, False, split, 0).tolist()) for split in ("train", "val", "test")]
+    assert set.union(*lines) == set(range(200)) and sum(map(len, lines)) == 200
+    molecules = [{canonical(s) for s in c.smiles()} for c in (train, val, test)]
+    assert not (molecules[0] & molecules[1] or molecules[0] & molecules[2] or molecules[1] & molecules[2])
+    # the validation split is the one of before the test split was carved: the permutation's last 10%
+    assert val.smiles() == [FIXTURE.read_text().split()[i] for i in np.random.default_rng(0).permutation(200)[180:]]
+
+
+def _moses_lines(split: str) -> list[str]:
+    """Every SMILES of a MOSES file, in file order."""
+    source = open_smiles_file(moses_path(split))
+    return [source.smiles_of(text)[0] for _, text in source.data_lines()]
+
+
+def test_moses_validation_and_test_splits_share_no_molecule_with_each_other_or_training():
+    """MOSES's test file gives validation (its permutation's start: the molecules runs validated on before the
+    test split existed) and test (its last 10,000); no test molecule is in the training file."""
+    lines = _moses_lines("test")
+    perm = np.random.default_rng(0).permutation(len(lines))
+    assert len(lines) == 176_074 and cache.split_range(len(lines), True, "test") == (166_074, 176_074)
+    val, test = quiet_load("moses", "val", 300), quiet_load("moses", "test", 300)
+    assert val.smiles() == [lines[i] for i in perm[:300]]  # MOSES drops nothing
+    assert test.smiles() == [lines[i] for i in perm[166_074:166_374]]
+    val_split, test_split = {lines[i] for i in perm[:166_074]}, {lines[i] for i in perm[166_074:]}
+    assert len(test_split) == 10_000 and not val_split & test_split  # MOSES SMILES are RDKit-canonical
+    assert not test_split.intersection(_moses_lines("train"))
+    assert quiet_load("moses", "test", 100, seed=0).smiles() == test.smiles()[:100]  # nested, like every split
 
 
 def test_nested_subsets_equal_fresh_smaller_loads(tmp_path, monkeypatch):
@@ -389,7 +417,7 @@ def test_mapping_onto_a_given_tokenizer():
 def test_moses_is_the_default_source():
     c = quiet_load(n_molecules=50)
     assert (len(c), c.report.source, c.report.split, c.report.dropped) == (50, "moses", "train", {})
-    assert moses_path("val").name == "test.csv.gz"
+    assert moses_path("val").name == moses_path("test").name == "test.csv.gz"
     assert c.tokens.dtype == np.uint16 and c.offsets.dtype == np.int64
 
 
@@ -465,7 +493,7 @@ def test_the_cache_is_keyed_on_how_the_bytes_are_read_not_on_the_file_name(tmp_p
         quiet_load(str(path), format="smi")  # the CIDs taken for molecules
     renamed = path.rename(tmp_path / "mols.csv")
     c = quiet_load(str(renamed))  # detected: pubchem
-    assert len(c) == 180 and c.report.dropped == {} and "layout 'pubchem'" in str(c.report)
+    assert len(c) == 160 and c.report.dropped == {} and "layout 'pubchem'" in str(c.report)
     assert sorted(p.name.split("-")[1] for p in cache_dir.iterdir() if p.is_dir()) == ["pubchem", "smi"]
 
 
@@ -504,10 +532,11 @@ def test_the_loaders_training_uses():
 
 def test_cli_reports_the_whole_file(tmp_path, capsys):
     """Every line of the file counts, whichever split it falls in: lines, kept, every dropped line, splits."""
-    val_lines = sorted(int(i) + 1 for i in cache.split_order(206, False, "val", 0))  # 20 of 206 lines
-    train_lines = sorted(set(range(1, 207)) - set(val_lines))
+    val_lines, test_lines = (sorted(int(i) + 1 for i in cache.split_order(206, False, split, 0))
+                             for split in ("val", "test"))  # 20 of 206 lines each
+    train_lines = sorted(set(range(1, 207)) - set(val_lines) - set(test_lines))
     bad = ["cc(", "", "C(C)(C)(C)(C)C", "c1cccc1", "C1CC", "xyz"]
-    bad_at = dict(zip([train_lines[5], train_lines[6], val_lines[3], train_lines[100], val_lines[-1], train_lines[-1]],
+    bad_at = dict(zip([train_lines[5], train_lines[6], val_lines[3], test_lines[2], val_lines[-1], train_lines[-1]],
                       bad))
     molecules = iter(FIXTURE.read_text().split())
     path = write(tmp_path / "mixed.txt", "".join((bad_at[i] if i in bad_at else next(molecules)) + "\n"
@@ -519,7 +548,7 @@ def test_cli_reports_the_whole_file(tmp_path, capsys):
         reason = {"": "empty", "C(C)(C)(C)(C)C": "valence"}.get(text, "invalid_smiles")
         expected.setdefault(reason, []).append(line_no)
     assert report.dropped == {r: sorted(v) for r, v in expected.items()}
-    assert report.splits == {"train": (186, 182), "val": (20, 18)}  # the val split's drops count too
+    assert report.splits == {"train": (166, 163), "val": (20, 18), "test": (20, 19)}  # held-out drops count too
     assert corpus.main([str(path), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "mixed.txt: 206 lines; layout 'smi'" in out and "kept 200 molecules, dropped 6 lines" in out
@@ -527,7 +556,8 @@ def test_cli_reports_the_whole_file(tmp_path, capsys):
     assert f"invalid_smiles 4: lines {corpus._ranges(sorted(expected['invalid_smiles']))}" in out
     assert f"empty 1: line {train_lines[6]}" in out
     assert f"line {train_lines[5]}: 'cc(' (invalid_smiles)" in out and "train vocabulary:" in out
-    assert "splits (seed 0): train 182 molecules of 186 lines, val 18 molecules of 20 lines" in out
+    assert ("splits (seed 0): train 163 molecules of 166 lines, val 18 molecules of 20 lines, "
+            "test 19 molecules of 20 lines") in out
     assert corpus.main([str(write(tmp_path / "x.csv", "a,b\n1,2\n"))]) == 2
     assert "no 'smiles' column" in capsys.readouterr().err
 
@@ -606,7 +636,7 @@ def test_a_manifest_with_changed_counts_is_rebuilt_never_looped_on_or_duplicated
         warnings.simplefilter("always")
         again = quiet_load(str(FIXTURE), n_molecules=None if target is None else 60)
     assert any("damaged cache" in str(w.message) for w in caught)
-    assert len(set(again.smiles())) == len(again) == (180 if target is None else 60)
+    assert len(set(again.smiles())) == len(again) == (160 if target is None else 60)
     assert again.smiles()[: len(first)] == first.smiles()
 
 
@@ -628,12 +658,12 @@ def test_an_edited_line_count_memo_is_recounted(tmp_path, cache_dir, monkeypatch
         monkeypatch.setattr(cache, "HASH_ALWAYS_BYTES", 0)
     path = tmp_path / "mols.smi"
     path.write_bytes(FIXTURE.read_bytes())
-    assert len(quiet_load(str(path))) == 180
+    assert len(quiet_load(str(path))) == 160
     memo = json.loads((cache_dir / "sources.json").read_text())
     (cache_dir / "sources.json").write_text(json.dumps({k: {**v, "n_lines": 100} for k, v in memo.items()}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert len(quiet_load(str(path))) == 180
+        assert len(quiet_load(str(path))) == 160
     assert any("does not match its checksum; recounting" in str(w.message) for w in caught)
 
 
@@ -645,7 +675,7 @@ def test_a_same_size_edit_with_its_mtime_restored_is_seen(tmp_path, monkeypatch)
     path = tmp_path / "mols.smi"
     path.write_bytes(FIXTURE.read_bytes())
     before = path.stat()
-    quiet_load(str(path)), quiet_load(str(path), "val")
+    quiet_load(str(path)), quiet_load(str(path), "val"), quiet_load(str(path), "test")
     lines = FIXTURE.read_text().split("\n")
     lines[0] = "C" * len(lines[0])  # same size, another molecule
     deadline = time.monotonic() + 10
@@ -654,8 +684,8 @@ def test_a_same_size_edit_with_its_mtime_restored_is_seen(tmp_path, monkeypatch)
         path.write_text("\n".join(lines))
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    train, val = quiet_load(str(path)), quiet_load(str(path), "val")
-    assert sorted(train.smiles() + val.smiles()) == sorted(x for x in lines if x)
+    train, val, test = quiet_load(str(path)), quiet_load(str(path), "val"), quiet_load(str(path), "test")
+    assert sorted(train.smiles() + val.smiles() + test.smiles()) == sorted(x for x in lines if x)
 
 
 @pytest.mark.parametrize("case", ["cr endings", "cr in line 1", "quote and cr", "huge quoted field"])
@@ -737,14 +767,14 @@ def test_a_molecule_that_still_hangs_stays_dropped_and_the_rest_is_kept(tmp_path
     first = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
     again = quiet_load(str(FIXTURE), workers=1, timeout_s=1.0)
     assert first.report.dropped == again.report.dropped == {"timeout": 1}
-    assert again.smiles() == first.smiles() and len(again) == 179
+    assert again.smiles() == first.smiles() and len(again) == 159
 
 
 def test_a_very_long_file_name(tmp_path):
     """Item 6: the cache folder took the whole stem: a 250-character name was 'File name too long'."""
     path = tmp_path / ("a" * 246 + ".smi")
     path.write_bytes(FIXTURE.read_bytes())
-    assert len(quiet_load(str(path))) == 180
+    assert len(quiet_load(str(path))) == 160
 
 
 @pytest.mark.parametrize("args, said", [
@@ -813,7 +843,7 @@ def test_a_big_encode_says_what_it_will_do_first(tmp_path, monkeypatch, capsys):
     """Item 11: `python -m chemscale.lm.corpus moses` encoded 1.58M molecules (~30 min) without a word."""
     monkeypatch.setattr(cache, "BIG_ENCODE", 100)
     load(str(FIXTURE), workers=1)
-    assert "moses_200.smi: encoding up to 180 molecules (about 1 min at ~1,000 molecules/s; cached for later " \
+    assert "moses_200.smi: encoding up to 160 molecules (about 1 min at ~1,000 molecules/s; cached for later " \
            "runs; -n N encodes only the first N)\n" in capsys.readouterr().err
     load(str(FIXTURE), workers=1)  # cached: says nothing
     assert "encoding up to" not in capsys.readouterr().err
@@ -821,5 +851,5 @@ def test_a_big_encode_says_what_it_will_do_first(tmp_path, monkeypatch, capsys):
 
 def test_the_cache_folder_name_is_cut_and_a_leading_dash_dropped(tmp_path):
     source = open_smiles_file(write(tmp_path / ("-" + "b" * 100 + ".smi"), "CCO\n"))
-    folder = cache._cache_folder(source, False, "train", 0, {"sha256": "0" * 64})
+    folder = cache._cache_folder(source, False, "train", 0, {"sha256": "0" * 64}, 1)
     assert folder.name.startswith("b" * (cache.STEM_CHARS - 1) + "-smi-train-") and len(folder.name) < 80

@@ -1,6 +1,10 @@
 """The on-disk corpus cache: one folder per (file, layout, split, seed), filled along a fixed permutation.
 
-The molecules of a split are visited in one fixed permutation (by `seed`); a cache holds the
+The lines of a file are visited in one fixed permutation (by `seed`) and each split is a fixed
+stretch of it (`split_range`): MOSES's train.csv.gz is the training split, its test.csv.gz gives
+the validation split and, from its last MAX_HELD_OUT lines, the test split; a user file gives
+training, test and validation splits, in that order. The molecules of a split are visited in
+that order; a cache holds the
 molecules kept so far along it (token ids back to back, offsets, positions, the SMILES) and what
 was dropped, by reason. `encoded(..., target)` encodes only what the cache lacks: a larger request
 encodes just the missing part and extends the cache, in rounds of ROUND_MOLECULES (a big encode
@@ -43,8 +47,8 @@ from chemscale.lm.tokenizer import Tokenizer
 
 
 CACHE_DIR = paths.CACHE / "corpus"  # the one place it is set; tests point it at a temporary folder
-SPLITS = ("train", "val")
-MAX_VAL_MOLECULES = 10_000  # a user file's validation split: the last min(10%, this) of its permutation
+SPLITS = ("train", "val", "test")
+MAX_HELD_OUT = 10_000  # lines of MOSES's test split; of a user file's validation and test splits: min(10%, this) each
 MAX_SYMBOLS = 1024  # longer molecules (PubChem has peptides and polymers) are dropped as 'too_long'
 SMILES_CHARS_PER_SYMBOL = 16  # a SMILES this many characters a symbol over MAX_SYMBOLS is too long unread
 # every reason a line is dropped for (the keys of EncodeReport.dropped)
@@ -133,24 +137,36 @@ def n_data_lines(source: SmilesFile, fingerprint: dict) -> int:
     return max(0, fingerprint["n_lines"] - source.header_lines)
 
 
-def _split_size(n_lines: int, whole_file: bool, split: str) -> int:
-    """Data lines in a split (the length of `split_order`), without drawing the permutation."""
+def split_range(n_lines: int, whole_file: bool, split: str) -> tuple[int, int]:
+    """(start, stop): the stretch of its file's permutation that a split takes.
+
+    MOSES (`whole_file`): train.csv.gz is the training split, whole. Its test.csv.gz is split in
+    two: validation takes the permutation's start and the test split its last MAX_HELD_OUT lines,
+    so the first n validation molecules are the ones MOSES runs validated on before the test split
+    existed (for n up to the validation split's size), and the test set, which neither early
+    stopping nor the choice of best.pt ever sees, is the same whatever n_val_molecules a run asks.
+    A user file: its last min(10%, MAX_HELD_OUT) lines are the validation split (as before the
+    test split existed), the as many before them the test split, and the rest the training split."""
     if whole_file:
-        return n_lines
-    n_val = min(n_lines // 10, MAX_VAL_MOLECULES)
-    return n_val if split == "val" else n_lines - n_val
+        n_test = min(n_lines, MAX_HELD_OUT)
+        return {"train": (0, n_lines), "val": (0, n_lines - n_test), "test": (n_lines - n_test, n_lines)}[split]
+    n_held = min(n_lines // 10, MAX_HELD_OUT)
+    return {"train": (0, n_lines - 2 * n_held), "test": (n_lines - 2 * n_held, n_lines - n_held),
+            "val": (n_lines - n_held, n_lines)}[split]
+
+
+def split_size(n_lines: int, whole_file: bool, split: str) -> int:
+    """Data lines in a split (the length of `split_order`), without drawing the permutation."""
+    start, stop = split_range(n_lines, whole_file, split)
+    return stop - start
 
 
 def split_order(n_lines: int, whole_file: bool, split: str, seed: int) -> np.ndarray:
-    """Data-line indices of a split, in the fixed order in which molecules are taken.
+    """Data-line indices of a split, in the fixed order in which molecules are taken (see `split_range`).
 
-    MOSES has its own validation file; a user file's validation split is the last
-    min(10%, 10,000) lines of its permutation, its training split the rest."""
-    perm = np.random.default_rng(seed).permutation(n_lines)
-    if whole_file:
-        return perm
-    n_val = min(n_lines // 10, MAX_VAL_MOLECULES)
-    return perm[n_lines - n_val:] if split == "val" else perm[: n_lines - n_val]
+    The splits of one file are stretches of one permutation, so they never share a line."""
+    start, stop = split_range(n_lines, whole_file, split)
+    return np.random.default_rng(seed).permutation(n_lines)[start:stop]
 
 
 def _pick(source: SmilesFile, records: np.ndarray, progress: bool) -> list[tuple[int, str, str | None]]:
@@ -340,12 +356,17 @@ def _covers(state: State) -> bool:
     return bool(seen.all())
 
 
-def _cache_folder(source: SmilesFile, whole_file: bool, split: str, seed: int, fingerprint: dict) -> Path:
+def _cache_folder(source: SmilesFile, whole_file: bool, split: str, seed: int, fingerprint: dict,
+                  n_data: int) -> Path:
     """Keyed on the bytes and on how they are read (layout, column, encoding): a renamed file finds
-    its cache, an edited one does not. The name starts with the file's (cut) stem only for people
-    looking at the folder; the hash alone decides."""
+    its cache, an edited one does not. A split that is part of its file is keyed on its stretch of
+    the permutation too: when the splits were redrawn (the test split was carved out), its molecules
+    are a new cache, not a damaged one; a split that is a whole file (MOSES train) keeps its folder.
+    The name starts with the file's (cut) stem only for people looking at the folder; the hash alone decides."""
     key = (f"format={CACHE_FORMAT}|sha256={fingerprint['sha256']}|{source.key}|whole_file={whole_file}|"
            f"split={split}|seed={seed}|selfies={SELFIES_VERSION}|max_symbols={MAX_SYMBOLS}")
+    if (stretch := split_range(n_data, whole_file, split)) != (0, n_data):
+        key += "|lines={}:{}".format(*stretch)
     stem = source.path.name.split(".")[0][:STEM_CHARS].lstrip("-") or "file"
     return CACHE_DIR / f"{stem}-{source.layout}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -359,9 +380,9 @@ def encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target:
              timeout_s: float, progress: bool) -> tuple[State, bool, Path]:
     """(state with at least `target` kept molecules or the split exhausted, whether it was all cached, folder)."""
     fingerprint = source_fingerprint(source, progress)
-    cache = _Cache(_cache_folder(source, whole_file, split, seed, fingerprint))
     n_data = n_data_lines(source, fingerprint)
-    n_split = _split_size(n_data, whole_file, split)
+    cache = _Cache(_cache_folder(source, whole_file, split, seed, fingerprint, n_data))
+    n_split = split_size(n_data, whole_file, split)
     with _locked(cache.folder):
         state, problem = cache.read()
         if state is not None and state.n_lines != n_split:
@@ -370,7 +391,7 @@ def encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target:
             warnings.warn(f"{cache.folder}: damaged cache ({problem}); rebuilding it", stacklevel=3)
         if n_split == 0:
             raise CorpusError(f"{source.path}: no molecules in split {split!r} ({n_data} data lines; "
-                              "a user file's validation split is the last 10% of its lines)")
+                              "a user file's validation and test splits are 10% of its lines each)")
         order = split_order(n_data, whole_file, split, seed)
         retried = state is not None and _retry_transient(cache, state, source, order, workers, timeout_s, progress)
         if state is not None and (state.exhausted or (target is not None and state.n_kept >= target)):

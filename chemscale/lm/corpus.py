@@ -1,9 +1,11 @@
 """A corpus: the first n molecules of a SMILES source's split, as memory-mapped token ids; the CLI.
 
 Sources: "moses" (the MOSES corpus shipped in the `molsets` wheel: train 1,584,663 SMILES;
-its test split, 176,074, is our validation split) or a file in one of three layouts, read from
-its content whatever its name (`chemscale.lm.read`): PubChem `CID<TAB>SMILES`, one SMILES
-per line with an optional name, or CSV with a `smiles` column; `format=` overrides the layout.
+its test file, 176,074, gives our validation split and, from 10,000 of its lines, our test
+split) or a file in one of three layouts, read from its content whatever its name
+(`chemscale.lm.read`): PubChem `CID<TAB>SMILES`, one SMILES per line with an optional name, or
+CSV with a `smiles` column; `format=` overrides the layout. A file's lines are split three ways
+(training, then test and validation, min(10%, 10,000) lines each): `chemscale.lm.cache.split_range`.
 
 Nested subsets: the molecules of a split are visited in one fixed permutation (by `seed`) and
 `load(n_molecules=n)` returns the first n that encode, so the 10^3 set is inside the 10^4 set.
@@ -205,7 +207,7 @@ class FileReport:
             out.append("  dropped lines, for example:")
             out += [f"    line {line}: {text} ({reason})" for line, text, reason in self.examples]
         splits = ", ".join(f"{s} {kept:,} molecules of {n:,} lines" for s, (n, kept) in self.splits.items())
-        short = " (a file under 10 lines has no validation split)" if self.splits.get("val") == (0, 0) else ""
+        short = " (a file under 10 lines has no validation or test split)" if self.splits.get("val") == (0, 0) else ""
         out.append(f"  splits (seed {self.seed}): {splits}{short}")
         if self.train is not None:
             t = self.train
@@ -229,7 +231,7 @@ def describe(source: str, *, seed: int = 0, workers: int | None = None, timeout_
              progress: bool = True, format: str | None = None, split: str = "train") -> FileReport:  # noqa: A002
     """Encode every split of a file (cached, as training would) and say what the whole file holds.
 
-    MOSES keeps its splits in two files: `split` picks the one described."""
+    MOSES keeps its splits in two files (its test file holds val and test): `split` picks the one described."""
     _check_args(split, None, timeout_s, seed)
     smiles_file, whole_file = source_file(source, split, format)
     fingerprint = source_fingerprint(smiles_file, progress)

@@ -56,11 +56,13 @@ def clip(text: str, limit: int = CLIP_CHARS) -> str:
 
 
 def moses_path(split: str = "train") -> Path:
-    """Path of a MOSES file inside the molsets wheel, found without importing `moses` (its imports break)."""
+    """Path of a MOSES file inside the molsets wheel, found without importing `moses` (its imports break).
+
+    MOSES's test file holds both our validation and our test split (`chemscale.lm.cache.split_range`)."""
     spec = importlib.util.find_spec("moses")
     if spec is None or not spec.submodule_search_locations:
         raise CorpusError("source 'moses' needs the molsets wheel: pip install --no-deps molsets==0.3.1")
-    name = {"train": "train.csv.gz", "val": "test.csv.gz"}[split]
+    name = {"train": "train.csv.gz", "val": "test.csv.gz", "test": "test.csv.gz"}[split]  # val and test share it
     return Path(spec.submodule_search_locations[0]) / "dataset" / "data" / name
 
 

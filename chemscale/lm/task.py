@@ -1,7 +1,9 @@
 """The ChemGPT training task: SELFIES corpus -> ChemGPT -> next-token loss in nats per token.
 
 `chemscale.train` calls `build(config, ...)` for runs with `"task": "chemgpt"`, under the contract
-of `chemscale.task` (a sample is a token; result.json names them so). A run config
+of `chemscale.task` (a sample is a token; result.json names them so). Early stopping and the
+choice of best.pt use the validation split; at the end, the best model's loss on the test split,
+which neither ever saw, is result.json's `test_loss`. A run config
 has three sections, each a dataclass validated on load: `model` (`chemgpt.ChemGPTShape`, the
 model's own shape), `data` (`LMDataConfig`) and `train` (`chemscale.run_config.TrainConfig`).
 """
@@ -16,23 +18,28 @@ import torch
 
 from chemscale.config import from_dict, require
 from chemscale.lm import chemgpt, corpus, loader
+from chemscale.lm.cache import split_size
 from chemscale.lm.read import CorpusError, moses_path
 from chemscale.lm.tokenizer import PAD_ID
 from chemscale.lm.vocabulary import keep_vocabulary
-from chemscale.task import TaskModule
+from chemscale.task import BEST, TaskModule
 
 
 @dataclass
 class LMDataConfig:
-    """Which molecules a run trains and validates on."""
+    """Which molecules a run trains, validates and tests on (the splits: `chemscale.lm.cache.split_range`)."""
 
     source: str = "moses"  # 'moses' or a path to a PubChem CID-SMILES, .smi/.txt or .csv(.gz) file
     n_train_molecules: int = 1000  # nested subsets: the first n of a fixed permutation
-    n_val_molecules: int = 1000  # fixed validation subset (MOSES: its test split)
+    n_val_molecules: int = 1000  # fixed validation subset (MOSES: from its test file): early stopping, best.pt
+    # fixed test subset, the same for every run of a source: best.pt's test_loss. At most the test split's size
+    # (MOSES: 10,000 lines of its test file, apart from validation's; a user file: min(10%, 10,000) of its lines)
+    n_test_molecules: int = 2000
 
     def __post_init__(self):
         require(self.n_train_molecules > 0, "n_train_molecules", "must be > 0")
         require(self.n_val_molecules > 0, "n_val_molecules", "must be > 0")
+        require(self.n_test_molecules > 0, "n_test_molecules", "must be > 0")
 
 
 SECTIONS = {"model": chemgpt.ChemGPTShape, "data": LMDataConfig}  # config sections this task reads
@@ -42,12 +49,13 @@ EXTRA_COLUMNS: tuple[str, ...] = ()  # metrics.csv has the runner's columns only
 class Task:
     """What `build` gives the runner (`chemscale.task.RunTask`): module, loaders, end-of-run summaries."""
 
-    def __init__(self, module: ChemGPTModule, train_loader, val_loader, train_corpus, n_asked: tuple[int, int],
-                 n_fitting: tuple[int, int], dropped: int):
+    def __init__(self, module: ChemGPTModule, train_loader, val_loader, test_loader, train_corpus,
+                 n_asked: tuple[int, int, int], n_fitting: tuple[int, int, int], dropped: int):
         self.module, self.train_loader, self.val_loader = module, train_loader, val_loader
-        self.train_corpus, self.dropped_too_long = train_corpus, dropped
-        self.n_train_asked, self.n_val_asked = n_asked  # the config's numbers
-        self.n_train, self.n_val = n_fitting  # molecules that fit n_positions: what the run trains on
+        self.test_loader = test_loader  # read by `finish` only
+        self.train_corpus, self.dropped_too_long = train_corpus, dropped  # training and validation molecules
+        self.n_train_asked, self.n_val_asked, self.n_test_asked = n_asked  # the config's numbers
+        self.n_train, self.n_val, self.n_test = n_fitting  # molecules that fit n_positions: what the run uses
 
     def summary(self, best_val: float | None, train_seconds: float) -> dict:
         """result.json's ChemGPT entries; the module's samples are tokens, named so here."""
@@ -70,7 +78,38 @@ class Task:
         }
 
     def finish(self, run_dir: Path) -> dict:
-        return {}
+        """Loss of the best model (best.pt) on the test split, in nats per token as val_loss.
+
+        best_val_loss is the minimum over the validations that chose best.pt, so it is biased low
+        (most for small data, where validation is noisiest); test_loss is measured on molecules
+        neither early stopping nor that choice saw. It is computed from best.pt on the CPU in
+        float32 (whatever the training precision), so a resumed run writes the number the
+        uninterrupted one would. `n_test_molecules` counts the test molecules that fit n_positions."""
+        model = self.module.model
+        if (run_dir / BEST).exists():
+            model.load_state_dict(torch.load(run_dir / BEST, map_location="cpu", weights_only=True))
+        return {"test_loss": mean_loss(model.float().cpu(), self.test_loader), "n_test_molecules": self.n_test,
+                "n_test_molecules_asked": self.n_test_asked}
+
+
+def loss_and_count(model: chemgpt.ChemGPT, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token loss over a batch's non-padding targets, and how many there are."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    _, loss = model(inputs, targets)
+    return loss, (targets != PAD_ID).sum()
+
+
+def mean_loss(model: chemgpt.ChemGPT, batches) -> float:
+    """Nats per token over every non-padding target of `batches` (padded batches, as `loader` makes them).
+
+    Summed as validation sums them (loss·count, count; float64), in evaluation mode without gradients."""
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            loss, n = loss_and_count(model, batch.to(next(model.parameters()).device))
+            total, count = total + float(loss.double() * n), count + float(n)
+    return total / count
 
 
 class ChemGPTModule(TaskModule):
@@ -82,9 +121,7 @@ class ChemGPTModule(TaskModule):
 
     def step_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the non-padding targets, and how many there are."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        _, loss = self.model(inputs, targets)
-        return loss, (targets != PAD_ID).sum()
+        return loss_and_count(self.model, batch)
 
     def val_sums(self, batch) -> torch.Tensor:
         loss, count = self.step_loss(batch)
@@ -108,17 +145,26 @@ def load_data(data_cfg: LMDataConfig, seed: int, progress: bool = False):
     return train, val
 
 
+def load_test(data_cfg: LMDataConfig, tokenizer, progress: bool = False) -> corpus.TokenCorpus:
+    """The test corpus, mapped onto the training vocabulary `tokenizer`: the same molecules for every run of a
+    source (seed 0, whatever the run's seed and other sizes)."""
+    return corpus.load(data_cfg.source, "test", data_cfg.n_test_molecules, seed=0, tokenizer=tokenizer,
+                       progress=progress)
+
+
 def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     """Build the ChemGPT task of a run config (sections `model`, `data`)."""
     shape = from_dict(chemgpt.ChemGPTShape, config.get("model", {}), f"{source} [model]")
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
     seed = int(config.get("seed", 0))
     train_corpus, val_corpus = load_data(data_cfg, seed=0)  # data seed fixed: nested subsets across seeds
+    test_corpus = load_test(data_cfg, train_corpus.tokenizer)
     keep_vocabulary(run_dir, train_corpus.tokenizer, data_cfg.source)
-    train_idx = loader.fitting(train_corpus, shape.n_positions)
-    val_idx = loader.fitting(val_corpus, shape.n_positions)
+    train_idx, val_idx, test_idx = (loader.fitting(c, shape.n_positions)
+                                    for c in (train_corpus, val_corpus, test_corpus))
     _check_fitting(train_corpus, train_idx, "training", shape.n_positions, source)
     _check_fitting(val_corpus, val_idx, "validation", shape.n_positions, source)
+    _check_fitting(test_corpus, test_idx, "test", shape.n_positions, source)
     model = make_model(shape, len(train_corpus.tokenizer))
     mean_len = float(np.diff(np.asarray(train_corpus.offsets))[train_idx].mean()) + 1  # + [BOS] or [EOS]
     module = ChemGPTModule(model, tcfg, context=round(mean_len))
@@ -126,9 +172,11 @@ def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     train_loader = loader.train_loader(train_corpus, train_idx, tcfg.batch_size, seed,
                                        steps_done=lambda: module.global_step)
     val_loader = loader.val_loader(val_corpus, val_idx, tcfg.batch_size)
+    test_loader = loader.val_loader(test_corpus, test_idx, tcfg.batch_size)
     dropped = (len(train_corpus) - len(train_idx)) + (len(val_corpus) - len(val_idx))
-    return Task(module, train_loader, val_loader, train_corpus, (data_cfg.n_train_molecules, data_cfg.n_val_molecules),
-                (len(train_idx), len(val_idx)), dropped)
+    asked = (data_cfg.n_train_molecules, data_cfg.n_val_molecules, data_cfg.n_test_molecules)
+    return Task(module, train_loader, val_loader, test_loader, train_corpus, asked,
+                (len(train_idx), len(val_idx), len(test_idx)), dropped)
 
 
 def _check_fitting(tokens: corpus.TokenCorpus, fitting: np.ndarray, split: str, n_positions: int, source: str):
@@ -146,12 +194,12 @@ def _check_fitting(tokens: corpus.TokenCorpus, fitting: np.ndarray, split: str, 
 def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
     """Check the `model` and `data` sections of a ChemGPT run config.
 
-    With `data`, also check that the training split holds `n_train_molecules` molecules and the
-    validation split `n_val_molecules`: the corpus would otherwise give fewer without a word, and
-    runs asking for different sizes would train on the same set. A sweep checks once per source,
-    with its largest sizes, before any run starts. MOSES encodes without loss, so its line count
-    decides at once; a user file is encoded up to that size (what its first run would do anyway;
-    cached, so cheap later).
+    With `data`, also check that the training split holds `n_train_molecules` molecules, the
+    validation split `n_val_molecules` and the test split `n_test_molecules`: the corpus would
+    otherwise give fewer without a word, and runs asking for different sizes would train on the
+    same set. A sweep checks once per source, with its largest sizes, before any run starts.
+    MOSES encodes without loss, so its split's line count decides at once; a user file is encoded
+    up to that size (what its first run would do anyway; cached, so cheap later).
     """
     import gzip
     import warnings
@@ -162,11 +210,13 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
     data_cfg = from_dict(LMDataConfig, config.get("data", {}), f"{source} [data]")
     if not data:
         return
-    for split, key, name in (("train", "n_train_molecules", "training"), ("val", "n_val_molecules", "validation")):
+    for split, key, name in (("train", "n_train_molecules", "training"), ("val", "n_val_molecules", "validation"),
+                             ("test", "n_test_molecules", "test")):
         n = getattr(data_cfg, key)
         if data_cfg.source == "moses":
             with gzip.open(moses_path(split), "rb") as f:  # ~0.3 s; one header line
-                available = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
+                n_lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b"")) - 1
+            available = split_size(n_lines, True, split)
         else:
             with warnings.catch_warnings():  # the shortfall is reported below, as an error
                 warnings.simplefilter("ignore")
