@@ -191,6 +191,19 @@ def longer(config: dict, factor: float = 3.0) -> dict:
     return config
 
 
+def select(configs: list[dict], **where) -> list[dict]:
+    """The configs whose values, named as `collect`'s columns ('width', 'n_train_structures'), equal `where`:
+    one per run, in grid order (grids that share a point list it once). A `where` no config matches is an error."""
+    out: dict[str, dict] = {}
+    for config in configs:
+        flat = _flatten(config)
+        if all(flat.get(k) == v for k, v in where.items()):
+            out.setdefault(runs.run_id(config), config)
+    if not out:
+        raise ConfigError(f"no run of this grid has {where}: pick values that are on its axes")
+    return list(out.values())
+
+
 def run_dirs(configs: list[dict], root: Path | None = None) -> list[Path]:
     """Create (or find) the run folder of each config."""
     return [runs.create(c["study"], c, root) for c in configs]

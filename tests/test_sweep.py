@@ -396,3 +396,14 @@ def test_budget_follows_each_point_clipped_to_its_floor_and_cap():
     assert [c["train"]["max_steps"] for c in configs] == [1500] * 3, "the configs given are left as they were"
     assert sweep.budget(configs, epochs=0) == configs
     assert sweep.longer(budgeted[1])["train"]["max_steps"] == 300 and budgeted[1]["train"]["max_steps"] == 100
+
+
+def test_select_finds_a_point_once_and_refuses_one_off_the_grid():
+    from conftest import tiny_lm_config
+
+    base = tiny_lm_config()
+    configs = sweep.grid("s", base, width=[16, 32]) + sweep.grid("s", base, width=[32, 64])
+    picked = sweep.select(configs, width=32, n_train_molecules=200)
+    assert len(picked) == 1 and picked[0]["model"]["width"] == 32
+    with pytest.raises(ConfigError, match="no run of this grid"):
+        sweep.select(configs, width=48)
