@@ -166,9 +166,9 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
 
     A run may take `epochs` passes over its own training set, at least `min_steps` steps (a tiny
     set still gets enough validations to stop early) and at most the config's `max_steps`:
-    max_steps = clip(ceil(epochs · n_train / batch_size), min_steps, max_steps). With early stopping,
-    this is a cap that a converged run does not reach; a run that does reach it is marked capped in
-    result.json. The cosine schedule decays over this budget, the run's own. `epochs` <= 0 leaves
+    max_steps = clip(ceil(epochs · n_train / (batch_size · devices · num_nodes)), min_steps, max_steps).
+    With early stopping, this is a cap that a converged run does not reach; a run that does reach it
+    is marked capped in result.json. The cosine schedule decays over this budget, the run's own. `epochs` <= 0 leaves
     every config's max_steps as it is. Returns new configs; the ones given are not changed.
     """
     if epochs <= 0:
@@ -177,7 +177,9 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
     for config in configs:
         config = copy.deepcopy(config)
         train, key = config.setdefault("train", {}), TRAIN_SIZE[config["task"]]
-        n_train, batch = int(config["data"][key]), int(train.get("batch_size", 64))
+        # examples per optimizer step: batch_size is per device, and DDP runs devices x num_nodes of them
+        n_train = int(config["data"][key])
+        batch = int(train.get("batch_size", 64)) * int(train.get("devices", 1)) * int(train.get("num_nodes", 1))
         cap = int(train.get("max_steps", 1000))
         train["max_steps"] = max(1, min(cap, max(int(min_steps), math.ceil(epochs * n_train / batch))))
         out.append(config)
