@@ -24,6 +24,7 @@ fields) builds the LightningModule and the data loaders, under the contract writ
   left alone unless asked to retrain (`--retrain` moves its outputs to `previous/<time>/`);
   `stop_reason` says what ended it: "early_stopped", "max_steps" or "diverged", and `convergence` what
   that makes its loss: "converged", "capped" (the step budget's loss, not the model's) or "diverged";
+  `energy_kj` what the run's GPUs used, where NVML reads it (`chemscale.energy`; null and why elsewhere);
 - `train.lock`: held (flock) while a process trains the run, so a second sweep or notebook that
   reaches the same run fails at once with the holder's pid instead of writing into its files.
 """
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from chemscale import memory, runs
+from chemscale import energy, memory, runs
 from chemscale.config import ConfigError, atomic_write_json
 from chemscale.run_config import TrainConfig, complete_config, parse_train_config, task_kind
 
@@ -309,6 +310,8 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             self.best_step = -1
             self.val_seconds = 0.0
             self.earlier_seconds = 0.0
+            self.energy = energy.RunEnergy()
+            self.energy_result = self.energy.last
             self._lr = 0.0
             self._val_t0 = self.fit_t0 = self.fit_t1 = 0.0
 
@@ -318,11 +321,13 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
 
         def state_dict(self):
             return {"best_val": self.best_val, "best_step": self.best_step, "rng": _rng_state(),
-                    "train_seconds": self.earlier_seconds + self.segment_seconds()}
+                    "train_seconds": self.earlier_seconds + self.segment_seconds(),
+                    "energy": self.energy.state_dict()}
 
         def load_state_dict(self, state):
             self.best_val, self.best_step = state["best_val"], state["best_step"]
             self.earlier_seconds = state.get("train_seconds", 0.0)  # of the attempts before this resume
+            self.energy.load_state_dict(state.get("energy"))
             if "rng" in state:
                 _set_rng_state(state["rng"])
 
@@ -341,9 +346,21 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
 
         def on_train_start(self, trainer, module):
             self.fit_t0 = time.perf_counter()  # after Lightning's setup: the rate measures training
+            self.energy.start(trainer.strategy.root_device)
 
         def on_train_end(self, trainer, module):
             self.fit_t1 = time.perf_counter()
+            self.energy_result = self.energy.total(self._sum(trainer))
+
+        def on_exception(self, trainer, module, exception):
+            if isinstance(exception, Diverged):  # every process raises it at the same step: the sum can be taken
+                self.energy_result = self.energy.total(self._sum(trainer))
+
+        @staticmethod
+        def _sum(trainer):
+            """A tensor summed over the run's processes (on each one's device, as NCCL needs), back on CPU."""
+            device = trainer.strategy.root_device
+            return lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
 
         def on_validation_start(self, trainer, module):
             self._val_t0 = time.perf_counter()
@@ -378,6 +395,7 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
                 self.best_val, self.best_step = val, trainer.global_step
                 module.on_new_best(run_dir)
             module.after_validation(val)  # the plateau schedule's step, saved by the checkpoint below
+            self.energy.total(self._sum(trainer))  # the figure the checkpoint below holds for a resume
             tmp = run_dir / f".{runs.CHECKPOINT}.tmp"
             trainer.save_checkpoint(tmp)
             if trainer.is_global_zero:
@@ -558,7 +576,7 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
         "best_step": book.best_step, "steps": trainer.global_step, "wall_s": wall,
         "train_seconds": train_seconds, "stop_reason": stop_reason, "stopped_early": stop_reason == "early_stopped",
         "convergence": CONVERGENCE[stop_reason], "resumed_from_step": None if resume is None else step,
-        **task.summary(best_val, segment),
+        **task.summary(best_val, segment), **energy.entries(*book.energy_result),
     }
     if status == "finished":
         result.update(task.finish(run_dir))

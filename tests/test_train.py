@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from chemscale import paths, runs, sweep, task, train
+from chemscale import energy, paths, runs, sweep, task, train
 from chemscale.lm import loader
 from chemscale.config import ConfigError
 from conftest import tiny_lm_config
@@ -471,3 +471,83 @@ def test_early_stopping_with_a_relative_threshold_ignores_smaller_improvements(r
     assert stop is not None and stop == len(vals) - 1, "the run ends at the 2nd validation without a 5% gain"
     assert result["stop_reason"] == "early_stopped" and result["steps"] < 200
     assert any(b < a for a, b in zip(vals, vals[1:stop + 1]) if b > a * 0.95), "a small gain was seen and ignored"
+
+
+class _StandInNVML:
+    """In place of pynvml, the calls `chemscale.energy` makes: a counter (mJ) that moves by `step` at each
+    read, and the values it returned, so a test knows what the run must report."""
+
+    def __init__(self, start: int, step: int, fail: Exception | None = None):
+        self.next, self.step, self.fail, self.values = start, step, fail, []
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return uuid
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        if self.fail is not None:
+            raise self.fail
+        self.values.append(self.next)
+        self.next += self.step
+        return self.values[-1]
+
+
+def _stand_in_nvml(monkeypatch, start=5_000_000, step=1_234_567, fail=None):
+    """Force the energy counter on, on any machine: a stand-in pynvml, and the training device taken for a GPU."""
+    nvml = _StandInNVML(start, step, fail)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(energy, "nvml_uuid", lambda device: "GPU-stand-in")
+    return nvml
+
+
+def test_energy_is_the_gpu_counter_difference_where_nvml_reads_it_and_null_with_why_elsewhere(runs_root, monkeypatch):
+    plain = runs.create("t", tiny_lm_config(), runs_root / "plain")
+    result = train.train(plain)
+    assert result["energy_kj"] is None and result["energy_note"] == energy.NO_GPU, "not measured is never 0"
+    nvml = _stand_in_nvml(monkeypatch)
+    measured = runs.create("t", tiny_lm_config(), runs_root / "measured")
+    assert measured.name == plain.name, "energy is no part of the run's config"
+    result = train.train(measured)
+    assert len(nvml.values) >= 2 and result["energy_note"] is None
+    assert result["energy_kj"] == pytest.approx((nvml.values[-1] - nvml.values[0]) / 1e6), "mJ at the end - at start"
+    assert _losses(measured) == _losses(plain), "measuring changes no loss"
+
+
+def test_a_resumed_run_adds_the_energy_of_the_attempt_before_the_resume(runs_root, monkeypatch):
+    run_dir = runs.create("t", tiny_lm_config(max_steps=12), runs_root)
+    before = _stand_in_nvml(monkeypatch)
+    _train_until_crash(monkeypatch, run_dir, 11)  # reads at training start and at step 10's checkpoint
+    assert len(before.values) == 2
+    after = _stand_in_nvml(monkeypatch, start=700_000, step=2_000_000)  # another machine: its counter is lower
+    result = train.train(run_dir)
+    expected = (before.values[1] - before.values[0]) + (after.values[-1] - after.values[0])
+    assert result["energy_kj"] == pytest.approx(expected / 1e6), "steps 1-10 count, not only steps 11-12"
+
+
+@pytest.mark.parametrize("nvml,note", [
+    (None, "pynvml is not installed (pip install nvidia-ml-py)"),
+    (_StandInNVML(0, 1, fail=RuntimeError("Not Supported")), "(RuntimeError: Not Supported): energy not measured"),
+])
+def test_a_gpu_whose_energy_nvml_cannot_read_gets_a_note_not_a_number(monkeypatch, nvml, note):
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)  # None: `import pynvml` raises ImportError
+    monkeypatch.setattr(energy, "nvml_uuid", lambda device: "GPU-stand-in")
+    run = energy.RunEnergy()
+    run.start(torch.device("cpu"))
+    mj, why = run.total(lambda t: t)
+    assert mj is None and note in why
+
+
+def test_a_counter_that_goes_back_or_a_checkpoint_without_energy_gives_no_figure(monkeypatch):
+    nvml = _stand_in_nvml(monkeypatch, start=9_000_000, step=-1_000_000)  # the driver reloaded mid-run
+    run = energy.RunEnergy()
+    run.start(torch.device("cpu"))
+    mj, why = run.total(lambda t: t)
+    assert mj is None and why == "the GPU's energy counter went back (driver reloaded?): energy not measured"
+    nvml.step = 1_000
+    resumed = energy.RunEnergy()
+    resumed.load_state_dict(None)  # a checkpoint written before energy was recorded
+    resumed.start(torch.device("cpu"))
+    mj, why = resumed.total(lambda t: t)
+    assert mj is None and "no energy figure" in why
