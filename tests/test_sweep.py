@@ -21,7 +21,7 @@ from conftest import tiny_lm_config
 from test_ff_data import ethanol_arrays, write_rmd17
 from test_ff_task import tiny_ff_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 lines: a training split of 180
+FIXTURE = Path(__file__).parent / "fixtures" / "moses_200.smi"  # 200 lines: a training split of 160
 
 
 def crashing_config(**train):
@@ -150,7 +150,7 @@ def test_a_training_set_larger_than_the_split_is_refused_before_any_run(runs_roo
     base["data"]["source"] = str(FIXTURE)
     configs = sweep.grid("s", base, n_train_molecules=[100, 500])
     with pytest.raises(ConfigError, match=r"n_train_molecules = 500, but the training split of '.*moses_200.smi' "
-                                          r"leaves 180 molecules"):
+                                          r"leaves 160 molecules"):
         sweep.run(configs, progress=False, root=runs_root)
     assert not (runs_root / "s").exists()  # no run folder was made, nothing trained
     base["data"]["source"] = "moses"
@@ -169,18 +169,19 @@ def test_data_is_checked_once_per_source_at_its_largest_size(monkeypatch, tmp_pa
     monkeypatch.setattr(corpus, "load", lambda source, split, n, **kw: calls.append((source, split, n))
                         or load(source, split, n, **kw))
     base = tiny_lm_config()
-    base["data"].update(source=str(FIXTURE), n_val_molecules=20)
+    base["data"].update(source=str(FIXTURE), n_val_molecules=20, n_test_molecules=20)
     configs = sweep.grid("s", base, width=[16, 32], n_train_molecules=[50, 120, 80])
     sweep.check_data(configs)
-    assert calls == [(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20)]
+    assert calls == [(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20), (str(FIXTURE), "test", 20)]
     calls.clear()
     other = tiny_lm_config()
-    other["data"].update(source=str(tmp_path / "copy.smi"), n_train_molecules=150, n_val_molecules=10)
+    other["data"].update(source=str(tmp_path / "copy.smi"), n_train_molecules=150, n_val_molecules=10,
+                         n_test_molecules=10)
     (tmp_path / "copy.smi").write_bytes(FIXTURE.read_bytes())
     sweep.check_data(configs + [other])
     copy = str(tmp_path / "copy.smi")
-    assert sorted(calls) == sorted([(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20),
-                                    (copy, "train", 150), (copy, "val", 10)])
+    assert sorted(calls) == sorted([(str(FIXTURE), "train", 120), (str(FIXTURE), "val", 20), (str(FIXTURE), "test", 20),
+                                    (copy, "train", 150), (copy, "val", 10), (copy, "test", 10)])
 
 
 def test_a_validation_set_larger_than_the_split_is_refused_before_any_run(runs_root):
@@ -396,6 +397,8 @@ def test_budget_follows_each_point_clipped_to_its_floor_and_cap():
     assert [c["train"]["max_steps"] for c in configs] == [1500] * 3, "the configs given are left as they were"
     assert sweep.budget(configs, epochs=0) == configs
     assert sweep.longer(budgeted[1])["train"]["max_steps"] == 300 and budgeted[1]["train"]["max_steps"] == 100
+    ddp = dict(configs[2], train={**configs[2]["train"], "devices": 2, "num_nodes": 2})
+    assert sweep.budget([ddp], epochs=5)[0]["train"]["max_steps"] == 250, "4 processes take 4 batches a step"
 
 
 def test_select_finds_a_point_once_and_refuses_one_off_the_grid():
