@@ -125,6 +125,7 @@ def test_export_writes_card(trained_run, exported):
     result = runs.read_result(trained_run)
     card = (exported / "README.md").read_text()
     assert f"{result['best_val_loss']:.4f} nats per token" in card
+    assert f"test loss {result['test_loss']:.4f} nats per token on {result['n_test_molecules']:,} held-out" in card
     assert f"{model.n_params(non_embedding=False):,} parameters" in card and "`moses`: 200 training molecules" in card
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "gpt_neo" and config["vocab_size"] == len(train_corpus.tokenizer)
@@ -240,7 +241,7 @@ def test_the_run_keeps_its_vocabulary_and_the_corpus_it_trained_on(runs_root, tm
     smi = tmp_path / "mine.smi"
     smi.write_text("\n".join(lines[:100]) + "\n")
     config = tiny_lm_config(max_steps=4, val_every_steps=2)
-    config["data"] = {"source": str(smi), "n_train_molecules": 60, "n_val_molecules": 5}
+    config["data"] = {"source": str(smi), "n_train_molecules": 60, "n_val_molecules": 5, "n_test_molecules": 10}
     run = runs.create("t", config, runs_root)
     assert train.train(run)["status"] == "finished"
     _, train_corpus = best.load_best(run)

@@ -158,11 +158,18 @@ def _name_tokenizer_class(path: Path) -> None:
 
 
 def model_card(run_dir: Path, config: dict, model, tokenizer: Tokenizer) -> str:
-    """README.md of the export: data, size, loss, provenance and how to load and sample."""
+    """README.md of the export: data, size, loss, provenance and how to load and sample.
+
+    The loss row cites the test loss (result.json's `test_loss` on `n_test_molecules`) beside the best
+    validation loss when the run has one: the validation minimum chose the weights, so it is biased low."""
     result = runs.read_result(run_dir) or {}
     data, c = config.get("data", {}), model.config
     loss = result.get("best_val_loss")
     loss_text = f"{loss:.4f} nats per token" if isinstance(loss, (int, float)) else "not recorded"
+    test_loss = result.get("test_loss")  # an unfinished run, or one from before the test split, has none
+    test_text = (f"; test loss {test_loss:.4f} nats per token on {_count(result.get('n_test_molecules'))} held-out "
+                 "test molecules that neither early stopping nor the choice of these weights saw"
+                 if isinstance(test_loss, (int, float)) else "")
     status = result.get("status", "not finished (no result.json): the best weights so far")
     n_train = result.get("n_train_molecules", data.get("n_train_molecules"))  # kept, or asked for before the end
     rows = {
@@ -175,7 +182,7 @@ def model_card(run_dir: Path, config: dict, model, tokenizer: Tokenizer) -> str:
         "vocabulary": f"{len(tokenizer)} tokens: one per SELFIES symbol, `[PAD] [BOS] [EOS] [UNK]` "
                       "at ids 0-3",
         "loss": f"best validation loss {loss_text} (next-token cross-entropy, padding excluded) at step "
-                f"{result.get('best_step', '?')} of {result.get('steps', '?')}; run {status}",
+                f"{result.get('best_step', '?')} of {result.get('steps', '?')}{test_text}; run {status}",
         "provenance": f"chemscale commit `{config.get('meta', {}).get('git_commit')}`; exported "
                       f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}",
     }
