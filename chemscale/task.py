@@ -70,6 +70,9 @@ class TaskModule(pl.LightningModule):
         self.lr, self.weight_decay = tcfg.lr, tcfg.weight_decay
         self.warmup_steps, self.max_steps = tcfg.warmup_steps, tcfg.max_steps
         self.schedule, self.plateau_factor, self.plateau_patience = tcfg.schedule, tcfg.plateau_factor, tcfg.plateau_patience
+        # What the plateau schedule counts as an improvement: early stopping's relative gain, so the rate is
+        # lowered by the same measure that ends the run (torch's default 1e-4 where early stopping takes any gain).
+        self.plateau_threshold = tcfg.min_rel_improvement or 1e-4
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
         self._plateau_state: dict | None = None
         self.flops_per_sample = 0.0
@@ -169,7 +172,8 @@ class TaskModule(pl.LightningModule):
         warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / max(1, self.warmup_steps), end_factor=1.0,
                                                    total_iters=max(1, self.warmup_steps - 1))
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.plateau_factor,
-                                                                  patience=self.plateau_patience)
+                                                                  patience=self.plateau_patience,
+                                                                  threshold=self.plateau_threshold, threshold_mode="rel")
         if self._plateau_state:
             self.plateau.load_state_dict(self._plateau_state)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

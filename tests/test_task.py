@@ -113,3 +113,19 @@ def test_samples_and_validation_sums_are_summed_over_ranks():
         p.join(timeout=60)
         assert p.exitcode == 0
     assert results == [(0, 36, 36, {"count": 8.0}), (1, 36, 36, {"count": 8.0})]
+
+
+@pytest.mark.parametrize("rel,threshold", [(0.0, 1e-4), (0.02, 0.02)])
+def test_the_plateau_schedule_counts_improvement_as_early_stopping_does(rel, threshold):
+    """A validation that early stopping would not count as a gain does not count for the plateau either."""
+    from chemscale.run_config import TrainConfig
+    from chemscale.task import TaskModule
+
+    tcfg = TrainConfig(schedule="plateau", min_rel_improvement=rel, plateau_patience=0, patience=0, lr=1.0,
+                       warmup_steps=0)
+    module = TaskModule(torch.nn.Linear(2, 1), tcfg)
+    opt = module.configure_optimizers()["optimizer"]
+    assert module.plateau.threshold == threshold and module.plateau.threshold_mode == "rel"
+    module.plateau.step(1.0)
+    module.plateau.step(1.0 - 0.5 * threshold)  # a gain below the threshold: the rate is halved (patience 0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
