@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -551,3 +552,44 @@ def test_a_counter_that_goes_back_or_a_checkpoint_without_energy_gives_no_figure
     resumed.start(torch.device("cpu"))
     mj, why = resumed.total(lambda t: t)
     assert mj is None and "no energy figure" in why
+
+
+_STAND_IN_SITE = '''
+import os, sys
+import chemscale.energy
+
+class StandInNVML:
+    """pynvml's calls that chemscale.energy makes; each read appended to $NVML_LOG/<pid> (one counter a process)."""
+    next = 3_000_000
+    def nvmlInit(self):
+        pass
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return uuid
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        self.next += 456_789
+        with open(os.path.join(os.environ["NVML_LOG"], str(os.getpid())), "a") as f:
+            f.write(f"{self.next}\\n")
+        return self.next
+
+sys.modules["pynvml"] = StandInNVML()
+chemscale.energy.nvml_uuid = lambda device: "GPU-stand-in"
+'''
+
+
+def test_ddp_sums_the_energy_of_every_process_each_read_on_its_own_gpu(runs_root, tmp_path):
+    """2 gloo processes, each with its own stand-in counter (a sitecustomize.py, as subprocesses cannot be
+    monkeypatched): the run's energy is the sum of their differences."""
+    site, log = tmp_path / "site", tmp_path / "nvml"
+    site.mkdir()
+    log.mkdir()
+    (site / "sitecustomize.py").write_text(_STAND_IN_SITE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(paths.ROOT)]), "NVML_LOG": str(log)}
+    run_dir = runs.create("t", tiny_lm_config(devices=2, strategy="ddp", max_steps=10, val_every_steps=5), runs_root)
+    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
+                          cwd=paths.ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reads = [[int(v) for v in f.read_text().split()] for f in log.iterdir()]
+    assert len(reads) == 2, "each process reads its own counter"
+    result = json.loads((run_dir / runs.RESULT).read_text())
+    assert result["energy_note"] is None
+    assert result["energy_kj"] == pytest.approx(sum(r[-1] - r[0] for r in reads) / 1e6)
