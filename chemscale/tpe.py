@@ -24,10 +24,17 @@ fraction f of the runs' common budget, f · max_steps · B (refused when the run
 since a fraction of different budgets is not equal compute). Compute spent by a search is counted
 in FLOPs (the metrics' flops column, interpolated between validations), measured training seconds
 (scaled by the fraction of steps trained) or examples.
+
+Notebook 03 runs a study with the last part of this module: `validate_every_window` makes a grid's
+runs validate at the end of every window (the same examples seen in every run), and
+`agreement_table`, `hardness`, `search_table`, `pruner_table` (Optuna's pruners replayed from the
+recorded curves by `replay_pruner`), `summary`, `verify_study` and the three figures turn the finished
+runs into its tables, its comparison with the paper's claim and its closing checks.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import math
@@ -108,11 +115,13 @@ class Curve:
         raise ConfigError(f"compute unit {unit!r}: expected one of {UNITS}")
 
 
-def read_curve(run_dir: str | Path) -> Curve:
-    """A run folder's curve: metrics.csv checked whole, with config.json and (if finished) result.json.
+def read_curve(run_dir: str | Path, metric: str = "best_val_loss") -> Curve:
+    """A run folder's curve: metrics.csv checked whole, with config.json and (if finished) result.json,
+    whose `metric` is the curve's `final` (the ground truth a ranking is judged by).
 
     Refused with `CurveError` naming the folder: a row cut short, training steps that are not
-    1 … S each once, a NaN or infinite loss, or fewer training steps than result.json says ran.
+    1 … S each once, a NaN or infinite loss, fewer training steps than result.json says ran, or a
+    finished run whose result.json has no finite `metric`.
     """
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
@@ -137,6 +146,10 @@ def read_curve(run_dir: str | Path) -> Curve:
     sizes = [src.get(k) for src in (result or {}, config.get("data", {}))
              for k in ("n_train_molecules", "n_train_structures")]
     result = result or {}
+    value = result.get(metric)
+    finite = isinstance(value, (int, float)) and math.isfinite(value)
+    if result and result.get("status", "finished") == "finished" and not finite:
+        raise CurveError(f"{run_dir}: result.json has no finite {metric!r} ({value!r}) to rank against")
     return Curve(
         name=str(run_dir),
         train_loss=np.array([v for _, v in train], dtype=float),
@@ -146,7 +159,7 @@ def read_curve(run_dir: str | Path) -> Curve:
         val_loss=np.array([v for _, v in val], dtype=float),
         flops_steps=np.array([s for s, _ in logged], dtype=int),
         flops=np.array([v for _, v in logged], dtype=float),
-        final=result.get("best_val_loss"),
+        final=value,
         seconds=result.get("train_seconds"),
         train_size=next((n for n in sizes if n is not None), None),
     )
@@ -179,8 +192,8 @@ def _loss(row: dict, key: str, run_dir: Path) -> float:
     return value
 
 
-def read_curves(run_dirs: Sequence[str | Path]) -> list[Curve]:
-    return [read_curve(d) for d in run_dirs]
+def read_curves(run_dirs: Sequence[str | Path], metric: str = "best_val_loss") -> list[Curve]:
+    return [read_curve(d, metric) for d in run_dirs]
 
 
 # ---- the budget and the windows ----------------------------------------------------------------------
@@ -255,7 +268,10 @@ def tse_e(means: np.ndarray, e: int = 1) -> float:
     return float(np.sum(_checked(means, e)[len(means) - e:]))
 
 
-def tse_ema(means: np.ndarray, gamma: float = 0.9) -> float:
+GAMMA = 0.9  # TSE-EMA's weight, Ru et al.'s
+
+
+def tse_ema(means: np.ndarray, gamma: float = GAMMA) -> float:
     """TSE-EMA = Σ_{w=1..T} γ^(T-w) · m_w, 0 < γ ≤ 1: the set weighted towards its last windows.
 
     This is Ru et al.'s formula as written in their paper (γ = 0.9 there), not normalised by Σ γ^(T-w)
@@ -551,3 +567,325 @@ def _pruner_class():
                 return None
 
     return TSEPruner
+
+
+# ---- a TPE study over a trained grid (notebook 03): its configs, tables and figures ------------------------
+
+# The estimators a study compares, with the options this module pins, and the words a table or legend shows.
+STUDY_ESTIMATORS = {"TSE": {}, "TSE-E": {"e": 1}, "TSE-EMA": {"gamma": GAMMA}, "val": {}}
+ESTIMATOR_LABELS = {"TSE": "TSE", "TSE-E": "TSE-E (E = 1)", "TSE-EMA": f"TSE-EMA (γ = {GAMMA})",
+                    "val": "validation loss at f"}
+
+
+def validate_every_window(configs: Sequence[dict], windows: int) -> list[dict]:
+    """The configs with a validation (and checkpoint) at the end of each of `windows` windows of their budget:
+    val_every_steps = max_steps / windows.
+
+    With every budget equal in examples (`sweep.budget` with one epochs and training set, its cap not
+    reached), window w then ends at the same examples seen in every run, so the baseline "validation
+    loss at f" and successive halving read each run at the same compute. Refused (`ConfigError`) when the
+    budgets differ in examples, or a max_steps is not a multiple of `windows`. Returns new configs.
+    """
+    if windows < 1:
+        raise ConfigError(f"windows must be >= 1, got {windows}")
+    out, budgets = [], set()
+    for config in configs:
+        config = copy.deepcopy(config)
+        train = config["train"]
+        if train["max_steps"] % windows:
+            raise ConfigError(f"a budget of {train['max_steps']} steps (batch {train['batch_size']}) is not a whole "
+                              f"number of {windows} windows: pick epochs and a training set whose examples divide by "
+                              f"{windows} x every batch size")
+        train["val_every_steps"] = train["max_steps"] // windows
+        budgets.add(train["max_steps"] * train["batch_size"] * train.get("devices", 1) * train.get("num_nodes", 1))
+        out.append(config)
+    if len(budgets) > 1:
+        raise ConfigError(f"the runs' budgets differ in examples ({sorted(budgets)}): a budget fraction would not be "
+                          "equal compute; is sweep.budget's max_steps cap or min_steps reached?")
+    return out
+
+
+def study_window(curves: Sequence[Curve], windows: int) -> int:
+    """The window W in examples when the runs' common budget is cut into `windows` windows (5% each for 20)."""
+    whole = budget(curves, fraction=1.0)
+    if whole % windows:
+        raise ConfigError(f"a budget of {whole:g} examples is not a whole number of {windows} windows")
+    return int(whole // windows)
+
+
+def agreement_table(curves: Sequence[Curve], fractions: Sequence[float], windows: int, *,
+                    estimators: dict = STUDY_ESTIMATORS, n_boot: int = 2000, seed: int = 0):
+    """Rank agreement with the final metric of each estimator (`STUDY_ESTIMATORS`: name -> options) at each
+    budget fraction: one row per pair, with Spearman ρ, Kendall τ and their bootstrap intervals."""
+    import pandas as pd
+
+    finals, window = _finals(curves), study_window(curves, windows)
+    rows = []
+    for name, options in estimators.items():
+        for f in fractions:
+            a = rank_agreement(estimates(curves, name, fraction=f, window=window, **options), finals,
+                               n_boot=n_boot, seed=seed)
+            rows.append({"estimator": name, "fraction": f, "rho": a.rho, "rho_lo": a.rho_interval[0],
+                         "rho_hi": a.rho_interval[1], "tau": a.tau, "tau_lo": a.tau_interval[0],
+                         "tau_hi": a.tau_interval[1], "n": a.n})
+    return pd.DataFrame(rows)
+
+
+def hardness(curves: Sequence[Curve], close: float = 0.01) -> dict:
+    """How hard a grid is to rank: the spread of its final metrics against the gaps between neighbours.
+
+    spread = max - min of the finals; the gaps are the differences of the sorted finals; `close_pairs`
+    counts the pairs of configurations whose finals differ by at most `close` of the best final, the
+    pairs a ranking must order on differences that small.
+    """
+    finals = np.sort(_finals(curves))
+    gaps, best = np.diff(finals), finals[0]
+    pairs = np.abs(finals[:, None] - finals[None, :])[np.triu_indices(len(finals), 1)]
+    return {"configurations": len(finals), "best final": float(best), "worst final": float(finals[-1]),
+            "spread": float(finals[-1] - best), "relative spread": float((finals[-1] - best) / best),
+            "smallest gap": float(gaps.min()), "median gap": float(np.median(gaps)),
+            "close_pairs": int((pairs <= close * abs(best)).sum()), "pairs": len(pairs), "close": close}
+
+
+def _row(search: Search, curves: Sequence[Curve], *, n_random: int, seed: int, unit: str, **extra) -> dict:
+    """A search's table row: compute saved and regret (also in % of the best final), beside random search at
+    the compute it spent (`random_at`)."""
+    best = abs(float(_finals(curves).min()))
+    return {"method": search.method, **extra, "saved": search.saved, "regret": search.regret,
+            "regret_pct": 100 * search.regret / best, "chosen": Path(search.run).name,
+            **random_at(curves, search.spent, unit=unit, n=n_random, seed=seed)}
+
+
+def random_at(curves: Sequence[Curve], spend: float, *, unit: str, n: int = 200, seed: int = 0) -> dict:
+    """Random search at a compute of `spend` over `n` random orders: its mean saved share, mean regret in % of
+    the best final, and the share of orders that found the best configuration."""
+    found = [random_search(curves, spend, unit=unit, seed=seed + k) for k in range(n)]
+    regrets = np.array([s.regret for s in found])
+    return {"random_saved": float(np.mean([s.saved for s in found])),
+            "random_regret_pct": float(100 * regrets.mean() / abs(float(_finals(curves).min()))),
+            "random_found_best": float(np.mean(regrets == 0))}
+
+
+def search_table(curves: Sequence[Curve], fractions: Sequence[float], windows: int, *, unit: str,
+                 estimators: Sequence[str] = ("TSE-E", "val"), top_k: int = 1, eta: int = 3, n_random: int = 200,
+                 seed: int = 0):
+    """The replayed searches: TPE with each estimator at each budget fraction (all to f, the top k to the
+    end) and successive halving on validation loss, one row each with compute saved and regret, beside
+    random search at the compute each spent (`random_at`, `n_random` orders)."""
+    import pandas as pd
+
+    window = study_window(curves, windows)
+    searches = [(tpe_search(curves, name, top_k=top_k, unit=unit, fraction=f, window=window,
+                            **STUDY_ESTIMATORS[name]), f) for name in estimators for f in fractions]
+    searches.append((successive_halving(curves, eta=eta, unit=unit), float("nan")))
+    return pd.DataFrame([_row(search, curves, n_random=n_random, seed=seed, unit=unit, fraction=f)
+                         for search, f in searches])
+
+
+def replay_pruner(curves: Sequence[Curve], pruner, *, reports: str = "train", unit: str = "flops", seed: int = 0,
+                  method: str | None = None) -> Search:
+    """An Optuna study replayed from recorded runs, in memory (no database): one trial per run, in a random
+    order (`seed`), as a live search with that pruner would have gone.
+
+    Each trial reports at the examples seen (s · B): every step's training loss (`reports="train"`, for
+    `tse_pruner`) or each validation loss (`"val"`, for Optuna's own pruners), and asks the pruner at each
+    validation before the last, as a training loop validating there would. A pruned trial spent its compute
+    to that step, a completed one its whole run, with its final metric as the trial's value; the search
+    chooses the best completed trial.
+    """
+    import optuna
+
+    if reports not in ("train", "val"):
+        raise ConfigError(f"reports must be 'train' or 'val', got {reports!r}")
+    _finals(curves)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=seed))
+        reached, completed = {}, []
+        for i in map(int, np.random.default_rng(seed).permutation(len(curves))):
+            c, trial, done = curves[i], study.ask(), 0
+            reached[i] = c.steps_done
+            for step, val in zip(c.val_steps, c.val_loss):
+                if step >= c.steps_done:
+                    break
+                if reports == "train":
+                    for s in range(done + 1, step + 1):
+                        trial.report(float(c.train_loss[s - 1]), int(s * c.batch))
+                else:
+                    trial.report(float(val), int(step * c.batch))
+                done = int(step)
+                if trial.should_prune():
+                    reached[i] = done
+                    break
+            if reached[i] < c.steps_done:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, c.final)
+                completed.append(i)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return _search(method or type(pruner).__name__, curves, reached, completed, unit)
+
+
+def pruner_table(curves: Sequence[Curve], fraction: float, windows: int, *, unit: str, top_k: int = 1, eta: int = 3,
+                 n_random: int = 200, seed: int = 0):
+    """`tse_pruner` (TSE-E, deciding from `fraction` of the budget on, pruning a trial `top_k` others beat)
+    against Optuna's `SuccessiveHalvingPruner` on validation loss (first rung at `fraction` of the budget,
+    reduction factor `eta`), both replayed (`replay_pruner`), each beside random search at its compute."""
+    import optuna
+    import pandas as pd
+
+    window = study_window(curves, windows)
+    first = max(1, round(fraction * windows))
+    tse = tse_pruner(window, top_k=top_k, min_windows=first, **STUDY_ESTIMATORS["TSE-E"])
+    halving = optuna.pruners.SuccessiveHalvingPruner(min_resource=first * window, reduction_factor=eta)
+    searches = (replay_pruner(curves, tse, reports="train", unit=unit, seed=seed,
+                              method=f"Optuna + tse_pruner (TSE-E, top {top_k})"),
+                replay_pruner(curves, halving, reports="val", unit=unit, seed=seed,
+                              method=f"Optuna + SuccessiveHalvingPruner (eta {eta})"))
+    return pd.DataFrame([_row(search, curves, n_random=n_random, seed=seed, unit=unit, fraction=fraction)
+                         for search in searches])
+
+
+def verify_study(agreement, searches, families: Sequence[str]) -> str:
+    """Raise `StudyCheckError` unless every family has a finite ρ for every estimator and fraction and every
+    search a finite saved share and regret; else one line per family with its best ρ at the smallest fraction."""
+    from chemscale.checks import StudyCheckError
+
+    problems = []
+    for family in families:
+        a, s = agreement[agreement["family"] == family], searches[searches["family"] == family]
+        if a.empty or s.empty:
+            problems.append(f"{family}: no rank agreement or no search was computed")
+        problems += [f"{family}: ρ of {r.estimator} at {r.fraction:.0%} is {r.rho}"
+                     for r in a.itertuples() if not np.isfinite([r.rho, r.rho_lo, r.rho_hi]).all()]
+        problems += [f"{family}: {r.method} has saved {r.saved}, regret {r.regret}"
+                     for r in s.itertuples() if not np.isfinite([r.saved, r.regret]).all()]
+    if problems:
+        raise StudyCheckError("TPE study incomplete:\n  " + "\n  ".join(problems))
+    lines = []
+    for family in families:
+        a = agreement[agreement["family"] == family]
+        first = a[a["fraction"] == a["fraction"].min()].sort_values("rho").iloc[-1]
+        lines.append(f"{family}: ρ finite for {len(a)} estimator-fraction pairs; best at {first.fraction:.0%} of the "
+                     f"budget: {ESTIMATOR_LABELS.get(first.estimator, first.estimator)} ρ = {first.rho:.2f}")
+    return "\n".join(lines)
+
+
+# ---- figures (drawn with chemscale.plots' look: set_theme, legends beside the axes) ---------------------
+
+def _panels(families: Sequence, sharey: bool = False):
+    """One panel per family side by side, with room under them for the shared legend."""
+    import matplotlib.pyplot as plt
+
+    from chemscale import plots
+
+    width = max(plots.FIGSIZE[0], 4.6 * len(families))
+    return plt.subplots(1, len(families), figsize=(width, plots.FIGSIZE[1] + 1.2), layout="constrained",
+                        squeeze=False, sharey=sharey)
+
+
+def _family_legend(fig) -> None:
+    """One legend for all panels, under them, so it covers no point and no title."""
+    handles = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=2, frameon=False,
+               fontsize="small")
+
+
+def agreement_plot(agreement, title: str = "How early does the ranking hold?"):
+    """ρ against the budget fraction, one panel per family (`family` column), one line per estimator,
+    bars the bootstrap 95% intervals (dodged so they do not cover each other)."""
+    import seaborn as sns
+
+    families = list(dict.fromkeys(agreement["family"]))
+    fig, axes = _panels(families, sharey=True)
+    names = list(dict.fromkeys(agreement["estimator"]))
+    colors = dict(zip(names, sns.color_palette("colorblind")))
+    for ax, family in zip(axes[0], families):
+        rows = agreement[agreement["family"] == family]
+        for k, name in enumerate(names):
+            r = rows[rows["estimator"] == name].sort_values("fraction")
+            x = 100 * r["fraction"] * 1.06 ** (k - (len(names) - 1) / 2)
+            ax.errorbar(x, r["rho"], yerr=[r["rho"] - r["rho_lo"], r["rho_hi"] - r["rho"]], marker="o", capsize=3,
+                        color=colors[name], label=ESTIMATOR_LABELS.get(name, name), lw=1.2, ms=5)
+        fractions = sorted(rows["fraction"].unique())
+        ax.set(xscale="log", xlabel="budget trained (% of each run's)", title=family, ylim=(-1.05, 1.05))
+        ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
+        ax.minorticks_off()
+        ax.axhline(0, color="0.5", lw=0.8)
+    axes[0][0].set_ylabel("Spearman ρ with the final metric (95% CI)")
+    fig.suptitle(title)
+    _family_legend(fig)
+    return fig
+
+
+def scatter_plot(panels: dict, fraction: float, windows: int, estimator: str = "TSE-E",
+                 title: str | None = None):
+    """The estimator at `fraction` of the budget against the final metric, one panel per family:
+    `panels` maps a family to (curves, the final metric's column name, for its axis label)."""
+    from chemscale import plots
+
+    fig, axes = _panels(list(panels))
+    for ax, (family, (curves, metric)) in zip(axes[0], panels.items()):
+        values = estimates(curves, estimator, fraction=fraction, window=study_window(curves, windows),
+                           **STUDY_ESTIMATORS[estimator])
+        finals = _finals(curves)
+        rho = rank_agreement(values, finals, n_boot=200).rho
+        ax.plot(values, finals, "o", color="C0", ms=6, label="one configuration")
+        best = int(np.argmin(finals))
+        ax.plot(values[best], finals[best], "*", color="crimson", ms=14, label="the best final")
+        ax.set(xlabel=f"{ESTIMATOR_LABELS[estimator]} at {fraction:.0%} of the budget",
+               ylabel=plots.column_label(metric), title=f"{family}: ρ = {rho:.2f}")
+    fig.suptitle(title or f"{ESTIMATOR_LABELS[estimator]} at {fraction:.0%} of the budget vs the final metric")
+    _family_legend(fig)
+    return fig
+
+
+def search_plot(searches, title: str = "Searches at equal compute: compute saved vs regret"):
+    """Regret (% of the best final) against compute saved (%), one panel per family: TPE per estimator
+    across budget fractions, successive halving, the Optuna pruners, and random search at each's compute."""
+    import seaborn as sns
+
+    families = list(dict.fromkeys(searches["family"]))
+    fig, axes = _panels(families)
+    methods = list(dict.fromkeys(searches["method"]))
+    colors = dict(zip(methods, sns.color_palette("colorblind") + sns.color_palette("dark")))
+    markers = dict(zip(methods, "oDs^vP" * len(methods)))
+    for ax, family in zip(axes[0], families):
+        rows = searches[searches["family"] == family]
+        ax.plot(100 * rows["random_saved"], rows["random_regret_pct"], "x", color="0.45", ms=6,
+                label="random search at each one's compute (mean)")
+        for method in methods:
+            r = rows[rows["method"] == method].sort_values("saved")
+            if len(r):  # hollow markers, of a size per method, so methods that coincide stay visible
+                ax.plot(100 * r["saved"], r["regret_pct"], marker=markers[method], ls="-" if len(r) > 1 else "none",
+                        color=colors[method], mfc="none", mew=1.5, ms=11 - 1.2 * methods.index(method) % 6,
+                        label=method, lw=1)
+        ax.set(xlabel="compute saved (% of training the whole grid)", ylabel="regret (% of the best final)",
+               title=family)
+    fig.suptitle(title)
+    _family_legend(fig)
+    return fig
+
+
+def summary(searches, family: str, tolerance_pct: float = 1.0, paper_saved: float = 0.9) -> str:
+    """One family's searches against the paper's claim: the most compute a search saved at a regret within
+    `tolerance_pct` % of the best final, beside random search at that compute and the paper's "up to 90%"."""
+    rows = searches[searches["family"] == family]
+    good = rows[rows["regret_pct"] <= tolerance_pct + 1e-12]
+    paper = f"the paper's \"up to {paper_saved:.0%}\""
+    if good.empty:
+        best = rows.loc[rows["regret_pct"].idxmin()]
+        return (f"{family}: no search came within {tolerance_pct:g}% of the best final; the closest, {best.method}"
+                f"{_at(best)}, saved {best.saved:.0%} at a regret of {best.regret_pct:.2g}% ({paper})")
+    best = good.loc[good["saved"].idxmax()]  # the first in the table of those that saved the most
+    verdict = "reaches" if best.saved >= paper_saved else "falls short of"
+    return (f"{family}: {best.method}{_at(best)} saved {best.saved:.0%} of the compute at a regret of "
+            f"{best.regret_pct:.2g}% (within {tolerance_pct:g}%); random search at that compute: "
+            f"{best.random_regret_pct:.2g}% on average, the best found in {best.random_found_best:.0%} of orders. "
+            f"This {verdict} {paper}")
+
+
+def _at(row) -> str:
+    return f" at {row.fraction:.0%} of the budget" if np.isfinite(row.fraction) else ""

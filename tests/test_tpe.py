@@ -6,8 +6,10 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from chemscale import tpe
@@ -388,3 +390,138 @@ def test_pruner_in_a_real_study_never_prunes_a_trial_fewer_than_top_k_beat():
     for t in pruned:
         assert sum(o.params["x"] < t.params["x"] for o in trials if o.number < t.number) >= 3
     assert math.isclose(study.best_value, (0.5 + xs[0]) * (1 + 10 / steps))
+
+
+# ---- the study over a grid (notebook 03) -------------------------------------------------------------
+
+def grid_runs(n=6, steps=40, batch=10, noise=0.0, seed=0):
+    """n finished runs whose training and validation losses fall towards their final, best first in the
+    final but listed in a shuffled order; FLOPs of 1 per example, validation every 2 steps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(n):
+        final = 1.0 + 0.1 * i
+        loss = final + 2.0 / np.sqrt(np.arange(1, steps + 1)) + rng.normal(0, noise, steps)
+        c = curve(loss, batch=batch, final=final, name=f"/runs/s/r{i}")
+        out.append(dataclasses.replace(c, val_steps=c.val_steps[1::2], val_loss=c.val_loss[1::2]))
+    return out
+
+
+def test_read_curve_takes_the_ground_truth_metric_it_is_asked_for(tmp_path):
+    folder = write_run(tmp_path / "r", good_lines(), steps=6)
+    result = json.loads((folder / "result.json").read_text())
+    (folder / "result.json").write_text(json.dumps({**result, "status": "finished", "test_loss": 1.25}))
+    assert tpe.read_curve(folder, "test_loss").final == 1.25
+    assert tpe.read_curves([folder])[0].final == 1.5  # best_val_loss unless told
+    with pytest.raises(tpe.CurveError, match="no finite 'test_force_mae_mev_per_a'"):
+        tpe.read_curve(folder, "test_force_mae_mev_per_a")
+
+
+def test_validate_every_window_aligns_validations_across_batch_sizes():
+    from conftest import tiny_lm_config
+
+    configs = [tiny_lm_config(batch_size=16, max_steps=40), tiny_lm_config(batch_size=32, max_steps=20)]
+    out = tpe.validate_every_window(configs, 10)
+    assert [c["train"]["val_every_steps"] for c in out] == [4, 2]  # both validate every 64 molecules
+    assert configs[0]["train"]["val_every_steps"] == 10  # the configs given are not changed
+    with pytest.raises(ConfigError, match="whole number of 8 windows"):
+        tpe.validate_every_window(configs, 8)
+    with pytest.raises(ConfigError, match="differ in examples"):
+        tpe.validate_every_window([tiny_lm_config(max_steps=40), tiny_lm_config(batch_size=32, max_steps=40)], 10)
+
+
+def test_study_window_cuts_the_common_budget():
+    runs = grid_runs()
+    assert tpe.study_window(runs, 20) == 20  # 40 steps x 10 examples / 20
+    with pytest.raises(ConfigError, match="whole number"):
+        tpe.study_window(runs, 30)
+
+
+def test_agreement_table_rows_and_a_perfect_ranking():
+    runs = grid_runs()
+    table = tpe.agreement_table(runs, [0.1, 0.5], 20, n_boot=100)
+    assert list(table["estimator"]) == ["TSE", "TSE", "TSE-E", "TSE-E", "TSE-EMA", "TSE-EMA", "val", "val"]
+    assert np.allclose(table["rho"], 1) and np.allclose(table["tau"], 1)  # noiseless: every estimator ranks exactly
+    assert (table["rho_lo"] <= table["rho"]).all() and (table["n"] == 6).all()
+
+
+def test_hardness_counts_close_pairs():
+    runs = [curve(np.ones(10), final=f, name=str(f)) for f in (1.0, 1.005, 1.008, 1.5)]
+    h = tpe.hardness(runs)
+    assert (h["configurations"], h["pairs"], h["close_pairs"]) == (4, 6, 3)  # 1.0, 1.005, 1.008 within 1% of 1.0
+    assert h["spread"] == pytest.approx(0.5) and h["smallest gap"] == pytest.approx(0.003)
+    assert h["median gap"] == pytest.approx(0.005)
+
+
+def test_search_table_has_each_search_beside_random_search_at_its_compute():
+    runs = grid_runs(n=9, steps=90)
+    table = tpe.search_table(runs, [0.1, 0.5], 20, unit="examples", n_random=20)
+    assert list(table["method"]) == ["TPE (TSE-E, top 1)"] * 2 + ["TPE (val, top 1)"] * 2 + [
+        "successive halving (eta 3)"]
+    tse_e = table.iloc[0]
+    assert tse_e["saved"] == pytest.approx(1 - (9 * 0.1 + 0.9) / 9) and tse_e["regret"] == 0
+    assert tse_e["chosen"] == "r0" and 0 <= tse_e["random_found_best"] <= 1
+    assert table.iloc[-1]["saved"] == pytest.approx(1 - 7 / 27)  # 9 runs, eta 3: 7/3 of 9 runs' worth
+    assert (table["random_saved"] >= table["saved"] - 1e-9).all()  # random search never spends more
+    assert "0%" in tpe.summary(table.assign(family="f"), "f") and "falls short of" in tpe.summary(
+        table.assign(family="f"), "f")
+
+
+def test_replayed_pruners_keep_the_best_and_save_compute():
+    pytest.importorskip("optuna")
+    runs = grid_runs(n=9)
+    table = tpe.pruner_table(runs, 0.2, 20, unit="examples", n_random=20)
+    assert list(table["method"]) == ["Optuna + tse_pruner (TSE-E, top 1)", "Optuna + SuccessiveHalvingPruner (eta 3)"]
+    assert (table["regret"] == 0).all() and (table["saved"] > 0.3).all()
+    import optuna
+
+    never = tpe.replay_pruner(runs, optuna.pruners.NopPruner(), unit="examples")
+    assert never.saved == pytest.approx(0) and never.regret == 0
+    with pytest.raises(ConfigError, match="reports"):
+        tpe.replay_pruner(runs, optuna.pruners.NopPruner(), reports="test")
+
+
+def test_verify_study_fails_on_a_non_finite_rho():
+    from chemscale.checks import StudyCheckError
+
+    runs = grid_runs()
+    agreement = tpe.agreement_table(runs, [0.1], 20, n_boot=50).assign(family="f")
+    searches = tpe.search_table(runs, [0.1], 20, unit="examples", n_random=5).assign(family="f")
+    assert "f: ρ finite for 4" in tpe.verify_study(agreement, searches, ["f"])
+    with pytest.raises(StudyCheckError, match="ρ of TSE at 10% is nan"):
+        tpe.verify_study(agreement.assign(rho=np.nan), searches, ["f"])
+    with pytest.raises(StudyCheckError, match="g: no rank agreement"):
+        tpe.verify_study(agreement, searches, ["f", "g"])
+
+
+def test_study_figures_draw_one_panel_per_family():
+    import matplotlib.pyplot as plt
+
+    runs = grid_runs()
+    agreement = tpe.agreement_table(runs, [0.1, 0.2], 20, n_boot=50)
+    searches = tpe.search_table(runs, [0.1, 0.2], 20, unit="examples", n_random=5)
+    two = pd.concat([agreement.assign(family="a"), agreement.assign(family="b")])
+    figs = [tpe.agreement_plot(two), tpe.scatter_plot({"a": (runs, "test_loss")}, 0.2, 20),
+            tpe.search_plot(pd.concat([searches.assign(family="a"), searches.assign(family="b")]))]
+    assert [len(f.axes) for f in figs] == [2, 1, 2]
+    for f in figs:
+        plt.close(f)
+
+
+def test_a_config_finished_under_a_study_is_not_trained_again(runs_root, monkeypatch):
+    """Notebook 03 puts its runs in notebook 01's study folder: a config 01 trained is found there and reused."""
+    from conftest import tiny_lm_config
+
+    from chemscale import sweep
+
+    first = sweep.run([tiny_lm_config(study="smoke_chemgpt", max_steps=6, val_every_steps=3)], progress=False,
+                      root=runs_root)
+    result = Path(first["run_dir"][0]) / "result.json"
+    before = result.read_bytes()
+    monkeypatch.setattr(sweep, "_train_command", lambda run_dir: [sys.executable, "-c", "raise SystemExit(3)"])
+    base = {k: v for k, v in tiny_lm_config(max_steps=6, val_every_steps=3).items() if k != "study"}
+    again = sweep.run(sweep.grid("smoke_chemgpt", base, lr=[3e-3]), progress=False, root=runs_root)
+    assert list(again["status"]) == ["finished"] and list(again["run_dir"]) == list(first["run_dir"])
+    assert result.read_bytes() == before
+    with pytest.raises(sweep.SweepFailed):  # the same settings in another study folder are another run
+        sweep.run(sweep.grid("another_study", base, lr=[3e-3]), progress=False, root=runs_root)
