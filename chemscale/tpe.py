@@ -767,7 +767,8 @@ def verify_study(agreement, searches, families: Sequence[str]) -> str:
     lines = []
     for family in families:
         a = agreement[agreement["family"] == family]
-        first = a[a["fraction"] == a["fraction"].min()].sort_values("rho").iloc[-1]
+        smallest = a[a["fraction"] == a["fraction"].min()]
+        first = smallest.loc[smallest["rho"].idxmax()]
         lines.append(f"{family}: ρ finite for {len(a)} estimator-fraction pairs; best at {first.fraction:.0%} of the "
                      f"budget: {ESTIMATOR_LABELS.get(first.estimator, first.estimator)} ρ = {first.rho:.2f}")
     return "\n".join(lines)
