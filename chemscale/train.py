@@ -569,7 +569,7 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
     # this process's for its rates, and with the attempts before a resume for the run's total.
     segment = book.segment_seconds()
     train_seconds = book.earlier_seconds + segment
-    stop_reason = _stop_reason(status, early, trainer.global_step, tcfg.max_steps)
+    stop_reason = _stop_reason(status, early)
     best_val = book.best_val if math.isfinite(book.best_val) else None
     result = {
         "status": status, "reason": reason, "best_val_loss": best_val,
@@ -591,15 +591,17 @@ def _train(run_dir: Path, config: dict, progress: bool, fresh: bool = False) -> 
 CONVERGENCE = {"early_stopped": "converged", "max_steps": "capped", "diverged": "diverged"}
 
 
-def _stop_reason(status: str, early: list, steps: int, max_steps: int) -> str:
-    """What ended the run: "diverged", "early_stopped" (patience ran out before max_steps) or "max_steps".
+def _stop_reason(status: str, early: list) -> str:
+    """What ended the run: "diverged", "early_stopped" (patience ran out) or "max_steps".
 
     Read from the EarlyStopping callback's own count of validations without improvement, so a
-    stop within the first pass over the data (epoch 0, where large-data runs stop) counts.
+    stop within the first pass over the data (epoch 0, where large-data runs stop) counts. Patience
+    that runs out at the validation of step max_steps counts too: the run met the stopping rule there,
+    and the same run with a larger cap would have stopped at that step with the same loss.
     """
     if status == "diverged":
         return "diverged"
-    if early and early[0].wait_count >= early[0].patience and steps < max_steps:
+    if early and early[0].wait_count >= early[0].patience:
         return "early_stopped"
     return "max_steps"
 

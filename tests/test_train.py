@@ -339,6 +339,20 @@ def test_a_run_that_uses_its_step_budget_says_so(runs_root):
     assert result["convergence"] == "capped", "the step cap ended it: the loss is the budget's"
 
 
+def test_a_run_whose_patience_runs_out_at_its_last_step_converged(runs_root):
+    """Patience that runs out at the validation of step max_steps is an early stop, not a cap: the same run
+    with a larger cap stops at that step with the same losses, and must not be told apart from it."""
+    def run(max_steps):  # min_rel_improvement 0.5: no validation after the first is a gain, so patience 2 ends at 30
+        config = tiny_lm_config(schedule="plateau", plateau_patience=0, patience=2, min_rel_improvement=0.5,
+                                max_steps=max_steps)
+        return train.train(runs.create("t", config, runs_root))
+
+    at_cap, below_cap = run(30), run(40)
+    assert below_cap["steps"] == at_cap["steps"] == 30 and below_cap["convergence"] == "converged"
+    assert at_cap["best_val_loss"] == below_cap["best_val_loss"]
+    assert at_cap["stop_reason"] == "early_stopped" and at_cap["convergence"] == "converged"
+
+
 @pytest.mark.parametrize("section,key,value,message", [
     ("train", "learning_rate", 0.1, "unknown key"),
     ("train", "max_steps", "many", "max_steps"),
