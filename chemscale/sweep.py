@@ -168,10 +168,16 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
     set still gets enough validations to stop early) and at most the config's `max_steps`:
     max_steps = clip(ceil(epochs · n_train / (batch_size · devices · num_nodes)), min_steps, max_steps).
     With early stopping, this is a cap that a converged run does not reach; a run that does reach it
-    is marked capped in result.json. The cosine schedule decays over this budget, the run's own. `epochs` <= 0 leaves
-    every config's max_steps as it is. Returns new configs; the ones given are not changed.
+    is marked capped in result.json. The cosine schedule decays over this budget, the run's own. `epochs` = 0 leaves
+    every config's max_steps as it is. Returns new configs; the ones given are not changed. A negative or
+    non-finite `epochs`, a negative `min_steps`, and a `min_steps` above a config's max_steps (the cap would win
+    without a word, and the floor never be given) raise `ConfigError`.
     """
-    if epochs <= 0:
+    if not (math.isfinite(epochs) and epochs >= 0):
+        raise ConfigError(f"sweep.budget: epochs must be a finite number >= 0 (0: keep each max_steps), got {epochs}")
+    if min_steps < 0:
+        raise ConfigError(f"sweep.budget: min_steps must be >= 0, got {min_steps}")
+    if epochs == 0:
         return [copy.deepcopy(c) for c in configs]
     out = []
     for config in configs:
@@ -181,6 +187,9 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
         n_train = int(config["data"][key])
         batch = int(train.get("batch_size", 64)) * int(train.get("devices", 1)) * int(train.get("num_nodes", 1))
         cap = int(train.get("max_steps", 1000))
+        if min_steps > cap:
+            raise ConfigError(f"sweep.budget: min_steps = {min_steps} is above the cap max_steps = {cap} of "
+                              f"{config.get('study')!r} {key} = {n_train}: lower min_steps or raise max_steps")
         train["max_steps"] = max(1, min(cap, max(int(min_steps), math.ceil(epochs * n_train / batch))))
         out.append(config)
     return out
@@ -188,6 +197,11 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
 
 def longer(config: dict, factor: float = 3.0) -> dict:
     """The same run with `factor` times its step budget: the check that a point's budget did not set its loss."""
+    if not (math.isfinite(factor) and factor > 1):
+        raise ConfigError(f"sweep.longer: factor must be a finite number > 1 (a longer budget), got {factor}")
+    if "max_steps" not in config.get("train", {}):
+        raise ConfigError("sweep.longer: the config has no train max_steps to lengthen; give it a budget first "
+                          "(sweep.budget)")
     config = copy.deepcopy(config)
     config["train"]["max_steps"] = math.ceil(factor * int(config["train"]["max_steps"]))
     return config
@@ -196,9 +210,17 @@ def longer(config: dict, factor: float = 3.0) -> dict:
 def select(configs: list[dict], **where) -> list[dict]:
     """The configs whose values, named as `collect`'s columns ('width', 'n_train_structures'), equal `where`:
     one per run, in grid order (grids that share a point list it once). A `where` no config matches is an error."""
+    flats = [_flatten(config) for config in configs]
+    columns = sorted(set().union(*flats)) if flats else []
+    for key in where:
+        if key not in columns:
+            import difflib
+
+            close = difflib.get_close_matches(key, columns, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"sweep.select: {key!r} is not a column of these configs{hint}; columns: {columns}")
     out: dict[str, dict] = {}
-    for config in configs:
-        flat = _flatten(config)
+    for config, flat in zip(configs, flats):
         if all(flat.get(k) == v for k, v in where.items()):
             out.setdefault(runs.run_id(config), config)
     if not out:

@@ -410,3 +410,41 @@ def test_select_finds_a_point_once_and_refuses_one_off_the_grid():
     assert len(picked) == 1 and picked[0]["model"]["width"] == 32
     with pytest.raises(ConfigError, match="no run of this grid"):
         sweep.select(configs, width=48)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"epochs": -1}, "epochs"),
+    ({"epochs": float("nan")}, "epochs"),
+    ({"epochs": float("inf")}, "epochs"),
+    ({"epochs": 5, "min_steps": -1}, "min_steps"),
+    ({"epochs": 5, "min_steps": 2000}, "min_steps = 2000 .*max_steps = 1500"),
+])
+def test_budget_refuses_epochs_and_floors_it_cannot_mean(kwargs, message):
+    """A negative or non-finite epochs, and a floor above a config's cap (which the cap would silently win
+    over, so the floor the notebook's params promise is never given), are refused naming the key."""
+    from conftest import tiny_lm_config
+
+    with pytest.raises(ConfigError, match=message):
+        sweep.budget([tiny_lm_config(max_steps=1500)], **kwargs)
+
+
+def test_longer_refuses_a_factor_that_does_not_lengthen_and_a_config_without_a_budget():
+    from conftest import tiny_lm_config
+
+    with pytest.raises(ConfigError, match="factor"):
+        sweep.longer(tiny_lm_config(), 0)
+    bare = tiny_lm_config()
+    del bare["train"]["max_steps"]
+    with pytest.raises(ConfigError, match="max_steps"):
+        sweep.longer(bare)
+
+
+def test_select_names_a_key_that_is_not_a_column():
+    """A misspelt key is not 'a value off the grid': the error names the key and the columns there are."""
+    from conftest import tiny_lm_config
+
+    configs = sweep.grid("s", tiny_lm_config(), width=[16, 32])
+    with pytest.raises(ConfigError, match=r"'widht' is not a column.*'width'"):
+        sweep.select(configs, widht=16)
+    with pytest.raises(ConfigError, match="'foo' is not a column"):
+        sweep.select(configs, foo=None)  # would otherwise match every config (flat.get -> None)
