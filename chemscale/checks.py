@@ -108,20 +108,46 @@ def budget_check(runs: pd.DataFrame, longer: pd.DataFrame, metric: str, on: list
 
     `improvement` is (metric - metric_longer) / metric, lower being better; `verdict` says whether it is
     below `tolerance` (the budget did not set the point) or not (it did, and the point is budget-limited
-    even if early stopping ended it). A point without a finished run on both sides is reported, not dropped.
+    even if early stopping ended it). A point without a finished run on both sides is reported, with each
+    side's status (a 3x run that diverged says so), not dropped. Two finished runs at one point of either
+    table (seeds, or a key that varies left out of `on`) and a column of `on` that a table lacks raise
+    `ConfigError`, naming them.
     """
+    from chemscale.config import ConfigError
+
+    for name, table in (("runs", runs), ("longer", longer)):
+        missing = [c for c in (*on, "status") if c not in table.columns]
+        if missing:
+            raise ConfigError(f"budget_check: {name} has no column(s) {missing}; its columns: {sorted(table.columns)}")
     keep = [*on, "max_steps", "steps", "convergence", metric]
-    a = runs[runs["status"] == "finished"][[c for c in keep if c in runs.columns]]
-    b = longer[longer["status"] == "finished"][[c for c in keep if c in longer.columns]]
-    table = longer[on].drop_duplicates().merge(a, on=on, how="left").merge(b, on=on, how="left", suffixes=("", "_3x"))
+    a = runs[runs["status"] == "finished"].reindex(columns=keep)  # a table of crashed runs has no metric column
+    b = longer[longer["status"] == "finished"].reindex(columns=keep)
+    for name, table in (("runs", a), ("longer", b)):
+        twice = table[table.duplicated(on, keep=False)]
+        if len(twice):
+            point = {k: (v.item() if hasattr(v, "item") else v) for k, v in twice.iloc[0][on].items()}
+            raise ConfigError(f"budget_check: {name} holds {int(table.duplicated(on, keep=False).sum())} finished "
+                              f"runs at the point {point}: add the column that tells them apart (seed?) to `on`")
+
+    def status(table: pd.DataFrame, suffix: str) -> pd.DataFrame:
+        """A point's status: finished if a run there finished, else its first run's (diverged, crashed...)."""
+        s = table[[*on, "status"]].assign(_rank=(table["status"] != "finished").astype(int))
+        s = s.sort_values("_rank", kind="stable").drop_duplicates(on).drop(columns="_rank")
+        return s.rename(columns={"status": f"status{suffix}"})
+
+    points = longer[on].drop_duplicates()
+    table = points.merge(a, on=on, how="left").merge(b, on=on, how="left", suffixes=("", "_3x"))
+    table = table.merge(status(runs, ""), on=on, how="left").merge(status(longer, "_3x"), on=on, how="left")
+    table["status"] = table["status"].fillna("missing")
     table["improvement"] = (table[metric] - table[f"{metric}_3x"]) / table[metric]
 
-    def verdict(gain: float) -> str:
+    def verdict(row) -> str:
+        gain = row["improvement"]
         if gain != gain:  # NaN: one side did not finish
-            return "not measured: a run did not finish"
+            return f"not measured: the run {row['status']}, the 3x run {row['status_3x']}"
         if gain < tolerance:
             return f"budget did not set it (3x budget: {gain:+.1%})"
         return f"budget-limited (3x budget improves it by {gain:.1%})"
 
-    table["verdict"] = table["improvement"].map(verdict)
-    return table
+    table["verdict"] = table.apply(verdict, axis=1) if len(table) else pd.Series(dtype=object)
+    return table.drop(columns=["status", "status_3x"])

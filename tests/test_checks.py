@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from chemscale import checks, scaling
+from chemscale.config import ConfigError
 
 
 def _results(*convergence):
@@ -41,3 +42,29 @@ def test_budget_check_says_which_points_their_budget_set():
     assert table.loc["a", "verdict"].startswith("budget did not set it")
     assert table.loc["b", "verdict"] == "budget-limited (3x budget improves it by 25.0%)"
     assert table.loc["c", "verdict"].startswith("not measured") and table.loc["a", "steps_3x"] == 90
+
+
+def test_budget_check_says_how_an_unmeasured_point_failed():
+    """A 3x run that diverged, or one that crashed before writing any result (no metric column at all), is
+    reported with its status, not a KeyError or a 'did not finish' that hides a divergence."""
+    runs = pd.DataFrame({"name": ["a", "b"], "status": "finished", "max_steps": 100, "steps": 100,
+                         "convergence": "capped", "loss": [1.0, 2.0]})
+    diverged = pd.DataFrame({"name": ["a", "b"], "status": ["diverged", "finished"], "max_steps": 300,
+                             "steps": [20, 300], "convergence": ["diverged", "capped"], "loss": [None, 1.5]})
+    table = checks.budget_check(runs, diverged, "loss", on=["name"]).set_index("name")
+    assert "diverged" in table.loc["a", "verdict"] and table.loc["b", "verdict"].startswith("budget-limited")
+    crashed = pd.DataFrame({"name": ["a"], "status": ["crashed"], "run_dir": ["/r/a"]})  # collect's row of a crash
+    table = checks.budget_check(runs, crashed, "loss", on=["name"]).set_index("name")
+    assert table.loc["a", "verdict"].startswith("not measured") and "crashed" in table.loc["a", "verdict"]
+
+
+def test_budget_check_refuses_two_runs_at_one_point_and_an_unknown_column():
+    """Two finished runs at one point (seeds, a key left out of `on`) would each be compared with the 3x run,
+    one row per pair; the error names the point. A column of `on` that is not in the table is named too."""
+    runs = pd.DataFrame({"name": ["a", "a"], "seed": [0, 1], "status": "finished", "loss": [1.0, 1.1]})
+    longer = pd.DataFrame({"name": ["a"], "seed": [0], "status": "finished", "loss": [0.9]})
+    with pytest.raises(ConfigError, match=r"2 finished runs.*'name': 'a'"):
+        checks.budget_check(runs, longer, "loss", on=["name"])
+    assert len(checks.budget_check(runs, longer, "loss", on=["name", "seed"])) == 1
+    with pytest.raises(ConfigError, match="'width'"):
+        checks.budget_check(runs, longer, "loss", on=["width"])
