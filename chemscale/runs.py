@@ -59,8 +59,15 @@ def check_folder(run_dir: Path, config: dict) -> None:
         return
     path = run_dir / CONFIG
     if _hash(config) == run_dir.name:
-        why = ("it was written by an older chemscale, whose run ids left out default values; "
-               "run its sweep again to make the run under its current id")
+        from chemscale.run_config import complete_config
+
+        full = complete_config(config)
+        added = sorted(f"{s}.{k}" for s, section in full.items() if isinstance(section, dict)
+                       for k in section if k not in (config.get(s) or {}))
+        lacks = f"; its settings lack {added}, keys added since, whose defaults are now part of the id" if added else ""
+        why = (f"it was written by an older chemscale, whose run ids left out default values{lacks}; "
+               "run its sweep again to make the run under its current id (from step 0: this folder's checkpoint "
+               "belongs to the old id)")
     else:
         why = ("was it edited by hand? A run's settings are fixed by its id: restore the file, or make a new "
                "run for the new settings (chemscale.sweep.grid or chemscale.runs.create)")

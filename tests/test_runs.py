@@ -123,3 +123,17 @@ def test_a_wrong_run_folder_or_a_damaged_result_is_one_clear_error(runs_root):
             runs.read_result(run_dir)
         with pytest.raises(ConfigError, match="--retrain"):
             train.train(run_dir)
+
+
+def test_folder_written_before_a_key_existed_names_the_keys_it_lacks(runs_root):
+    """A run folder from before the plateau keys (and the test split) existed hashes to its name without them;
+    the error names those keys, rather than saying only that run ids once left out defaults."""
+    config = runs.read_config(runs.create("t", tiny_lm_config(), runs_root))
+    for key in ("schedule", "plateau_factor", "plateau_patience", "min_rel_improvement"):
+        del config["train"][key]
+    del config["data"]["n_test_molecules"]
+    folder = runs_root / "t" / runs._hash(config)
+    folder.mkdir(parents=True)
+    (folder / runs.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"older chemscale.*data\.n_test_molecules.*train\.min_rel_improvement"):
+        runs.check_folder(folder, config)
