@@ -196,7 +196,13 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
 
 
 def longer(config: dict, factor: float = 3.0) -> dict:
-    """The same run with `factor` times its step budget: the check that a point's budget did not set its loss."""
+    """The same run with `factor` times its step budget: the check that a point's budget did not set its loss.
+
+    A run's budget is its step cap and, under early stopping, its patience: a converged run ended where
+    patience ran out, and the plateau schedule does not depend on the cap, so 3x the cap alone would
+    repeat it step for step. Both are scaled (patience rounded up; 0, no early stopping, stays 0), so
+    the longer run may train past the point where the first one stopped.
+    """
     if not (math.isfinite(factor) and factor > 1):
         raise ConfigError(f"sweep.longer: factor must be a finite number > 1 (a longer budget), got {factor}")
     if "max_steps" not in config.get("train", {}):
@@ -204,6 +210,8 @@ def longer(config: dict, factor: float = 3.0) -> dict:
                           "(sweep.budget)")
     config = copy.deepcopy(config)
     config["train"]["max_steps"] = math.ceil(factor * int(config["train"]["max_steps"]))
+    if config["train"].get("patience"):
+        config["train"]["patience"] = math.ceil(factor * int(config["train"]["patience"]))
     return config
 
 

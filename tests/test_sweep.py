@@ -397,6 +397,9 @@ def test_budget_follows_each_point_clipped_to_its_floor_and_cap():
     assert [c["train"]["max_steps"] for c in configs] == [1500] * 3, "the configs given are left as they were"
     assert sweep.budget(configs, epochs=0) == configs
     assert sweep.longer(budgeted[1])["train"]["max_steps"] == 300 and budgeted[1]["train"]["max_steps"] == 100
+    assert budgeted[1]["train"]["patience"] == 0 and sweep.longer(budgeted[1])["train"]["patience"] == 0
+    patient = dict(budgeted[1], train={**budgeted[1]["train"], "patience": 4})
+    assert sweep.longer(patient)["train"]["patience"] == 12, "a converged run ends where patience runs out: scale it"
     ddp = dict(configs[2], train={**configs[2]["train"], "devices": 2, "num_nodes": 2})
     assert sweep.budget([ddp], epochs=5)[0]["train"]["max_steps"] == 250, "4 processes take 4 batches a step"
 
