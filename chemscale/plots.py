@@ -130,8 +130,11 @@ def _points(ax, x, y, capped: np.ndarray, color, label, linestyle="-", **kw) -> 
         ax.plot(x[capped], y[capped], marker="o", linestyle="none", color=color, markerfacecolor="white", **kw)
 
 
-def _capped_note(ax, capped: np.ndarray) -> None:
-    """A legend line saying how many of the drawn points are capped, when any are."""
+def _capped_note(ax, capped: np.ndarray, known: bool = True) -> None:
+    """A legend line saying how many of the drawn points are capped, or, when none is and the runs said how they
+    stopped (`known`), that all converged: every figure says which of its points mean what their axis says."""
+    if known and len(capped) and not capped.any():
+        ax.plot([], [], "o", linestyle="none", color="0.35", label=f"all {len(capped)} points converged (filled)")
     if capped.any():
         ax.plot([], [], "o", linestyle="none", color="0.35", markerfacecolor="white",
                 label=f"{int(capped.sum())} of {len(capped)} points capped (hollow):\ntheir loss is the step "
@@ -253,7 +256,7 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
                 ms=5, lw=0.9)
     if isinstance(fits, scaling.PowerLawFit):
         _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {_fit_label(fits, symbol)}")
-    _capped_note(ax, _capped(df))
+    _capped_note(ax, _capped(df), "convergence" in df.columns)
     _finish(ax, x, y, xlabel, ylabel, title, legend_title=column_label(hue))
     return fig
 
@@ -279,7 +282,7 @@ def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = N
         ax.plot([], [], "-", color=colors[level], label=_fmt(level))
     _points(ax, frontier[compute], frontier[loss], _capped(frontier), "black", "compute-optimal frontier",
             linestyle="none", ms=5, zorder=3)
-    _capped_note(ax, _capped(frontier))
+    _capped_note(ax, _capped(frontier), "convergence" in frontier.columns)
     if fit is not None:
         _draw_fit(ax, fit, FIT_COLOR, label=f"frontier fit: {fit.label()}")
     _finish(ax, compute, loss, xlabel, ylabel, title, legend_title=column_label(hue))

@@ -336,3 +336,12 @@ def test_series_colours_differ(n_series):
     colours = np.array(colours)
     distance = np.linalg.norm(colours[:, None] - colours[None], axis=-1)  # in RGB, each channel 0..1
     assert distance[~np.eye(n_series, dtype=bool)].min() > 0.15
+
+
+def test_a_figure_whose_points_all_converged_says_so():
+    df = pd.DataFrame({"x": [1, 2, 3, 1, 2, 3], "y": [3.0, 2.0, 1.5, 2.5, 1.8, 1.2], "g": [0, 0, 0, 1, 1, 1],
+                       "convergence": "converged"})
+    assert "all 6 points converged (filled)" in legend_texts(plots.loglog(df, "x", "y", hue="g"))
+    assert not any("converged" in t for t in legend_texts(plots.loglog(df.drop(columns="convergence"), "x", "y",
+                                                                        hue="g"))), "unknown: nothing claimed"
+
