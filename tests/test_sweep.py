@@ -272,8 +272,13 @@ def test_submitit_local_executor(runs_root):
 
 # ---------------------------------------------------------------- interrupts: no run left training unseen
 
+# Ctrl-C as a terminal user has it: Python's KeyboardInterrupt handler. A process started with SIGINT ignored
+# (a background job of a non-interactive shell: `cmd &`, so also `make test &`) passes that on, and Python then
+# installs no handler, so the sweep would rightly ignore the test's SIGINT.
 SWEEP_SCRIPT = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from chemscale import sweep
 from conftest import tiny_lm_config
 sweep.run([tiny_lm_config(max_steps=100_000, val_every_steps=5)], progress=False, root=sys.argv[1])
