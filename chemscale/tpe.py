@@ -787,6 +787,14 @@ def _panels(families: Sequence, sharey: bool = False):
                         squeeze=False, sharey=sharey)
 
 
+FIXED_BUDGET = "every configuration trained its whole fixed budget, no early stopping (none converged, by design)"
+
+
+def _title(fig, title: str, note: str | None) -> None:
+    """The figure's title, with `note` under it: which runs converged, as every figure of the study says."""
+    fig.suptitle(f"{title}\n{note}" if note else title)
+
+
 def _family_legend(fig) -> None:
     """One legend for all panels, under them, so it covers no point and no title."""
     handles = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}
@@ -794,9 +802,10 @@ def _family_legend(fig) -> None:
                fontsize="small")
 
 
-def agreement_plot(agreement, title: str = "How early does the ranking hold?"):
+def agreement_plot(agreement, title: str = "How early does the ranking hold?", note: str | None = FIXED_BUDGET):
     """ρ against the budget fraction, one panel per family (`family` column), one line per estimator,
-    bars the bootstrap 95% intervals (dodged so they do not cover each other)."""
+    bars the bootstrap 95% intervals (dodged so they do not cover each other); `note` under the title
+    says how the runs were trained (default: `FIXED_BUDGET`, notebook 03's grids)."""
     import seaborn as sns
 
     families = list(dict.fromkeys(agreement["family"]))
@@ -816,15 +825,16 @@ def agreement_plot(agreement, title: str = "How early does the ranking hold?"):
         ax.minorticks_off()
         ax.axhline(0, color="0.5", lw=0.8)
     axes[0][0].set_ylabel("Spearman ρ with the final metric (95% CI)")
-    fig.suptitle(title)
+    _title(fig, title, note)
     _family_legend(fig)
     return fig
 
 
 def scatter_plot(panels: dict, fraction: float, windows: int, estimator: str = "TSE-E",
-                 title: str | None = None):
+                 title: str | None = None, note: str | None = FIXED_BUDGET):
     """The estimator at `fraction` of the budget against the final metric, one panel per family:
-    `panels` maps a family to (curves, the final metric's column name, for its axis label)."""
+    `panels` maps a family to (curves, the final metric's column name, for its axis label); `note` as
+    in `agreement_plot`."""
     from chemscale import plots
 
     fig, axes = _panels(list(panels))
@@ -838,14 +848,16 @@ def scatter_plot(panels: dict, fraction: float, windows: int, estimator: str = "
         ax.plot(values[best], finals[best], "*", color="crimson", ms=14, label="the best final")
         ax.set(xlabel=f"{ESTIMATOR_LABELS[estimator]} at {fraction:.0%} of the budget",
                ylabel=plots.column_label(metric), title=f"{family}: ρ = {rho:.2f}")
-    fig.suptitle(title or f"{ESTIMATOR_LABELS[estimator]} at {fraction:.0%} of the budget vs the final metric")
+    _title(fig, title or f"{ESTIMATOR_LABELS[estimator]} at {fraction:.0%} of the budget vs the final metric", note)
     _family_legend(fig)
     return fig
 
 
-def search_plot(searches, title: str = "Searches at equal compute: compute saved vs regret"):
+def search_plot(searches, title: str = "Searches at equal compute: compute saved vs regret",
+                note: str | None = FIXED_BUDGET):
     """Regret (% of the best final) against compute saved (%), one panel per family: TPE per estimator
-    across budget fractions, successive halving, the Optuna pruners, and random search at each's compute."""
+    across budget fractions, successive halving, the Optuna pruners, and random search at each's compute;
+    `note` as in `agreement_plot`."""
     import seaborn as sns
 
     families = list(dict.fromkeys(searches["family"]))
@@ -865,7 +877,7 @@ def search_plot(searches, title: str = "Searches at equal compute: compute saved
                         label=method, lw=1)
         ax.set(xlabel="compute saved (% of training the whole grid)", ylabel="regret (% of the best final)",
                title=family)
-    fig.suptitle(title)
+    _title(fig, title, note)
     _family_legend(fig)
     return fig
 

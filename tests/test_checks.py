@@ -26,6 +26,13 @@ def test_verify_reports_the_converged_share_over_all_runs_and_per_fit():
                                     "frontier: 2 of 3 points converged (67%)"]
 
 
+def test_a_fixed_budget_grid_counts_the_runs_that_trained_their_whole_budget_not_a_shortfall():
+    """Notebook 03 turns early stopping off: its line says so, and counts a run that stopped early apart."""
+    summary = checks.verify(_results("capped", "capped", "converged"), {}, fixed_budget=True)
+    assert summary.splitlines()[1].startswith("all runs: 2 of 3 trained their whole fixed budget (early stopping off")
+    assert "converged (" not in summary
+
+
 def test_convergence_report_of_no_points_says_so():
     assert checks.convergence_report(_results("capped"), {"joint": _results().iloc[:0]}).splitlines() == [
         "all runs: 0 of 1 runs converged (0%)", "joint: no points"]
