@@ -49,6 +49,13 @@ LABELS = {
     "energy_mae_mev": "validation energy MAE (meV)",
     "test_energy_mae_mev": "test energy MAE (meV)",
 }
+# A force field's losses are not per token: its loss is energy_weight·MSE(E) + (1 - energy_weight)·MSE(F)
+# (chemscale.ff.task), so a table of force-field runs (its `task` column all "ff") gets these words instead.
+FF_LOSS_LABELS = {
+    "train_loss": "training loss (weighted energy and force MSE)",
+    "val_loss": "validation loss (weighted energy and force MSE)",
+    "best_val_loss": "validation loss (weighted energy and force MSE)",
+}
 # The exponent of a fit against a data axis is β, as the notebooks' prose and L(N, D) = E + A/N^α + B/D^β call it;
 # against anything else (parameters, compute) it is α.
 DATA_COLUMNS = ("n_train_molecules", "n_train_structures")
@@ -59,8 +66,12 @@ def set_theme() -> None:
     sns.set_theme(style="ticks", context="notebook", rc={"axes.grid": True, "grid.alpha": 0.3})
 
 
-def column_label(column: str | None) -> str | None:
-    """The words and unit for a column on an axis or legend title (`LABELS`), or its own name if it has none."""
+def column_label(column: str | None, data: pd.DataFrame | None = None) -> str | None:
+    """The words and unit for a column on an axis or legend title (`LABELS`), or its own name if it has none;
+    `data`, the table plotted: where its `task` column says every run is a force field, its losses get
+    `FF_LOSS_LABELS` (they are not nats per token)."""
+    if data is not None and "task" in data.columns and len(data) and (data["task"] == "ff").all():
+        return FF_LOSS_LABELS.get(column, LABELS.get(column, column))
     return LABELS.get(column, column)
 
 
@@ -217,9 +228,10 @@ def _legend(ax, title: str | None = None) -> None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **style)
 
 
-def _finish(ax, x, y, xlabel, ylabel, title, legend_title=None) -> None:
+def _finish(ax, x, y, xlabel, ylabel, title, legend_title=None, data=None) -> None:
     """Log-log axes with readable ticks, axis labels in words (`LABELS`) unless given, and the legend beside."""
-    ax.set(xscale="log", yscale="log", xlabel=xlabel or column_label(x), ylabel=ylabel or column_label(y), title=title)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel or column_label(x, data), ylabel=ylabel or column_label(y, data),
+           title=title)
     _log_axis(ax.xaxis)
     _log_axis(ax.yaxis)
     _legend(ax, legend_title)
@@ -257,7 +269,7 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
     if isinstance(fits, scaling.PowerLawFit):
         _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {_fit_label(fits, symbol)}")
     _capped_note(ax, _capped(df), "convergence" in df.columns)
-    _finish(ax, x, y, xlabel, ylabel, title, legend_title=column_label(hue))
+    _finish(ax, x, y, xlabel, ylabel, title, legend_title=column_label(hue), data=df)
     return fig
 
 
@@ -285,7 +297,7 @@ def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = N
     _capped_note(ax, _capped(frontier), "convergence" in frontier.columns)
     if fit is not None:
         _draw_fit(ax, fit, FIT_COLOR, label=f"frontier fit: {fit.label()}")
-    _finish(ax, compute, loss, xlabel, ylabel, title, legend_title=column_label(hue))
+    _finish(ax, compute, loss, xlabel, ylabel, title, legend_title=column_label(hue), data=df)
     return fig
 
 

@@ -258,6 +258,10 @@ def test_axis_and_legend_titles_are_words_with_units_unless_the_caller_names_the
     quality = pd.DataFrame({"n_params_non_embedding": [10, 100], "validity": [1.0, 1.0], "uniqueness": [1.0, 1.0],
                             "novelty": [1.0, 1.0]})
     assert plots.quality_plot(quality).axes[0].get_xlabel() == "parameters (non-embedding)"
+    ff = plots.loglog(df.assign(task="ff"), "n_train_molecules", "best_val_loss").axes[0]  # not per token
+    assert ff.get_ylabel() == "validation loss (weighted energy and force MSE)"
+    mixed = plots.loglog(df.assign(task=["ff", "chemgpt"] * (len(df) // 2)), "n_train_molecules", "best_val_loss")
+    assert mixed.axes[0].get_ylabel() == "validation loss (nats per token)"
 
 
 def test_a_data_exponent_is_beta_and_a_parameter_exponent_alpha():
