@@ -199,7 +199,8 @@ def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
     """Percentile interval of bootstrap values; NaNs when there was no bootstrap."""
     if len(values) == 0:
         return (float("nan"), float("nan"))
-    lo, hi = np.percentile(values, [50 * (1 - ci), 50 * (1 + ci)])
+    with np.errstate(invalid="ignore"):  # resamples that sent a scale to inf: inf - inf between them is an open end
+        lo, hi = np.percentile(values, [50 * (1 - ci), 50 * (1 + ci)])
     return (float(lo), float(hi))
 
 
@@ -369,6 +370,27 @@ class JointFit:
         loose = [name for name in JOINT_PARAMS if not self.constrained.get(name, True)]
         note = f"{', '.join(loose)}: {NOT_CONSTRAINED}" if loose else ""
         return {**row, "n_points": self.n_points, "n_dropped": self.n_dropped, "note": note}
+
+    def limits(self, width: float = 0.3) -> list[str]:
+        """Sentences, from the fit's numbers, for each exponent this grid does not pin to an interval narrower
+        than `width` (issue 10's bar for the joint fit), saying why; [] when both are that narrow.
+
+        An exponent trades off against the floor E: where E is not constrained, a lower floor with a flatter
+        term fits the same points, so the exponent's interval is as wide as the floor is free."""
+        out = []
+        for symbol, name, axis in (("α", "alpha", "parameters N"), ("β", "beta", "training data D")):
+            lo, hi = self.ci[name]
+            value = getattr(self, name)
+            if not self.constrained.get(name, True):
+                out.append(f"{symbol} = {value:.2f} is {NOT_CONSTRAINED}: its bootstrap interval [{lo:.2f}, {hi:.2f}] "
+                           f"spans flat to steep curves, or the grid has too few {axis} values to shape the term")
+            elif not hi - lo < width:
+                why = ("the floor E is not constrained and trades off against it (a lower floor with a flatter term "
+                       "fits the same points)" if not self.constrained.get("E", True) else
+                       f"{self.n_points} points leave the curvature along {axis} loosely pinned")
+                out.append(f"{symbol} = {value:.2f} [{lo:.2f}, {hi:.2f}] is {hi - lo:.2f} wide, wider than {width:g}: "
+                           f"{why}")
+        return out
 
     def label(self) -> str:
         """Short legend text, e.g. 'α = 0.34 [0.30, 0.38], β = 0.28 [0.25, 0.31]'."""

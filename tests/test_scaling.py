@@ -67,6 +67,11 @@ def test_joint_fit_marks_what_the_grid_does_not_constrain():
     assert row["note"] == "E, B, beta: not constrained by this grid"
     table = scaling.exponents_table({"joint": part})
     assert list(table["fit"]) == ["joint: α", "joint: β (not constrained by this grid)"]
+    lo, hi = full.ci["alpha"]
+    assert full.limits(width=hi - lo + 0.01) == [] or "β" in full.limits(width=hi - lo + 0.01)[0]
+    assert full.limits(width=(hi - lo) / 2)[0].startswith(f"α = {full.alpha:.2f} [{lo:.2f}, {hi:.2f}] is ")
+    why = part.limits(width=10.0)  # α narrower than 10; β not constrained, said whatever the width
+    assert len(why) == 1 and why[0].startswith(f"β = {part.beta:.2f} is not constrained by this grid")
 
 
 def test_confidence_intervals_cover_the_truth_and_shrink_with_noise():
