@@ -366,11 +366,20 @@ def _callbacks(run_dir: Path, tcfg: TrainConfig, extra_columns: tuple[str, ...] 
             self._val_t0 = time.perf_counter()
 
         def _flush_train_rows(self, trainer) -> tuple[int, float] | None:
-            """Move buffered step losses to the log (rank 0); returns the first non-finite (step, loss)."""
+            """Move buffered step losses to the log (rank 0); returns the first non-finite (step, loss).
+
+            Each logged loss is the mean over ranks of their batch losses: the loss whose gradient DDP
+            applies (it averages the ranks' gradients), not rank 0's share alone. One collective for all
+            the steps since the last flush, which every rank makes at the same step (a validation, or a
+            divergence that `LossWatch` reports on every rank at once), with as many losses buffered.
+            """
             pending, self.pending = self.pending, []
-            if not pending or not trainer.is_global_zero:
+            if not pending:
                 return None
-            losses = torch.stack([p[2] for p in pending]).float().cpu().tolist()
+            losses = trainer.strategy.reduce(torch.stack([p[2] for p in pending]).float(), reduce_op="mean")
+            if not trainer.is_global_zero:
+                return None
+            losses = losses.cpu().tolist()
             for (step, epoch, _, lr), loss in zip(pending, losses):
                 self.metrics.add(step=step, epoch=epoch, train_loss=loss, current_lr=lr)
             return next(((p[0], loss) for p, loss in zip(pending, losses) if not math.isfinite(loss)), None)
