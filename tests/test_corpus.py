@@ -380,6 +380,45 @@ def test_moses_validation_and_test_splits_share_no_molecule_with_each_other_or_t
     assert quiet_load("moses", "test", 100, seed=0).smiles() == test.smiles()[:100]  # nested, like every split
 
 
+
+def test_a_user_files_held_out_splits_drop_the_molecules_on_training_lines(tmp_path, monkeypatch):
+    """Issue 10, item 2 review: a molecule on several lines of a user file was in training and in the held-out
+    loss. Its validation and test lines are dropped as 'in_training_split', counted like any drop; training is
+    unchanged: every training line's molecule, in the permutation's order, a repeated one as often as written."""
+    molecules = FIXTURE.read_text().split()  # 200 different molecules
+    train_lines, val_lines, test_lines = (cache.split_order(200, False, split, 0) for split in ("train", "val", "test"))
+    repeated = molecules[train_lines[0]]
+    lines = list(molecules)
+    for i in (val_lines[0], val_lines[7], test_lines[3]):  # one training molecule, again in val and test
+        lines[i] = repeated
+    lines[train_lines[1]] = repeated  # and twice in training, where it is kept twice
+    path = write(tmp_path / "copies.smi", "".join(f"{smiles}\n" for smiles in lines))
+    train, val, test = (quiet_load(str(path), split, workers=1) for split in ("train", "val", "test"))
+    assert train.smiles() == [lines[i] for i in train_lines] and train.report.dropped == {}
+    assert not set(train.smiles()) & (set(val.smiles()) | set(test.smiles()))
+    assert (len(val), len(test)) == (18, 19)
+    assert val.report.dropped == {"in_training_split": 2} and test.report.dropped == {"in_training_split": 1}
+    assert "dropped 2 (in_training_split 2)" in str(val.report)
+    assert f"line {val_lines[0] + 1}: '{repeated}' (in_training_split)" in str(val.report)
+    report = describe(str(path), workers=1, progress=False)
+    assert report.dropped == {"in_training_split": sorted([val_lines[0] + 1, val_lines[7] + 1, test_lines[3] + 1])}
+    assert report.splits == {"train": (160, 160), "val": (20, 18), "test": (20, 19)}
+    assert "in_training_split 3: lines" in str(report)
+    # every digest equal: a hash collision drops held-out lines, it never keeps one
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "colliding")
+    monkeypatch.setattr(cache, "_digest", lambda smiles: b"\0" * 8)
+    with pytest.raises(CorpusError, match=r"copies\.smi \[test\]: no molecule could be encoded .*in_training_split"):
+        quiet_load(str(path), "test", workers=1)
+
+
+def test_moses_held_out_splits_are_read_as_before(monkeypatch):
+    """MOSES's test file shares no molecule with its training file (checked above): its held-out splits are read
+    as before, without a pass over the training file, and drop nothing."""
+    passes, real = [], cache._pick
+    monkeypatch.setattr(cache, "_pick", lambda *args, **kwargs: passes.append(args[3:]) or real(*args, **kwargs))
+    test = quiet_load("moses", "test", 50, workers=1)
+    assert passes == [(None,)] and test.report.dropped == {}
+
 def test_nested_subsets_equal_fresh_smaller_loads(tmp_path, monkeypatch):
     big = quiet_load("moses", "val", 300)
     monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "another_cache")

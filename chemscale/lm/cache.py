@@ -3,13 +3,14 @@
 The lines of a file are visited in one fixed permutation (by `seed`) and each split is a fixed
 stretch of it (`split_range`): MOSES's train.csv.gz is the training split, its test.csv.gz gives
 the validation split and, from its last MAX_HELD_OUT lines, the test split; a user file gives
-training, test and validation splits, in that order. The molecules of a split are visited in
-that order; a cache holds the
-molecules kept so far along it (token ids back to back, offsets, positions, the SMILES) and what
-was dropped, by reason. `encoded(..., target)` encodes only what the cache lacks: a larger request
-encodes just the missing part and extends the cache, in rounds of ROUND_MOLECULES (a big encode
-resumes). Token ids are append-only in order of first appearance along the permutation, so the
-vocabulary of the first n molecules is a prefix of the cache's, whatever was encoded before.
+training, test and validation splits, in that order, and its test and validation splits drop
+every line whose SMILES is also on a training line ('in_training_split', see `_pick`). The
+molecules of a split are visited in that order; a cache holds the molecules kept so far along it
+(token ids back to back, offsets, positions, the SMILES) and what was dropped, by reason.
+`encoded(..., target)` encodes only what the cache lacks: a larger request encodes just the
+missing part and extends the cache, in rounds of ROUND_MOLECULES (a big encode resumes). Token
+ids are append-only in order of first appearance along the permutation, so the vocabulary of the
+first n molecules is a prefix of the cache's, whatever was encoded before.
 Drops for a timeout or a worker crash depend on the machine's load, not the molecule: they are
 retried on every load, and one that then encodes cuts the cache back to it and refills.
 
@@ -52,7 +53,8 @@ MAX_HELD_OUT = 10_000  # lines of MOSES's test split; of a user file's validatio
 MAX_SYMBOLS = 1024  # longer molecules (PubChem has peptides and polymers) are dropped as 'too_long'
 SMILES_CHARS_PER_SYMBOL = 16  # a SMILES this many characters a symbol over MAX_SYMBOLS is too long unread
 # every reason a line is dropped for (the keys of EncodeReport.dropped)
-REASONS = ("empty", "malformed", "invalid_smiles", "valence", "selfies_error", "too_long", "timeout", "crash")
+REASONS = ("empty", "malformed", "invalid_smiles", "valence", "selfies_error", "too_long", "timeout", "crash",
+           "in_training_split")
 N_EXAMPLES = 20  # offending lines kept per cache, for the report
 ROUND_MOLECULES = 500_000  # molecules encoded between cache writes (bounds memory; a big encode resumes)
 CACHE_FORMAT = 4  # bump when the cache layout or its meaning changes
@@ -146,7 +148,9 @@ def split_range(n_lines: int, whole_file: bool, split: str) -> tuple[int, int]:
     existed (for n up to the validation split's size), and the test set, which neither early
     stopping nor the choice of best.pt ever sees, is the same whatever n_val_molecules a run asks.
     A user file: its last min(10%, MAX_HELD_OUT) lines are the validation split (as before the
-    test split existed), the as many before them the test split, and the rest the training split."""
+    test split existed), the as many before them the test split, and the rest the training split.
+    A line is in one split only, but a molecule may be on several lines: the held-out splits of a user
+    file drop the lines whose SMILES is also on a training line (`_pick`), so they are held out."""
     if whole_file:
         n_test = min(n_lines, MAX_HELD_OUT)
         return {"train": (0, n_lines), "val": (0, n_lines - n_test), "test": (n_lines - n_test, n_lines)}[split]
@@ -169,13 +173,36 @@ def split_order(n_lines: int, whole_file: bool, split: str, seed: int) -> np.nda
     return np.random.default_rng(seed).permutation(n_lines)[start:stop]
 
 
-def _pick(source: SmilesFile, records: np.ndarray, progress: bool) -> list[tuple[int, str, str | None]]:
-    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order."""
+def _training_lines(n_lines: int, seed: int) -> np.ndarray:
+    """A mask over a user file's data lines: True on those of its training split (10 MB at 10^7 lines)."""
+    mask = np.zeros(n_lines, bool)
+    mask[split_order(n_lines, False, "train", seed)] = True
+    return mask
+
+
+def _pick(source: SmilesFile, records: np.ndarray, progress: bool,
+          training: np.ndarray | None = None) -> list[tuple[int, str, str | None]]:
+    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order.
+
+    With `training` (`_training_lines`: the records are of a held-out split), the pass reads the whole
+    file and a record whose SMILES is also on a training line gets the problem 'in_training_split': a
+    molecule on several lines of a file would otherwise be in training and in the held-out loss. The
+    SMILES are compared as written, after the layout's parsing (PubChem's are canonical already):
+    a molecule written two ways is not caught, as canonicalising 10^7 molecules with RDKit costs more
+    than encoding them. The training lines are kept as 8-byte blake2b digests (a stable hash: the
+    drops are the same in every process), sorted, 80 MB at 10^7 lines; a collision can only drop a
+    held-out line whose molecule is not in training, never keep one that is."""
     slot = {int(r): k for k, r in enumerate(records)}
     out: list = [None] * len(records)
     found = 0
+    digests: list[bytes] = []
     for r, (line_no, text) in enumerate(tqdm(source.data_lines(), desc=f"reading {source.path.name}",
                                              unit=" lines", disable=not progress, leave=False, mininterval=0.5)):
+        if training is not None and training[r]:
+            smiles, problem = source.smiles_of(text)
+            if problem is None:
+                digests.append(_digest(smiles))
+            continue
         k = slot.get(r)
         if k is not None:
             smiles, problem = source.smiles_of(text)
@@ -183,11 +210,26 @@ def _pick(source: SmilesFile, records: np.ndarray, progress: bool) -> list[tuple
                 problem = "too_long"  # not worth the encoder's time
             out[k] = (line_no, smiles, problem)
             found += 1
-            if found == len(records):
+            if found == len(records) and training is None:
                 break
     if found < len(records):
         raise CorpusError(f"{source.path}: the file changed while being read (expected more lines)")
+    if training is not None:
+        seen = np.sort(np.frombuffer(b"".join(digests), "<u8"))
+        for k, (line_no, smiles, problem) in enumerate(out):
+            if problem is None and _in_sorted(seen, _digest(smiles)):
+                out[k] = (line_no, smiles, "in_training_split")
     return out
+
+
+def _digest(smiles: str) -> bytes:
+    return hashlib.blake2b(smiles.encode(), digest_size=8).digest()
+
+
+def _in_sorted(sorted_digests: np.ndarray, digest: bytes) -> bool:
+    value = np.frombuffer(digest, "<u8")[0]
+    i = int(np.searchsorted(sorted_digests, value))
+    return i < len(sorted_digests) and sorted_digests[i] == value
 
 # --- the cache -----------------------------------------------------------------------------------
 
@@ -362,11 +404,15 @@ def _cache_folder(source: SmilesFile, whole_file: bool, split: str, seed: int, f
     its cache, an edited one does not. A split that is part of its file is keyed on its stretch of
     the permutation too: when the splits were redrawn (the test split was carved out), its molecules
     are a new cache, not a damaged one; a split that is a whole file (MOSES train) keeps its folder.
+    A held-out split of a user file is keyed on its dropping the lines whose SMILES is on a training line:
+    one cached before it did may hold such molecules and is not reused; the training and MOSES caches keep theirs.
     The name starts with the file's (cut) stem only for people looking at the folder; the hash alone decides."""
     key = (f"format={CACHE_FORMAT}|sha256={fingerprint['sha256']}|{source.key}|whole_file={whole_file}|"
            f"split={split}|seed={seed}|selfies={SELFIES_VERSION}|max_symbols={MAX_SYMBOLS}")
     if (stretch := split_range(n_data, whole_file, split)) != (0, n_data):
         key += "|lines={}:{}".format(*stretch)
+    if not whole_file and split != "train":
+        key += "|drops=in_training_split"
     stem = source.path.name.split(".")[0][:STEM_CHARS].lstrip("-") or "file"
     return CACHE_DIR / f"{stem}-{source.layout}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -397,7 +443,9 @@ def encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target:
         if state is not None and (state.exhausted or (target is not None and state.n_kept >= target)):
             return state, not retried, cache.folder
         state = state or _empty_state(len(order))
-        _fill(cache, state, order, source, len(order) if target is None else target, workers, timeout_s, progress)
+        training = None if whole_file or split == "train" else _training_lines(n_data, seed)
+        _fill(cache, state, order, source, len(order) if target is None else target, workers, timeout_s, progress,
+              training)
         state, problem = cache.read()
         if state is None:
             raise CorpusError(f"{cache.folder}: the cache just written does not read back ({problem})")
@@ -405,9 +453,11 @@ def encoded(source: SmilesFile, whole_file: bool, split: str, seed: int, target:
 
 
 def _fill(cache: _Cache, state: State, order: np.ndarray, source: SmilesFile, target: int, workers,
-          timeout_s: float, progress: bool) -> None:
+          timeout_s: float, progress: bool, training: np.ndarray | None) -> None:
     """Encode further along `order` until `target` molecules are kept or the split runs out.
 
+    With `training` (a held-out split of a user file), each round drops the lines whose SMILES is on a
+    training line (`_pick`: a pass over the whole file a round; a held-out split is one round).
     Works in rounds of at most ROUND_MOLECULES, writing the cache after each: memory stays
     bounded and an interrupted encode of a big file resumes from its last round."""
     n_encoded, seconds = 0, 0.0  # encoding alone, file reading excluded
@@ -418,7 +468,7 @@ def _fill(cache: _Cache, state: State, order: np.ndarray, source: SmilesFile, ta
     while state.n_kept < target and not state.exhausted:
         missing = target - state.n_kept
         n_take = min(missing + missing // 20 + 16, ROUND_MOLECULES)  # a margin of 5% + 16 for drops
-        records = _pick(source, order[state.consumed: state.consumed + n_take], progress)
+        records = _pick(source, order[state.consumed: state.consumed + n_take], progress, training)
         if not records:  # a consistent cache never gets here: never loop forever on one that is not
             raise CorpusError(f"{cache.folder}: nothing left to read at position {state.consumed:,} of "
                               f"{state.n_lines:,}; delete the folder to rebuild it")
