@@ -41,6 +41,11 @@ STOP_MARK = "chemscale.sweep: stopped by an interrupt; the run resumes from its 
 ELSEWHERE_MARK = "chemscale.sweep: left to the other process that trains this run"
 PARENT_ENV = "CHEMSCALE_SWEEP_PARENT"  # pid of the sweep; its child dies with it (chemscale.train.die_with_parent)
 GRACE_S = 10.0  # seconds an interrupted run gets to exit after SIGTERM before SIGKILL
+EXECUTORS = ("local", "slurm", "submitit-local")
+MAX_RESUBMITS = 3  # times a failed or timed-out submitit job is submitted again, resuming from its checkpoint
+JOB_START_S = 120.0  # estimate of a job's start before its first step: Python, torch, data (a shared file system)
+DEFAULT_TIMEOUT_MIN = 24 * 60  # a job's time limit when neither the params nor a measured step time give one
+POLL_S = 1.0  # seconds between looks at the submitted jobs
 
 
 class SweepFailed(RuntimeError):
@@ -133,14 +138,17 @@ def base_config(task: str, params: Mapping, *, model: dict | None = None, data: 
 
 
 def run_options(params: Mapping) -> dict:
-    """`sweep.run`'s executor, parallel and slurm options from a notebook's parameters (`globals()`).
+    """`sweep.run`'s executor, parallel, slurm and max_resubmits options from a notebook's parameters (`globals()`).
 
-    Slurm options are given only for a non-empty `slurm_partition` (empty: the cluster's default);
-    parameters left out get `run`'s defaults (local, one run at a time).
+    `slurm` is a dict of submitit parameters (checked by `run` before any job); parameters left out get
+    `run`'s defaults (local, one run at a time, 3 resubmissions).
     """
-    partition = params.get("slurm_partition", "")
-    return {"executor": params.get("executor", "local"), "parallel": params.get("parallel"),
-            "slurm": {"slurm_partition": partition} if partition else {}}
+    slurm = params.get("slurm", {})
+    if not isinstance(slurm, Mapping):
+        raise ConfigError(f"notebook parameter 'slurm' must be a mapping of submitit parameters, e.g. "
+                          f"{{slurm_partition: gpu, timeout_min: 720}}, got {slurm!r}")
+    return {"executor": params.get("executor", "local"), "parallel": params.get("parallel"), "slurm": dict(slurm),
+            "max_resubmits": params.get("max_resubmits", MAX_RESUBMITS)}
 
 
 def grid(study: str, base: dict, **axes) -> list[dict]:
@@ -334,7 +342,8 @@ def _default_parallel() -> tuple[int, int]:
 
 
 def run(configs: list[dict], executor: str = "local", *, parallel: int | None = None, threads: int | None = None,
-        progress: bool = True, root: Path | None = None, slurm: dict | None = None) -> pd.DataFrame:
+        progress: bool = True, root: Path | None = None, slurm: dict | None = None,
+        max_resubmits: int = MAX_RESUBMITS) -> pd.DataFrame:
     """Run every unfinished config; returns `collect`-style rows for these configs.
 
     Before any run starts, training-set sizes that the data cannot give are refused
@@ -348,17 +357,24 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         executor: "local" (child processes on this machine), "slurm" (one submitit job per run)
             or "submitit-local" (submitit's local executor, for testing the Slurm path).
         parallel, threads: local runs at once and torch threads each (default: 1 run, all cores).
-        slurm: submitit parameters for executor="slurm", e.g. {"slurm_partition": "gpu",
-            "gpus_per_node": 4, "tasks_per_node": 4, "nodes": 1, "timeout_min": 600}.
+        slurm: submitit parameters for the submitit executors, e.g. {"slurm_partition": "gpu", "slurm_account":
+            "chem", "slurm_qos": "normal", "timeout_min": 600, "cpus_per_task": 8, "mem_gb": 64}; checked by
+            submitit before any run folder is made (`_job_parameters` gives the defaults).
+        max_resubmits: times a submitit job that fails (killed, out of memory, node lost) is submitted again;
+            each resumes from the run's last checkpoint. A timed-out or preempted job is requeued by submitit
+            itself as often (`_TrainJob.checkpoint`).
     """
     if not configs:
         raise ConfigError("sweep.run: no run configs given (is a sweep axis an empty list?)")
-    if executor not in ("local", "slurm", "submitit-local"):
-        raise ConfigError(f"executor must be 'local', 'slurm' or 'submitit-local', got {executor!r}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"notebook parameter 'executor' (the params file's key executor) must be one of "
+                          f"{', '.join(EXECUTORS)}, got {executor!r}")
     if executor != "local" and importlib.util.find_spec("submitit") is None:  # before data checks and run folders
         raise ConfigError(f"executor {executor!r} needs submitit, which is not installed: pip install submitit "
                           "(or pip install 'chemscale[slurm]'), or use executor 'local'")
     unfinished = [c for c in configs if not runs.is_finished(Path(root or paths.RUNS) / c["study"] / runs.run_id(c))]
+    if executor != "local":
+        _check_submitit(unfinished, executor, slurm or {}, max_resubmits, root)
     check_data(unfinished, progress)  # before any run folder is made
     dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run
     todo = [d for d in dirs if not runs.is_finished(d)]
@@ -371,7 +387,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         finally:
             bar.close()
     else:
-        _run_submitit(todo, executor, slurm or {}, root)
+        _run_submitit(todo, executor, slurm or {}, max_resubmits, root)
     df = collect_dirs(dirs)
     running = df[df["status"] == "running"]
     if len(running):
@@ -411,36 +427,153 @@ def _last_line(log: Path) -> str:
     return (lines[-1][:200] if lines else "(empty)")
 
 
-def _run_submitit(todo: list[Path], executor: str, slurm: dict, root: Path | None) -> None:
-    """Submit one job per run folder with submitit and wait; Lightning reads Slurm's env for DDP.
+def _seconds_per_step(study_dir: Path) -> float | None:
+    """The slowest measured training seconds per step among the study's finished runs (None before any): the
+    estimate of a job's step time, since a sweep's runs share hardware and differ in size by a few-fold."""
+    rates = []
+    for path in study_dir.glob(f"*/{runs.RESULT}"):
+        with contextlib.suppress(OSError, ValueError, TypeError, ZeroDivisionError):
+            result = json.loads(path.read_text())
+            rates.append(float(result["train_seconds"]) / int(result["steps"]))
+    return max(rates) if rates else None
 
-    Each job gets `nodes = num_nodes` and one task per device (what Lightning DDP expects under
-    Slurm), from the run's own train section; `slurm` adds or overrides submitit parameters.
+
+def _job_parameters(config: dict, executor: str, slurm: dict, root: Path | None) -> dict:
+    """The submitit parameters of one run's job: `slurm` over defaults from the run's own train section.
+
+    Defaults: `nodes = num_nodes` and one task per device (what Lightning DDP expects under Slurm), a GPU per
+    device for accelerator gpu, and a time limit for the run's budget: JOB_START_S + max_steps x the study's
+    measured seconds per step (`_seconds_per_step`), x1.5 and at least 60 minutes, or DEFAULT_TIMEOUT_MIN
+    before any run of the study has finished. A time limit (timeout_min, or slurm_time in minutes) that
+    cannot reach the run's first checkpoint, JOB_START_S + val_every_steps x that step time, is refused:
+    the job would be requeued again and again without ever saving progress.
     """
+    t = config.get("train", {})
+    devices, nodes = int(t.get("devices", 1)), int(t.get("num_nodes", 1))
+    step_s = _seconds_per_step(Path(root or paths.RUNS) / config["study"])
+    budget_s = JOB_START_S + int(t.get("max_steps", 1000)) * step_s if step_s is not None else None
+    params = {"timeout_min": DEFAULT_TIMEOUT_MIN if budget_s is None else max(60, math.ceil(1.5 * budget_s / 60)),
+              "nodes": nodes, "tasks_per_node": devices, "name": f"chemscale-{runs.run_id(config)}"}
+    if executor == "slurm" and t.get("accelerator") == "gpu":
+        params["gpus_per_node"] = devices
+    if executor == "submitit-local":
+        params.pop("nodes"), params.pop("tasks_per_node")
+    params |= slurm
+    limit = params.get("slurm_time", params["timeout_min"]) if executor == "slurm" else params["timeout_min"]
+    first_checkpoint_s = JOB_START_S + int(t.get("val_every_steps", 100)) * (step_s or 0.0)
+    if isinstance(limit, int | float) and 60 * limit < first_checkpoint_s:
+        raise ConfigError(f"notebook parameter 'slurm': a time limit of {limit} minutes is shorter than a job needs "
+                          f"to reach its first checkpoint (~{first_checkpoint_s / 60:.1f} minutes: {JOB_START_S:.0f} s "
+                          f"to start and val_every_steps = {t.get('val_every_steps', 100)} steps at the "
+                          f"{config['study']} runs' measured {step_s or 0.0:.3g} s per step); raise timeout_min")
+    return params
+
+
+def _executor(executor: str, folder: Path, max_resubmits: int):
+    """submitit's executor: the local one for "submitit-local", else Slurm's (a ConfigError off a Slurm cluster).
+    A timed-out or preempted job is requeued by submitit up to `max_resubmits` times."""
     import submitit
-    from submitit.helpers import CommandFunction
+
+    cluster = "local" if executor == "submitit-local" else "slurm"
+    try:
+        return submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_resubmits,
+                                     local_max_num_timeout=max_resubmits)
+    except RuntimeError as e:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise ConfigError(f"notebook parameter 'executor' (the params file's key executor) is {executor!r}, but "
+                          f"this machine is not a Slurm cluster node ({e}); run from a login node, or use "
+                          f"executor local") from None
+
+
+def _check_submitit(configs: list[dict], executor: str, slurm: dict, max_resubmits: int, root: Path | None) -> None:
+    """Every job's parameters through submitit's own checks (names per executor, types) before any run folder or
+    job is made, so a misspelt key fails at once, named, not after hours in the queue."""
+    import tempfile
+
+    if isinstance(max_resubmits, bool) or not isinstance(max_resubmits, int) or max_resubmits < 0:
+        raise ConfigError(f"notebook parameter 'max_resubmits' must be an integer >= 0, got {max_resubmits!r}")
+    bad = [k for k in slurm if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"notebook parameter 'slurm': keys must be submitit parameter names, got {bad}")
+    with tempfile.TemporaryDirectory() as folder:
+        # the local executor checks every executor's parameter names and the shared ones' types; on a
+        # cluster, Slurm's own executor also checks the values as it writes the sbatch script
+        checkers = [_executor("submitit-local", Path(folder) / "local", max_resubmits)]
+        if executor == "slurm":
+            checkers.append(_executor("slurm", Path(folder) / "slurm", max_resubmits))
+        for config in configs:
+            params = _job_parameters(config, executor, slurm, root)
+            for checker in checkers:
+                try:
+                    checker.update_parameters(**params)
+                except (NameError, AssertionError, ValueError, TypeError) as e:
+                    if checker.cluster == "local" and executor == "slurm" and isinstance(e, ValueError):
+                        continue  # the local executor's own limits (one node) are not Slurm's
+                    raise ConfigError(f"notebook parameter 'slurm' (the params file's key slurm): submitit "
+                                      f"refuses {slurm}: {str(e).splitlines()[0]}") from None
+
+
+class _TrainJob:
+    """One run as a submitit job: `python -m chemscale.train RUN_DIR` as a local run (train.log, dies with the job).
+
+    submitit calls `checkpoint` when Slurm times the job out or preempts it, and requeues what it returns:
+    the same job, which resumes from the run's last checkpoint (submitit.helpers.Checkpointable's
+    behaviour; submitit only looks for the method, so this module needs no submitit to import).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        code = _run_local(self.run_dir, threads)
+        if code:
+            raise RuntimeError(f"python -m chemscale.train {self.run_dir} exited with code {code}; see its train.log")
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def _run_submitit(todo: list[Path], executor: str, slurm: dict, max_resubmits: int, root: Path | None) -> None:
+    """Submit one job per run folder with submitit and wait; a failed job is submitted again, `max_resubmits` times.
+
+    The wait loop is no scheduler: Slurm (or submitit's local executor) runs the jobs; the loop only
+    submits a failed run's same job again, through submitit, and it resumes from its last checkpoint. A
+    run that another process trains (its lock held) is left to it, as a local sweep does.
+    """
+    from chemscale.train import held_elsewhere
 
     if not todo:
         return
-    folder = Path(root or paths.RUNS) / "_submitit"
-    ex = submitit.AutoExecutor(folder=folder, cluster="local" if executor == "submitit-local" else "slurm")
-    jobs = []
-    for d in todo:
-        t = runs.read_config(d).get("train", {})
-        devices, nodes = int(t.get("devices", 1)), int(t.get("num_nodes", 1))
-        params = {"timeout_min": 60, "nodes": nodes, "tasks_per_node": devices, "name": f"chemscale-{d.name}"}
-        if executor == "slurm" and t.get("accelerator") == "gpu":
-            params["gpus_per_node"] = devices
-        if executor == "submitit-local":
-            params.pop("nodes"), params.pop("tasks_per_node")
-        ex.update_parameters(**(params | slurm))
-        jobs.append(ex.submit(CommandFunction(_train_command(d), cwd=str(paths.ROOT))))
-    for job, d in zip(jobs, todo):
-        try:
-            job.result()
-        except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
+    ex = _executor(executor, Path(root or paths.RUNS) / "_submitit", max_resubmits)
+
+    def submit(d: Path):
+        ex.update_parameters(**_job_parameters(runs.read_config(d), executor, slurm, root))
+        return ex.submit(_TrainJob(d))
+
+    jobs = {d: (submit(d), 0) for d in todo}
+    while jobs:
+        time.sleep(POLL_S)
+        for d, (job, resubmits) in list(jobs.items()):
+            if not job.done():
+                continue
+            del jobs[d]
+            try:
+                job.result()
+                continue
+            except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
+                error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            deadline = time.monotonic() + GRACE_S  # a killed job's training process exits a moment after it
+            while held_elsewhere(d) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            again = resubmits < max_resubmits and not runs.is_finished(d) and not held_elsewhere(d)
             with (d / "train.log").open("a") as log:
-                log.write(f"submitit job {job.job_id} failed:\nTraceback: {e}\n")
+                log.write(f"submitit job {job.job_id} failed: {error}\n"
+                          + (f"submitted again ({resubmits + 1} of {max_resubmits}); it resumes from its last "
+                             "checkpoint\n" if again else f"Traceback: not submitted again ({resubmits} resubmits)\n"))
+            if again:
+                jobs[d] = (submit(d), resubmits + 1)
 
 
 def _flatten(config: dict) -> dict:

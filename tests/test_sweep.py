@@ -4,9 +4,11 @@ failures that do not stop a sweep (and a sweep where all fail), resuming killed 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def test_grid_ids_are_stable_and_distinct():
 
 NOTEBOOK_PARAMS = {"run_name": "s", "seed": 3, "accelerator": "cpu", "precision": "32-true", "batch_size": 8,
                    "lr": 0.01, "max_steps": 20, "val_every_steps": 5, "patience": 2, "devices": 1, "num_nodes": 1,
-                   "width": [16, 32], "depth": 2, "executor": "local", "parallel": 2, "slurm_partition": "",
+                   "width": [16, 32], "depth": 2, "executor": "local", "parallel": 2, "slurm": {}, "max_resubmits": 3,
                    "n_samples": 10, "save_figures": False}
 
 
@@ -94,11 +96,53 @@ def test_base_config_copies_its_sections():
     assert model == {"depth": 2}
 
 
-def test_run_options_give_slurm_options_only_for_a_partition():
-    assert sweep.run_options(NOTEBOOK_PARAMS) == {"executor": "local", "parallel": 2, "slurm": {}}
-    slurm = sweep.run_options({**NOTEBOOK_PARAMS, "executor": "slurm", "slurm_partition": "gpu"})
-    assert slurm == {"executor": "slurm", "parallel": 2, "slurm": {"slurm_partition": "gpu"}}
-    assert sweep.run_options({}) == {"executor": "local", "parallel": None, "slurm": {}}
+def test_run_options_pass_the_slurm_dict_and_max_resubmits():
+    assert sweep.run_options(NOTEBOOK_PARAMS) == {"executor": "local", "parallel": 2, "slurm": {}, "max_resubmits": 3}
+    slurm = {"slurm_partition": "gpu", "slurm_account": "chem", "timeout_min": 720}
+    options = sweep.run_options({**NOTEBOOK_PARAMS, "executor": "slurm", "slurm": slurm, "max_resubmits": 1})
+    assert options == {"executor": "slurm", "parallel": 2, "slurm": slurm, "max_resubmits": 1}
+    assert options["slurm"] is not slurm  # run may add to it without changing the notebook's
+    assert sweep.run_options({}) == {"executor": "local", "parallel": None, "slurm": {}, "max_resubmits": 3}
+    with pytest.raises(ConfigError, match="'slurm' must be a mapping"):
+        sweep.run_options({"slurm": "gpu"})
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"executor": "slrum"}, "'executor'.*slrum"),
+    ({"slurm": {"slurm_partion": "gpu"}}, "'slurm'.*slurm_partion"),
+    ({"slurm": {"slurm_qos": "normal", "slurm_acount": "chem"}}, "'slurm'.*slurm_acount"),
+    ({"slurm": {"timeout_min": "2h"}}, "'slurm'.*timeout_min"),
+    ({"slurm": {"timeout_min": 1}}, "'slurm'.*1 minutes is shorter than a job needs to reach its first checkpoint"),
+    ({"max_resubmits": -1}, "'max_resubmits'")])
+def test_bad_submitit_options_are_named_before_any_run_folder(runs_root, options, match):
+    configs = sweep.grid("s", tiny_lm_config(), seed=[0])
+    with pytest.raises(ConfigError, match=match):
+        sweep.run(configs, **{"executor": "submitit-local", **options}, root=runs_root, progress=False)
+    assert not list(runs_root.iterdir())
+
+
+@pytest.mark.skipif(bool(shutil.which("srun")), reason="a Slurm cluster node: executor slurm is right here")
+def test_executor_slurm_off_a_cluster_says_so_before_any_run_folder(runs_root):
+    with pytest.raises(ConfigError, match="'executor'.*not a Slurm cluster"):
+        sweep.run([tiny_lm_config()], executor="slurm", root=runs_root, progress=False)
+    assert not list(runs_root.iterdir())
+
+
+def test_job_time_limit_follows_the_measured_budget_and_the_params(runs_root):
+    """No run measured yet: a day, not submitit's 60 minutes; then 1.5 x (start + max_steps x slowest s/step)."""
+    config = tiny_lm_config(max_steps=20_000, val_every_steps=1000, accelerator="gpu", devices=2)
+    params = sweep._job_parameters(config, "slurm", {}, runs_root)
+    assert params["timeout_min"] == sweep.DEFAULT_TIMEOUT_MIN
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (1, 2, 2)
+    for name, seconds in (("a", 10.0), ("b", 30.0)):  # two finished runs of the study: 0.1 and 0.3 s per step
+        (runs_root / "t" / name).mkdir(parents=True)
+        (runs_root / "t" / name / runs.RESULT).write_text(json.dumps({"train_seconds": seconds, "steps": 100}))
+    assert sweep._job_parameters(config, "slurm", {}, runs_root)["timeout_min"] == 153  # 1.5 x (120 s + 20,000 x 0.3 s)
+    assert sweep._job_parameters(config, "slurm", {"timeout_min": 600}, runs_root)["timeout_min"] == 600
+    with pytest.raises(ConfigError, match="first checkpoint.*0.3 s per step"):  # 120 s + 1000 x 0.3 s > 5 min
+        sweep._job_parameters(config, "slurm", {"timeout_min": 6}, runs_root)
+    with pytest.raises(ConfigError, match="first checkpoint"):  # Slurm's own key wins on Slurm
+        sweep._job_parameters(config, "slurm", {"timeout_min": 600, "slurm_time": 6}, runs_root)
 
 
 def test_grid_rejects_unknown_axis_and_bad_values():
@@ -270,6 +314,32 @@ def test_submitit_local_executor(runs_root):
     assert list(df["status"]) == ["finished"]
 
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_killed_submitit_job_is_submitted_again_and_ends_as_an_uninterrupted_run(runs_root, tmp_path):
+    """SIGKILL to a job's process once its run has a checkpoint: the sweep submits it again through submitit, it
+    resumes, and its metrics equal an uninterrupted run's row for row (none twice, none missing)."""
+    config = tiny_lm_config(max_steps=60, val_every_steps=5)
+    run_dir = runs_root / "t" / runs.run_id(config)
+    out = {}
+    sweeping = threading.Thread(target=lambda: out.update(df=sweep.run(
+        [config], executor="submitit-local", progress=False, root=runs_root)))
+    sweeping.start()
+    _wait(lambda: not sweeping.is_alive() or (run_dir / runs.CHECKPOINT).exists(), "the job's first checkpoint", 0.02)
+    trainer = int((run_dir / train.LOCK).read_text().split()[1])
+    job = int(Path(f"/proc/{trainer}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent: the job's process
+    os.kill(job, signal.SIGKILL)
+    assert not runs.is_finished(run_dir), "the run finished before its job was killed; give it more steps"
+    sweeping.join()
+    assert out["df"]["status"].tolist() == ["finished"]
+    result = runs.read_result(run_dir)
+    assert result["steps"] == 60 and result["resumed_from_step"] > 0
+    assert "submitted again (1 of 3)" in (run_dir / "train.log").read_text()
+    alone = runs.create("t", config, tmp_path / "alone")
+    assert train.train(alone)["best_val_loss"] == result["best_val_loss"]
+    for resumed, uninterrupted in zip(train_rows(run_dir), train_rows(alone)):
+        pd.testing.assert_frame_equal(resumed.reset_index(drop=True), uninterrupted.reset_index(drop=True))
+
 # ---------------------------------------------------------------- interrupts: no run left training unseen
 
 # Ctrl-C as a terminal user has it: Python's KeyboardInterrupt handler. A process started with SIGINT ignored
@@ -293,11 +363,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait(condition, what: str, limit_s: float = 120.0) -> None:
+def _wait(condition, what: str, every_s: float = 0.1, limit_s: float = 120.0) -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
         assert time.monotonic() < deadline, f"still waiting for {what} after {limit_s} s"
-        time.sleep(0.1)
+        time.sleep(every_s)
 
 
 def _start_sweep(runs_root: Path) -> tuple[subprocess.Popen, int, Path]:
