@@ -47,11 +47,13 @@ def _hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def check_folder(run_dir: Path, config: dict) -> None:
+def check_folder(run_dir: Path, config: dict, expected: dict | None = None) -> None:
     """Refuse a config.json that does not hash to its folder's name: it was edited, or is not this run's.
 
     A run folder's name is its settings' id, so an edited learning rate or width would otherwise
     be trained (or resumed from a checkpoint of other settings) under a name that says otherwise.
+    `expected`, the complete settings of the folder's id (a sweep's config), lets the error name
+    each key that differs: the hash alone cannot say which setting was changed.
     """
     run_dir = Path(run_dir)
     actual = run_id(config)
@@ -69,9 +71,35 @@ def check_folder(run_dir: Path, config: dict) -> None:
                "run its sweep again to make the run under its current id (from step 0: this folder's checkpoint "
                "belongs to the old id)")
     else:
-        why = ("was it edited by hand? A run's settings are fixed by its id: restore the file, or make a new "
+        changed = _differences(config, expected) if expected is not None else []
+        where = f" ({'; '.join(changed)})" if changed else ""
+        why = (f"was it edited by hand{where}? A run's settings are fixed by its id: restore the file, or make a new "
                "run for the new settings (chemscale.sweep.grid or chemscale.runs.create)")
     raise ConfigError(f"{path}: these settings hash to run id {actual}, but the folder is {run_dir.name}; {why}")
+
+
+def _settings(config: dict) -> dict:
+    """A config's settings as {'train.lr': 0.003, 'seed': 0}; metadata left out."""
+    flat = {}
+    for key, value in config.items():
+        if key == "meta":
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _differences(stored: dict, expected: dict) -> list[str]:
+    """'train.lr is 0.5 in the file, 0.003 for this run id' for each setting where `stored` differs from `expected`."""
+    have, want = _settings(stored), _settings(expected)
+    return [f"{key} is {_shown(have, key)} in the file, {_shown(want, key)} for this run id"
+            for key in sorted(set(have) | set(want)) if key not in have or key not in want or have[key] != want[key]]
+
+
+def _shown(settings: dict, key: str) -> str:
+    return json.dumps(settings[key]) if key in settings else "absent"
 
 
 def git_commit() -> str | None:
@@ -124,7 +152,7 @@ def create(study: str, config: dict, root: Path | None = None) -> Path:
     run_dir = Path(root or paths.RUNS) / study / _hash(full)
     cfg_path = run_dir / CONFIG
     if cfg_path.exists():
-        check_folder(run_dir, read_config(run_dir))
+        check_folder(run_dir, read_config(run_dir), full)
         return run_dir
     atomic_write_json(cfg_path, {**full, "meta": describe()})
     return run_dir
