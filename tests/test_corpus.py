@@ -687,7 +687,7 @@ def test_a_pass_that_reads_nothing_raises_instead_of_looping(tmp_path, monkeypat
     state = cache._empty_state(3)  # claims a third line the order does not have
     state.consumed = 2
     with pytest.raises(CorpusError, match="nothing left to read at position 2 of 3"):
-        cache._fill(folder, state, np.arange(2), source, 3, 1, 5.0, False)
+        cache._fill(folder, state, np.arange(2), source, 3, 1, 5.0, False, None)
 
 
 @pytest.mark.parametrize("big", [False, True])

@@ -195,13 +195,13 @@ def _pick(source: SmilesFile, records: np.ndarray, progress: bool,
     slot = {int(r): k for k, r in enumerate(records)}
     out: list = [None] * len(records)
     found = 0
-    digests: list[bytes] = []
+    digests = bytearray()  # 8 bytes a training line: a list of bytes objects would take 6x that
     for r, (line_no, text) in enumerate(tqdm(source.data_lines(), desc=f"reading {source.path.name}",
                                              unit=" lines", disable=not progress, leave=False, mininterval=0.5)):
         if training is not None and training[r]:
             smiles, problem = source.smiles_of(text)
             if problem is None:
-                digests.append(_digest(smiles))
+                digests += _digest(smiles)
             continue
         k = slot.get(r)
         if k is not None:
@@ -215,7 +215,7 @@ def _pick(source: SmilesFile, records: np.ndarray, progress: bool,
     if found < len(records):
         raise CorpusError(f"{source.path}: the file changed while being read (expected more lines)")
     if training is not None:
-        seen = np.sort(np.frombuffer(b"".join(digests), "<u8"))
+        seen = np.sort(np.frombuffer(digests, "<u8"))
         for k, (line_no, smiles, problem) in enumerate(out):
             if problem is None and _in_sorted(seen, _digest(smiles)):
                 out[k] = (line_no, smiles, "in_training_split")

@@ -5,7 +5,9 @@ its test file, 176,074, gives our validation split and, from 10,000 of its lines
 split) or a file in one of three layouts, read from its content whatever its name
 (`chemscale.lm.read`): PubChem `CID<TAB>SMILES`, one SMILES per line with an optional name, or
 CSV with a `smiles` column; `format=` overrides the layout. A file's lines are split three ways
-(training, then test and validation, min(10%, 10,000) lines each): `chemscale.lm.cache.split_range`.
+(training, then test and validation, min(10%, 10,000) lines each): `chemscale.lm.cache.split_range`;
+its test and validation splits drop the lines whose SMILES is also on a training line, reported
+as 'in_training_split' with the other drops: no held-out molecule is written on a training line.
 
 Nested subsets: the molecules of a split are visited in one fixed permutation (by `seed`) and
 `load(n_molecules=n)` returns the first n that encode, so the 10^3 set is inside the 10^4 set.
@@ -46,7 +48,7 @@ class EncodeReport:
     seed: int
     read: int  # data lines taken along the permutation to keep `kept` molecules
     kept: int
-    dropped: dict = field(default_factory=dict)  # reason (one of REASONS) -> count
+    dropped: dict = field(default_factory=dict)  # reason (one of cache.REASONS) -> count
     examples: list = field(default_factory=list)  # (line number, quoted text, reason) of the first few drops
     vocab_size: int = 0  # tokens of the corpus's tokenizer, specials included
     unknown_symbols: list = field(default_factory=list)  # symbols a given tokenizer lacks (mapped to [UNK])
