@@ -215,7 +215,8 @@ def _pick(source: SmilesFile, records: np.ndarray, progress: bool,
     if found < len(records):
         raise CorpusError(f"{source.path}: the file changed while being read (expected more lines)")
     if training is not None:
-        seen = np.sort(np.frombuffer(digests, "<u8"))
+        seen = np.frombuffer(digests, "<u8")
+        seen.sort()  # in place: no second copy
         for k, (line_no, smiles, problem) in enumerate(out):
             if problem is None and _in_sorted(seen, _digest(smiles)):
                 out[k] = (line_no, smiles, "in_training_split")
