@@ -198,7 +198,7 @@ def _pick(source: SmilesFile, records: np.ndarray, progress: bool,
     digests = bytearray()  # 8 bytes a training line: a list of bytes objects would take 6x that
     for r, (line_no, text) in enumerate(tqdm(source.data_lines(), desc=f"reading {source.path.name}",
                                              unit=" lines", disable=not progress, leave=False, mininterval=0.5)):
-        if training is not None and training[r]:
+        if training is not None and r < len(training) and training[r]:  # lines appended since: not training
             smiles, problem = source.smiles_of(text)
             if problem is None:
                 digests += _digest(smiles)
