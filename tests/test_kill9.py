@@ -9,6 +9,7 @@ half-written checkpoint a kill can leave is not resumed from (a last.ckpt cut sh
 tests/test_train.py).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ SWEEP_SCRIPT = """
 import json
 import sys
 from chemscale import sweep
-sweep.run(json.loads(sys.argv[1]), parallel=1, threads=1, progress=False, root=sys.argv[2])
+sweep.run(json.loads(sys.argv[1]), parallel=2, threads=1, progress=False, root=sys.argv[2])
 """
 
 # Result columns that measure this machine's speed, or say how the run got there, not what it learned.
@@ -38,8 +39,8 @@ TIMING = ("run_dir", "wall_s", "train_seconds", "train_tokens_per_s", "resumed_f
 
 
 def _configs() -> list[dict]:
-    """Two runs trained one after the other: a short one that finishes, then one long enough to be killed after
-    its first checkpoints (validations every 10 steps, each one a checkpoint)."""
+    """Two runs trained side by side (one thread each, as on a 2-core machine): a short one that finishes, and one
+    long enough to be killed after its first checkpoints (validations every 10 steps, each one a checkpoint)."""
     return sweep.grid("k", tiny_lm_config(val_every_steps=10), max_steps=[20, 200])
 
 
@@ -52,11 +53,11 @@ def _alive(pid: int) -> bool:
 
 
 def _trainer_pid(run_dir: Path) -> int | None:
-    """The pid of the process that trains `run_dir` now (train.lock held and naming it), else None."""
-    try:
-        holder = (run_dir / train.LOCK).read_text().split()
-    except FileNotFoundError:
-        return None
+    """The pid of the process that trains `run_dir` now (train.lock held and naming it), else None.
+
+    Asked only once the run has a checkpoint: a shared flock taken by `held_elsewhere` at the instant its trainer
+    takes the lock would make the trainer refuse the run as trained by another process."""
+    holder = (run_dir / train.LOCK).read_text().split()
     return int(holder[1]) if len(holder) > 1 and train.held_elsewhere(run_dir) else None
 
 
@@ -71,11 +72,11 @@ def _kill_mid_sweep(configs: list[dict], root: Path) -> tuple[Path, Path]:
                                    cwd=paths.ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     groups = [process.pid]
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # a guard against a hang, not a timing: the runs take seconds
         while not (runs.is_finished(done) and (killed / runs.CHECKPOINT).exists()
                    and (child := _trainer_pid(killed)) is not None):
             assert process.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, "the sweep did not reach its second run's first checkpoint in 180 s"
+            assert time.monotonic() < deadline, "the sweep never reached its second run's first checkpoint"
             time.sleep(0.01)
         groups.append(os.getpgid(child))  # each run is a session of its own (sweep._Children)
         assert groups[1] != groups[0], "the training child is not in the sweep's process group"
@@ -84,20 +85,19 @@ def _kill_mid_sweep(configs: list[dict], root: Path) -> tuple[Path, Path]:
         for group in groups:
             os.killpg(group, signal.SIGSTOP)
         assert not runs.is_finished(killed), "the second run finished before it could be killed"
+    except BaseException:  # a failed assertion must not leave a sweep or a run training (or stopped)
         for group in groups:
-            os.killpg(group, signal.SIGKILL)
-        process.wait()
-        deadline = time.monotonic() + 30
-        while _alive(child):
-            assert time.monotonic() < deadline, f"the SIGKILLed training process {child} is still alive"
-            time.sleep(0.05)
-    finally:  # a failed assertion must not leave a sweep or a run training
-        for group in groups:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # a sweep that exited by itself has no group left
                 os.killpg(group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         process.wait()
+        raise
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while _alive(child):
+        assert time.monotonic() < deadline, f"the SIGKILLed training process {child} is still alive"
+        time.sleep(0.05)
     return done, killed
 
 
