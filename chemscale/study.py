@@ -6,10 +6,15 @@ kernel with `params/NN_name/<profile>.yaml` (or the user's `--params FILE`) inje
 is checked against the notebook's parameters cell before anything runs: an unknown key, a
 value of the wrong type or a data path that does not exist stops with one line naming the
 file and the key. A notebook that fails while running prints one paragraph (the cell, the
-error, the params key it names) and leaves the full traceback in `<executed notebook>.log`.
+error, the params key it names) and leaves the full traceback in `<executed notebook>.log`;
+the study goes on with the next notebook. At the end a summary table gives each notebook's
+status (ok, failed, stopped, not run), wall time, failing cell and executed copy; the exit
+status is 1 if any notebook failed. While a notebook runs, a line is printed each time one of
+its training runs starts or ends (the run folders under CHEMSCALE_RUNS are polled), so a batch
+log read the next morning says which runs finished and which one was running when it stopped.
 `--params other/cpu.yaml` is labelled `params-cpu`, so it never overwrites a profile's copy.
 Ctrl-C or SIGTERM (kill, timeout, Slurm) stops the kernel and the runs it started, prints one
-line and exits 130 or 143.
+line and the summary of what ran, and exits 130 or 143; the same command again resumes the runs.
 `--setup-jupyter` registers the kernel in this environment and turns JupyterLab's autosave
 off, so opening a committed notebook never rewrites it (`make setup` runs it).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import difflib
 import json
 import math
@@ -25,12 +31,14 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import yaml
 
-from chemscale import paths
+from chemscale import paths, runs
 from chemscale.config import ConfigError, atomic_write_json, atomic_write_text
 
 PROFILES = ("smoke", "cpu", "gpu")
@@ -48,11 +56,18 @@ RENAMED = {"device": "accelerator", "widths": "width", "depths": "depth", "n_mol
            "models": "name", "n_train": "n_train_structures"}
 
 
-_running: dict = {}  # the executed notebook being written, named when a signal stops the study
+POLL_S = 2.0  # how often the run folders are looked at for runs that started or ended
+_RUN_ID = re.compile(r"[0-9a-f]{12}")  # a run folder's name (chemscale.runs.run_id)
+
+_running: dict = {}  # the executed notebook being written, the summary rows and the run watcher, for a signal
 
 
 class NotebookFailed(RuntimeError):
-    """A notebook raised while running; the message is the one paragraph the user reads."""
+    """A notebook raised while running; the message is the one paragraph the user reads, `cell` the failing cell."""
+
+    def __init__(self, message: str, cell: str = ""):
+        super().__init__(message)
+        self.cell = cell
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -364,26 +379,36 @@ def _failure_message(e, notebook: Path, source: Path, params: dict, out: Path, l
     first = (evalue.splitlines() or [""])[0]
     first = first if len(first) <= 300 else first[:300] + "..."
     first += "" if first.endswith((".", "!", "?")) else "."
-    cell = (e.source.strip().splitlines() or [""])[0][:80]
     keys = _keys_named(evalue, params)
     hint = (f"Check {', '.join(repr(k) for k in keys)} in {_shown(source)}." if keys
             else f"The parameters came from {_shown(source)}.")
-    return (f"{notebook.name} with {_shown(source)} stopped in cell [{e.exec_count}] (`{cell}`): "
+    return (f"{notebook.name} with {_shown(source)} stopped in cell {_cell(e)}: "
             f"{e.ename}: {first} {hint} Full traceback: {_shown(log)} and the executed notebook {_shown(out)}.")
+
+
+def _cell(e) -> str:
+    """The failing cell as the summary and the error paragraph name it: `[3] (`fit = ...`)`."""
+    return f"[{e.exec_count}] (`{(e.source.strip().splitlines() or [''])[0][:80]}`)"
+
+
+def executed_path(notebook: Path, label: str, output_dir: Path | None = None) -> Path:
+    """Where the executed copy of `notebook` run with the params labelled `label` goes."""
+    return Path(output_dir or paths.RUNS / "notebooks") / f"{notebook.stem}.{label}.ipynb"
 
 
 def run_notebook(notebook: Path, source: Path, label: str, output_dir: Path | None = None,
                  progress: bool = True) -> Path:
     """Execute one notebook with the params of `source`; returns the executed notebook's path.
 
-    Raises NotebookFailed with one paragraph when a cell raises or the kernel dies.
+    Raises NotebookFailed with one paragraph when a cell raises, the kernel dies or papermill
+    fails otherwise (a kernel that does not start on a loaded machine): the next notebook still runs.
     """
     import papermill
     from nbclient.exceptions import DeadKernelError
 
     params = load_checked(notebook, source)
     check_kernel()
-    out = Path(output_dir or paths.RUNS / "notebooks") / f"{notebook.stem}.{label}.ipynb"
+    out = executed_path(notebook, label, output_dir)
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
@@ -393,11 +418,141 @@ def run_notebook(notebook: Path, source: Path, label: str, output_dir: Path | No
                                    cwd=str(notebook.parent), progress_bar=progress)
     except papermill.PapermillExecutionError as e:
         atomic_write_text(log, _ANSI.sub("", "\n".join(e.traceback)) + "\n")
-        raise NotebookFailed(_failure_message(e, notebook, source, params, out, log)) from None
+        raise NotebookFailed(_failure_message(e, notebook, source, params, out, log), _cell(e)) from None
     except DeadKernelError as e:
         raise NotebookFailed(f"{notebook.name} with {_shown(source)}: the kernel died ({e}); out of memory? "
-                             f"The executed notebook up to that point: {_shown(out)}.") from None
+                             f"The executed notebook up to that point: {_shown(out)}.", "kernel died") from None
+    except Exception as e:
+        atomic_write_text(log, traceback.format_exc())
+        raise NotebookFailed(f"{notebook.name} with {_shown(source)}: {e.__class__.__name__}: {e}; "
+                             f"full traceback: {_shown(log)}.", "(none: papermill failed)") from None
     return out
+
+
+class RunWatcher(threading.Thread):
+    """Prints a line when a training run under `root` starts or ends, while a notebook runs.
+
+    papermill shows only which cell runs; a sweep's runs are processes of their own that the
+    study cannot see otherwise. Their folders can: a run is running while a process holds its
+    train.lock, and has ended when result.json is there (written before the lock is let go,
+    atomically, so it is never read half-written). A run whose lock went without a result.json
+    ended without one (crashed or stopped). Runs finished before the notebook started are not
+    counted: a restarted study reuses them without training.
+    """
+
+    def __init__(self, root: Path, notebook: str, interval: float = POLL_S, write=None):
+        super().__init__(daemon=True, name="chemscale-run-watcher")
+        self.root, self.notebook, self.interval, self.write = Path(root), notebook, interval, write or _say
+        self.halt, self.lock = threading.Event(), threading.RLock()  # reentrant: a signal's poll may interrupt one
+        self.state = {key: "ended" for key, run_dir in self._folders() if runs.is_finished(run_dir)}
+        self.before = set(self.state)
+
+    def _folders(self):
+        """(study/run_id, folder) of each run folder; a folder that goes while listed is skipped."""
+        try:
+            studies = sorted((d for d in os.scandir(self.root) if d.is_dir()), key=lambda d: d.name)
+        except OSError:
+            return
+        for study_dir in studies:
+            try:
+                entries = sorted(os.scandir(study_dir.path), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if _RUN_ID.fullmatch(entry.name) and entry.is_dir():
+                    yield f"{study_dir.name}/{entry.name}", Path(entry.path)
+
+    def poll(self) -> list[str]:
+        """The lines for the runs that started or ended since the last poll."""
+        with self.lock:
+            return self._poll()
+
+    def _poll(self) -> list[str]:
+        from chemscale.train import held_elsewhere
+
+        lines = []
+        for key, run_dir in self._folders():
+            was = self.state.get(key)
+            if was == "ended" and key in self.before:
+                continue
+            if held_elsewhere(run_dir):  # before result.json: the lock goes after the result is written
+                now, what = "running", "started"
+            elif runs.is_finished(run_dir):
+                now, what = "ended", _result_status(run_dir)
+            elif was == "running":
+                now, what = "ended", f"ended without a result, see {_shown(run_dir / 'train.log')}"
+            else:
+                continue
+            if now != was:
+                self.state[key] = now
+                lines.append((key, what))
+        seen = [s for k, s in self.state.items() if k not in self.before]
+        done = f"{seen.count('ended')} of {len(seen)} runs ended"
+        return [f"{time.strftime('%H:%M:%S')} {self.notebook}: run {key} {what} ({done})" for key, what in lines]
+
+    def run(self) -> None:
+        while not self.halt.wait(self.interval):
+            self._write(self.poll())
+
+    def finish(self) -> None:
+        """Stop polling and print what ended since the last poll (the notebook's last runs)."""
+        self.halt.set()
+        self.join()
+        self._write(self.poll())
+
+    def _write(self, lines: list[str]) -> None:
+        for line in lines:
+            if _running.get("stopping"):  # a signal stops the study: its own lines come next, not the runs' deaths
+                return
+            self.write(line)
+
+
+def _say(line: str) -> None:
+    """One line on stdout, above papermill's progress bar (not through it), flushed for batch logs."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One notebook's line of the summary table."""
+
+    notebook: str
+    out: Path
+    status: str = "not run"  # ok, failed, stopped (by a signal) or not run
+    seconds: float | None = None
+    cell: str = ""
+    started: float | None = None  # time.perf_counter() while it runs
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """The table printed at the end: notebook, status, wall time, failing cell, executed notebook."""
+    rows = [("notebook", "status", "wall time", "failing cell", "executed notebook")]
+    rows += [(o.notebook, o.status, _duration(o.seconds), o.cell or "-", _shown(o.out) if o.seconds is not None else "-")
+             for o in outcomes]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4] for row in rows]
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("ok", "failed", "stopped", "not run")}
+    head = f"study summary: {len(outcomes)} notebook(s), " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return "\n".join([head, *lines])
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def _result_status(run_dir: Path) -> str:
+    """finished or diverged, from result.json; a damaged one says so (the run is not lost for that)."""
+    try:
+        return str(runs.read_result(run_dir).get("status", "finished"))
+    except ConfigError:
+        return f"ended with a damaged {runs.RESULT}"
 
 
 def _stop_kernels(grace_s: float = 10.0) -> int:
@@ -428,18 +583,28 @@ def _stop_kernels(grace_s: float = 10.0) -> int:
 
 
 def _on_signal(signum, frame) -> None:
-    """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, Slurm): stop the kernel and its runs, one line, 130/143.
+    """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, Slurm): stop the kernel and its runs, one line, the summary,
+    130/143.
 
     Exits with os._exit: unwinding through papermill would try to talk to the kernel just stopped.
     """
     for other in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while stopping changes nothing
         signal.signal(other, signal.SIG_IGN)
+    _running["stopping"] = True
+    for line in _running["watcher"].poll() if "watcher" in _running else []:  # what had ended, what was running
+        print(line, flush=True)
     stopped = _stop_kernels()
     out = _running.get("out")
     where = f"; the executed notebook so far: {_shown(out)}" if out else ""
     what = f"{stopped} process(es) stopped (the kernel and the runs it started)" if stopped else "no notebook running"
     newline = "\n" if out else ""  # papermill's progress bar leaves its line open
     print(f"{newline}error: stopped by {signal.Signals(signum).name}; {what}{where}", file=sys.stderr, flush=True)
+    outcomes = _running.get("outcomes", [])
+    for outcome in outcomes:
+        if outcome.started is not None and outcome.seconds is None:
+            outcome.status, outcome.seconds = "stopped", time.perf_counter() - outcome.started
+    if outcomes:
+        print(summary(outcomes), flush=True)
     sys.stdout.flush()
     os._exit(128 + signum)
 
@@ -505,14 +670,36 @@ def main(argv: list[str] | None = None) -> int:
         for nb, source, _ in plan:  # check every params file and the kernel before running anything
             load_checked(nb, source)
         check_kernel()
-        for nb, source, label in plan:
-            t0 = time.perf_counter()
-            out = run_notebook(nb, source, label, args.output_dir)
-            print(f"{nb.name} ({_shown(source)}): {time.perf_counter() - t0:.0f} s -> {_shown(out)}", flush=True)
-    except (ConfigError, NotebookFailed) as e:  # one line: 2 for what was asked, 1 for a notebook that failed
+    except ConfigError as e:  # one line, exit status 2: what was asked cannot run; nothing ran
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NotebookFailed) else 2
-    return 0
+        return 2
+    outcomes = [Outcome(nb.name, executed_path(nb, label, args.output_dir)) for nb, _, label in plan]
+    _running["outcomes"] = outcomes
+    for (nb, source, label), outcome in zip(plan, outcomes):
+        _run_one(nb, source, label, args.output_dir, outcome)
+    print(summary(outcomes), flush=True)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _run_one(notebook: Path, source: Path, label: str, output_dir: Path | None, outcome: Outcome) -> None:
+    """Run one notebook of the study with its runs watched; a failure is one `error:` paragraph and the study
+    goes on."""
+    print(f"{notebook.name} ({_shown(source)}): running -> {_shown(outcome.out)}", flush=True)
+    watcher = RunWatcher(paths.RUNS, notebook.stem)
+    _running["watcher"] = watcher
+    watcher.start()
+    outcome.started = time.perf_counter()
+    try:
+        run_notebook(notebook, source, label, output_dir)
+        outcome.status = "ok"
+    except (ConfigError, NotebookFailed) as e:  # a params or data file changed since the check, or a cell failed
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        outcome.status, outcome.cell = "failed", getattr(e, "cell", "") or "(none: params)"
+    finally:
+        outcome.seconds = time.perf_counter() - outcome.started
+        watcher.finish()
+    print(f"{notebook.name} ({_shown(source)}): {outcome.status}, {_duration(outcome.seconds)} -> "
+          f"{_shown(outcome.out)}", flush=True)
 
 
 if __name__ == "__main__":

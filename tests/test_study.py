@@ -1,9 +1,11 @@
 """`python -m chemscale.study`: params checked before anything runs, --params route, one-paragraph
-failures, the chemscale kernel and Lab settings, and the notebooks' closing checks."""
+failures, a batch that goes past a failing notebook with a summary, progress lines over a sweep's runs,
+stop and resume, the chemscale kernel and Lab settings, and the notebooks' closing checks."""
 
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chemscale import checks, paths, scaling, study
-from chemscale.config import ConfigError
+from chemscale import checks, paths, runs, scaling, study, sweep, train
+from chemscale.config import ConfigError, atomic_write_json
+from conftest import tiny_lm_config
 
 NB01 = paths.NOTEBOOKS / "01_chemgpt_scaling.ipynb"
 
@@ -262,14 +265,14 @@ _TINY_BODY = (
     "pathlib.Path('seen.json').write_text(json.dumps({'lr': lr, 'data_source': data_source}))\n")
 
 
-def _tiny_notebook(folder, body=_TINY_BODY):
+def _tiny_notebook(folder, body=_TINY_BODY, name="00_tiny"):
     """A two-cell notebook with a parameters cell, run on the real chemscale kernel."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": study.KERNEL, "display_name": study.KERNEL, "language": "python"}
     params = nbformat.v4.new_code_cell('lr: float = 0.1\ndata_source: str = "moses"\nn_molecules: int = 2\n')
     params.metadata["tags"] = ["parameters"]
     body = nbformat.v4.new_code_cell(body)
-    path = folder / "00_tiny.ipynb"
+    path = folder / f"{name}.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[params, body], metadata=nb.metadata), path)
     return path
 
@@ -358,6 +361,136 @@ def test_stopping_the_study_stops_the_kernel_and_its_runs(tmp_path, sig, code):
     assert lines[0].endswith("the executed notebook so far: out/00_tiny.busy.ipynb")
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert _gone(kernel) and _gone(run), "the kernel or its run outlived the study"
+
+
+def _profile_study(tmp_path, *notebooks, profile="smoke"):
+    """`python -m chemscale.study --profile PROFILE NOTEBOOK...` with the profiles' params under tmp_path/params
+    (paths.PARAMS; the repository's own params folder is left alone). Runs go to the session's CHEMSCALE_RUNS,
+    whose data cache the other tests share (a private one would encode MOSES again)."""
+    code = ("import sys; from pathlib import Path; from chemscale import paths, study; "
+            f"paths.PARAMS = Path({str(tmp_path / 'params')!r}); sys.exit(study.main(sys.argv[1:]))")
+    return subprocess.Popen([sys.executable, "-c", code, "--profile", profile, *map(str, notebooks),
+                             "--output-dir", "out"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _profile(tmp_path, notebook, text, profile="smoke"):
+    (tmp_path / "params" / notebook.stem).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "params" / notebook.stem / f"{profile}.yaml").write_text(text)
+
+
+def _summary_row(stdout, notebook) -> list[str]:
+    """A notebook's row of the summary table, split into its columns (two or more spaces apart)."""
+    table = stdout[stdout.index("study summary:"):].splitlines()
+    rows = [re.split(r" {2,}", line.strip()) for line in table if line.startswith(notebook)]
+    assert len(rows) == 1, stdout
+    return rows[0]
+
+
+def test_a_failing_notebook_does_not_stop_the_batch_and_the_summary_says_which_failed(tmp_path):
+    """Batch users run several notebooks overnight: the one after a failure still runs, the summary and exit
+    status 1 say what failed, where, and where its executed copy is."""
+    first, second = (_tiny_notebook(tmp_path, name=name) for name in ("00_first", "00_second"))
+    _profile(tmp_path, first, "n_molecules: 10\n")  # more than its 4 molecules: its second cell raises
+    _profile(tmp_path, second, "n_molecules: 3\n")
+    proc = _profile_study(tmp_path, first, second)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr
+    assert "AssertionError: n_molecules = 10 is more than the 4 molecules" in _one_error_line(
+        subprocess.CompletedProcess([], 1, stdout, stderr))
+    assert json.loads((tmp_path / "seen.json").read_text())["lr"] == 0.1, "the second notebook ran"
+    assert "study summary: 2 notebook(s), 1 ok, 1 failed" in stdout
+    name, status, wall, cell, out = _summary_row(stdout, "00_first.ipynb")
+    # cell [3] as the executed copy numbers it: papermill puts the injected parameters after the notebook's own
+    assert (status, cell, out) == ("failed", "[3] (`import json, pathlib`)", "out/00_first.smoke.ipynb"), stdout
+    assert re.fullmatch(r"\d+ s|\d+ min \d\d s", wall)
+    name, status, wall, cell, out = _summary_row(stdout, "00_second.ipynb")
+    assert (status, cell, out) == ("ok", "-", "out/00_second.smoke.ipynb")
+    assert (tmp_path / "out" / "00_first.smoke.log").exists() and (tmp_path / "out" / "00_second.smoke.ipynb").exists()
+
+
+def _hold(run_dir):
+    """Hold a run's train.lock as a training process does (flock is per open file, so this process counts)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(train.exclusive(run_dir))
+    return stack
+
+
+def test_run_watcher_prints_a_line_when_a_run_starts_and_when_it_ends(tmp_path):
+    """Runs of a notebook's sweep are processes of their own: their folders say when they start and end."""
+    root = tmp_path / "runs"
+    old, a, b, c = (runs.create("s", {**tiny_lm_config(), "seed": seed}, root) for seed in range(4))
+    atomic_write_json(old / runs.RESULT, {"status": "finished"})  # finished before: reused, not counted
+    (root / "notebooks" / "not_a_run").mkdir(parents=True)
+    lines = []
+    watcher = study.RunWatcher(root, "01_x", interval=600, write=lines.append)
+    assert watcher.poll() == []
+    with _hold(a), _hold(b):
+        assert [line.split(" ", 1)[1] for line in watcher.poll()] == sorted(
+            f"01_x: run s/{d.name} started (0 of 2 runs ended)" for d in (a, b)), "folders in name order"
+        assert watcher.poll() == [], "a line per change, not per poll"
+        atomic_write_json(a / runs.RESULT, {"status": "finished"})  # written before the lock goes
+    (c / runs.RESULT).write_text('{"status": "fin')  # damaged: the line says so, the watcher goes on
+    watcher.start()
+    watcher.finish()
+    assert sorted(line.split(" ", 1)[1] for line in lines) == sorted([  # one poll: the count after it
+        f"01_x: run s/{a.name} finished (3 of 3 runs ended)",
+        f"01_x: run s/{b.name} ended without a result, see {b / 'train.log'} (3 of 3 runs ended)",
+        f"01_x: run s/{c.name} ended with a damaged result.json (3 of 3 runs ended)"])
+    assert all(re.match(r"\d\d:\d\d:\d\d 01_x: ", line) for line in lines)
+
+
+_SWEEP_BODY = (
+    "from chemscale import sweep\n"
+    "configs = sweep.grid({study!r}, {config!r}, max_steps={steps!r})\n"
+    "df = sweep.run(configs, progress=False)\n"
+    "assert df.status.tolist() == ['finished'] * len(configs), df.status.tolist()\n")
+
+
+def test_a_study_stopped_mid_sweep_prints_its_runs_and_a_restart_reuses_the_finished_ones(tmp_path):
+    """Lines for the runs of a sweep while the notebook runs; SIGTERM stops the study (143, summary), and the
+    same command again trains only what had not finished."""
+    name, config, steps = f"study-{tmp_path.name}", tiny_lm_config(val_every_steps=2), [2, 40]
+    nb = _tiny_notebook(tmp_path, _SWEEP_BODY.format(study=name, config=config, steps=steps), name="00_sweep")
+    _profile(tmp_path, nb, "n_molecules: 1\n")
+    first, second = (paths.RUNS / name / runs.run_id(c) for c in sweep.grid(name, config, max_steps=steps))
+    proc = _profile_study(tmp_path, nb)
+    try:
+        for _ in range(1200):  # the kernel starts, the first run trains, the second starts (minutes when busy)
+            if (first / runs.RESULT).exists() and train.held_elsewhere(second) or proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert f"00_sweep: run {name}/{first.name} finished (1 of " in stdout
+    assert f"00_sweep: run {name}/{second.name} started (1 of 2 runs ended)" in stdout
+    assert "study summary: 1 notebook(s), 1 stopped" in stdout and _summary_row(stdout, "00_sweep.ipynb")[1] == "stopped"
+    assert not runs.is_finished(second)
+    finished_at = (first / runs.RESULT).stat().st_mtime_ns
+
+    proc = _profile_study(tmp_path, nb)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert (first / runs.RESULT).stat().st_mtime_ns == finished_at, "the finished run is not trained again"
+    assert f"00_sweep: run {name}/{second.name} finished (1 of 1 runs ended)" in stdout
+    assert first.name not in stdout
+    assert runs.read_result(second)["steps"] == 40
+    assert _summary_row(stdout, "00_sweep.ipynb")[1] == "ok"
+
+
+def test_summary_table_columns_line_up():
+    outcomes = [study.Outcome("01_a.ipynb", paths.Path("out/01_a.cpu.ipynb"), "ok", 75.2),
+                study.Outcome("02_bb.ipynb", paths.Path("out/02_bb.cpu.ipynb"), "failed", 3725.0, "[4] (`fit()`)"),
+                study.Outcome("03_c.ipynb", paths.Path("out/03_c.cpu.ipynb"))]
+    assert study.summary(outcomes).splitlines() == [
+        "study summary: 3 notebook(s), 1 ok, 1 failed, 1 not run",
+        "notebook     status   wall time   failing cell   executed notebook",
+        "01_a.ipynb   ok       1 min 15 s  -              out/01_a.cpu.ipynb",
+        "02_bb.ipynb  failed   1 h 02 min  [4] (`fit()`)  out/02_bb.cpu.ipynb",
+        "03_c.ipynb   not run  -           -              -"]
 
 
 def test_unknown_notebook_is_an_error():
