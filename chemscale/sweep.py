@@ -373,7 +373,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         raise ConfigError(f"executor {executor!r} needs submitit, which is not installed: pip install submitit "
                           "(or pip install 'chemscale[slurm]'), or use executor 'local'")
     unfinished = [c for c in configs if not runs.is_finished(Path(root or paths.RUNS) / c["study"] / runs.run_id(c))]
-    if executor != "local":
+    if executor != "local" and unfinished:  # a finished sweep's results are read anywhere, a laptop included
         _check_submitit(unfinished, executor, slurm or {}, max_resubmits, root)
     check_data(unfinished, progress)  # before any run folder is made
     dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run
