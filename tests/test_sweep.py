@@ -315,6 +315,14 @@ def test_submitit_local_executor(runs_root):
 
 
 
+def test_a_timed_out_job_is_requeued_by_submitit_as_the_same_run(tmp_path):
+    """submitit requeues a timed-out or preempted job with what its function's checkpoint() returns (it looks for the
+    method, as for submitit.helpers.Checkpointable): the same run folder, so the job resumes from its checkpoint."""
+    job = sweep._TrainJob(tmp_path / "run")
+    again = job.checkpoint()
+    assert again.function is job and again.args == () and again.kwargs == {}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_a_killed_submitit_job_is_submitted_again_and_ends_as_an_uninterrupted_run(runs_root, tmp_path):
     """SIGKILL to a job's process once its run has a checkpoint: the sweep submits it again through submitit, it
