@@ -30,6 +30,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from chemscale import paths, runs
-from chemscale.config import ConfigError, atomic_write_json, atomic_write_text
+from chemscale.config import ConfigError, atomic_write_json, atomic_write_text, process_alive
 
 PROFILES = ("smoke", "cpu", "gpu")
 KERNEL = "chemscale"  # the Jupyter kernel of this environment, named in every notebook's metadata
@@ -58,6 +59,7 @@ RENAMED = {"device": "accelerator", "widths": "width", "depths": "depth", "n_mol
 
 POLL_S = 2.0  # how often the run folders are looked at for runs that started or ended
 _RUN_ID = re.compile(r"[0-9a-f]{12}")  # a run folder's name (chemscale.runs.run_id)
+_LOCK_OWNER = re.compile(r"pid (\d+) on (\S+)")  # what chemscale.train.exclusive writes into train.lock
 
 _running: dict = {}  # the executed notebook being written, the summary rows and the run watcher, for a signal
 
@@ -433,18 +435,19 @@ class RunWatcher(threading.Thread):
     """Prints a line when a training run under `root` starts or ends, while a notebook runs.
 
     papermill shows only which cell runs; a sweep's runs are processes of their own that the
-    study cannot see otherwise. Their folders can: a run is running while a process holds its
-    train.lock, and has ended when result.json is there (written before the lock is let go,
-    atomically, so it is never read half-written). A run whose lock went without a result.json
-    ended without one (crashed or stopped). Runs finished before the notebook started are not
-    counted: a restarted study reuses them without training.
+    study cannot see otherwise. Their folders can: a run has ended when result.json is there
+    (written atomically, so never read half-written), and is running while the process that took
+    its train.lock (its pid is written there) lives on this host. A run whose process went without
+    a result.json ended without one (crashed or stopped). Runs on other hosts (Slurm) show only
+    when they end. Runs finished before the notebook started are not counted: a restarted study
+    reuses them without training.
     """
 
     def __init__(self, root: Path, notebook: str, interval: float = POLL_S, write=None):
         super().__init__(daemon=True, name="chemscale-run-watcher")
         self.root, self.notebook, self.interval, self.write = Path(root), notebook, interval, write or _say
         self.halt, self.lock = threading.Event(), threading.RLock()  # reentrant: a signal's poll may interrupt one
-        self.state = {key: "ended" for key, run_dir in self._folders() if runs.is_finished(run_dir)}
+        self.state = {key: "finished" for key, run_dir in self._folders() if runs.is_finished(run_dir)}
         self.before = set(self.state)
 
     def _folders(self):
@@ -468,26 +471,24 @@ class RunWatcher(threading.Thread):
             return self._poll()
 
     def _poll(self) -> list[str]:
-        from chemscale.train import held_elsewhere
-
         lines = []
         for key, run_dir in self._folders():
             was = self.state.get(key)
-            if was == "ended" and key in self.before:
+            if key in self.before:
                 continue
-            if held_elsewhere(run_dir):  # before result.json: the lock goes after the result is written
+            if not runs.is_finished(run_dir) and _trains(run_dir):
                 now, what = "running", "started"
-            elif runs.is_finished(run_dir):
-                now, what = "ended", _result_status(run_dir)
+            elif runs.is_finished(run_dir):  # looked at again: a run may write its result and exit in between
+                now, what = "finished", _result_status(run_dir)
             elif was == "running":
-                now, what = "ended", f"ended without a result, see {_shown(run_dir / 'train.log')}"
+                now, what = "failed", f"ended without a result, see {_shown(run_dir / 'train.log')}"
             else:
                 continue
             if now != was:
                 self.state[key] = now
                 lines.append((key, what))
         seen = [s for k, s in self.state.items() if k not in self.before]
-        done = f"{seen.count('ended')} of {len(seen)} runs ended"
+        done = f"{len(seen) - seen.count('running')} of {len(seen)} runs ended"
         return [f"{time.strftime('%H:%M:%S')} {self.notebook}: run {key} {what} ({done})" for key, what in lines]
 
     def run(self) -> None:
@@ -505,6 +506,20 @@ class RunWatcher(threading.Thread):
             if _running.get("stopping"):  # a signal stops the study: its own lines come next, not the runs' deaths
                 return
             self.write(line)
+
+
+def _trains(run_dir: Path) -> bool:
+    """Whether the process that last took RUN_DIR/train.lock (chemscale.train writes `pid N on HOST` there) is alive
+    on this host.
+
+    Read, not probed with flock (chemscale.train.held_elsewhere): a probe's shared lock at the moment a trainer
+    takes the lock would make the trainer refuse its run, and importing chemscale.train brings torch into the study.
+    """
+    try:
+        owner = _LOCK_OWNER.match((run_dir / "train.lock").read_text())
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(owner) and owner[2] == socket.gethostname() and process_alive(int(owner[1]))
 
 
 def _say(line: str) -> None:

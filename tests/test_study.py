@@ -409,11 +409,8 @@ def test_a_failing_notebook_does_not_stop_the_batch_and_the_summary_says_which_f
     assert (tmp_path / "out" / "00_first.smoke.log").exists() and (tmp_path / "out" / "00_second.smoke.ipynb").exists()
 
 
-def _hold(run_dir):
-    """Hold a run's train.lock as a training process does (flock is per open file, so this process counts)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(train.exclusive(run_dir))
-    return stack
+_HOLDER = ("import sys; from pathlib import Path; from chemscale import train\n"
+           "with train.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()\n")
 
 
 def test_run_watcher_prints_a_line_when_a_run_starts_and_when_it_ends(tmp_path):
@@ -425,11 +422,15 @@ def test_run_watcher_prints_a_line_when_a_run_starts_and_when_it_ends(tmp_path):
     lines = []
     watcher = study.RunWatcher(root, "01_x", interval=600, write=lines.append)
     assert watcher.poll() == []
-    with _hold(a), _hold(b):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, b], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)  # a training process that will end without a result
+    with train.exclusive(a):  # a run trained in this process (as in a notebook's kernel)
+        assert holder.stdout.readline() == "held\n"
         assert [line.split(" ", 1)[1] for line in watcher.poll()] == sorted(
             f"01_x: run s/{d.name} started (0 of 2 runs ended)" for d in (a, b)), "folders in name order"
         assert watcher.poll() == [], "a line per change, not per poll"
         atomic_write_json(a / runs.RESULT, {"status": "finished"})  # written before the lock goes
+    holder.communicate("", timeout=60)
     (c / runs.RESULT).write_text('{"status": "fin')  # damaged: the line says so, the watcher goes on
     watcher.start()
     watcher.finish()
@@ -456,8 +457,9 @@ def test_a_study_stopped_mid_sweep_prints_its_runs_and_a_restart_reuses_the_fini
     first, second = (paths.RUNS / name / runs.run_id(c) for c in sweep.grid(name, config, max_steps=steps))
     proc = _profile_study(tmp_path, nb)
     try:
+        lock = second / "train.lock"  # read, not flock-probed: a probe as the trainer starts makes it refuse the run
         for _ in range(1200):  # the kernel starts, the first run trains, the second starts (minutes when busy)
-            if (first / runs.RESULT).exists() and train.held_elsewhere(second) or proc.poll() is not None:
+            if lock.exists() and lock.read_text().startswith("pid") or proc.poll() is not None:
                 break
             time.sleep(0.25)
         proc.send_signal(signal.SIGTERM)
