@@ -107,9 +107,9 @@ def _checked(tmp_path, text, notebook=NB01):
 
 
 def test_only_data_parameters_are_paths(tmp_path):
-    """run_name: test.csv is a folder name and slurm_partition: gpu/a100 a partition, not files (item 4)."""
-    params = _checked(tmp_path, "run_name: test.csv\nslurm_partition: gpu/a100\n")
-    assert params == {"run_name": "test.csv", "slurm_partition": "gpu/a100"}
+    """run_name: test.csv is a folder name and a Slurm partition gpu/a100 a partition, not files (item 4)."""
+    params = _checked(tmp_path, "run_name: test.csv\nslurm: {slurm_partition: gpu/a100}\n")
+    assert params == {"run_name": "test.csv", "slurm": {"slurm_partition": "gpu/a100"}}
 
 
 @pytest.mark.parametrize("name", ["results/v1", "..", "/tmp/x", ""])
