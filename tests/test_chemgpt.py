@@ -120,6 +120,26 @@ def test_training_loss_and_gradients_match_hf():
         torch.testing.assert_close(ours[name], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_bf16_autocast_loss_and_gradients_match_fp32():
+    """Under bf16 autocast the narrow-head CPU attention pads keys to a multiple of 32 (30 -> 32 here):
+    the loss and the gradients stay those of fp32 to bf16 rounding."""
+    torch.manual_seed(0)
+    model = ChemGPT(ChemGPTConfig(vocab_size=40, width=64, depth=2, n_heads=4)).train()
+    batch = torch.randint(4, 40, (4, 31))
+    batch[0, 20:] = PAD_ID
+    grads = {}
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        grads[bf16] = loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    (loss32, grad32), (loss16, grad16) = grads[False], grads[True]
+    torch.testing.assert_close(loss16, loss32, atol=0, rtol=1e-2)
+    for name, g in grad32.items():
+        assert torch.linalg.vector_norm(grad16[name] - g) <= 0.05 * torch.linalg.vector_norm(g), name
+
+
 def test_tanh_gelu_matches_torch_and_gradcheck():
     from chemscale.lm.chemgpt import TanhGELU
 
