@@ -44,6 +44,12 @@ def lr_lambda(warmup_steps: int, max_steps: int):
     return f
 
 
+def throughput(samples: int, seconds: float) -> float | None:
+    """Samples per second trained by this process; None when it trained nothing (a run resumed after its
+    last step, killed before its result was written), never a 0.0 that reads as a measurement."""
+    return samples / seconds if samples and seconds > 0 else None
+
+
 def _ddp() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -129,3 +129,9 @@ def test_the_plateau_schedule_counts_improvement_as_early_stopping_does(rel, thr
     module.plateau.step(1.0)
     module.plateau.step(1.0 - 0.5 * threshold)  # a gain below the threshold: the rate is halved (patience 0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_throughput_of_a_process_that_trained_nothing_is_none_not_zero():
+    """A run resumed after its last step (killed before result.json) trains nothing in that process."""
+    assert task.throughput(0, 0.0) is None and task.throughput(0, 2.5) is None
+    assert task.throughput(1000, 2.0) == 500.0

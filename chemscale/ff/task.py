@@ -24,7 +24,7 @@ from chemscale.ff import models
 from chemscale.ff.card import write_model_card
 from chemscale.ff.forcefield import ForceField, P
 from chemscale.ff.loader import ff_loader
-from chemscale.task import BEST, TaskModule
+from chemscale.task import BEST, TaskModule, throughput
 
 EXTRA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a")
 
@@ -167,7 +167,7 @@ class Task:
                 "flops_per_structure": m.flops_per_sample, "structures_seen": m.samples_seen,
                 "flops_at_best": m.flops_per_sample * m.samples_at_best,
                 "flops_total": m.flops_per_sample * m.samples_seen,
-                "train_structures_per_s": m.samples_this_process / max(train_seconds, 1e-9),
+                "train_structures_per_s": throughput(m.samples_this_process, train_seconds),
                 **{f"val_{k}": v for k, v in m.best_val_metrics.items()}}
 
     def finish(self, run_dir: Path) -> dict:

@@ -22,7 +22,7 @@ from chemscale.lm.cache import split_size
 from chemscale.lm.read import CorpusError, moses_path
 from chemscale.lm.tokenizer import PAD_ID
 from chemscale.lm.vocabulary import keep_vocabulary
-from chemscale.task import BEST, TaskModule
+from chemscale.task import BEST, TaskModule, throughput
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Task:
             "tokens_at_best": m.samples_at_best,
             "flops_at_best": m.flops_per_sample * m.samples_at_best,
             "flops_total": m.flops_per_sample * m.samples_seen,
-            "train_tokens_per_s": m.samples_this_process / max(train_seconds, 1e-9),
+            "train_tokens_per_s": throughput(m.samples_this_process, train_seconds),
         }
 
     def finish(self, run_dir: Path) -> dict:
