@@ -392,17 +392,6 @@ def test_a_run_reports_the_molecules_it_trained_on_and_refuses_a_context_none_fi
     assert str(run_dir / runs.CONFIG) in str(err.value) and not runs.is_finished(run_dir)
 
 
-def test_ddp_two_cpu_processes(runs_root):
-    """Lightning DDP with the gloo backend: 2 processes train one run and write one result."""
-    run_dir = runs.create("t", tiny_lm_config(devices=2, strategy="ddp", max_steps=10, val_every_steps=5), runs_root)
-    proc = subprocess.run([sys.executable, "-m", "chemscale.train", str(run_dir)], capture_output=True, text=True,
-                          cwd=paths.ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((run_dir / runs.RESULT).read_text())
-    assert result["status"] == "finished" and result["steps"] == 10
-    assert result["train"]["devices"] == 2
-
-
 def test_a_run_being_trained_elsewhere_is_refused_and_left_alone(runs_root):
     fcntl = pytest.importorskip("fcntl")
     run_dir = runs.create("t", tiny_lm_config(), runs_root)
