@@ -54,7 +54,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _YAML11_SCALARS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 # Parameters renamed to the run config's names (issue 9): a params file written before says which name to use.
 RENAMED = {"device": "accelerator", "widths": "width", "depths": "depth", "n_molecules": "n_train_molecules",
-           "models": "name", "n_train": "n_train_structures"}
+           "models": "name", "n_train": "n_train_structures",
+           "slurm_partition": "slurm"}  # now a dict of submitit parameters: slurm: {slurm_partition: gpu}
 
 
 POLL_S = 2.0  # how often the run folders are looked at for runs that started or ended

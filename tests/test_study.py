@@ -155,6 +155,7 @@ def test_accelerator_is_a_lightning_accelerator(tmp_path):
     ("01_chemgpt_scaling", "n_molecules", "n_train_molecules"), ("02_gnn_scaling", "device", "accelerator"),
     ("02_gnn_scaling", "models", "name"), ("02_gnn_scaling", "n_train", "n_train_structures"),
     ("02_gnn_scaling", "widths", "width"), ("02_gnn_scaling", "depths", "depth"),
+    ("03_tpe", "slurm_partition", "slurm"),
 ])
 def test_a_renamed_parameter_names_its_new_name(tmp_path, notebook, old, new):
     """Params files written before the parameters took the run config's names (issue 9) say what to write."""
