@@ -47,6 +47,9 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto, ddp
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # ChemGPT only: "" = eager, else a torch.compile backend ("inductor" on GPU servers) each transformer block is
+    # compiled with. Left out of config.json (and so of the run id) when "", so runs from before it keep their ids.
+    compile: str = ""
 
     def __post_init__(self):
         for key in ("batch_size", "max_steps", "val_every_steps", "devices", "num_nodes"):
@@ -64,6 +67,12 @@ class TrainConfig:
         require(self.schedule != "plateau" or not self.patience or self.patience > self.plateau_patience + 1,
                 "patience", f"= {self.patience} stops the run before ReduceLROnPlateau (plateau_patience = "
                 f"{self.plateau_patience}) lowers the rate: use patience > plateau_patience + 1, or 0")
+        if self.compile:  # torch._dynamo imports in ~1 s, so only when asked
+            import torch._dynamo
+
+            require(self.compile in torch._dynamo.list_backends(exclude_tags=()), "compile",
+                    f"is not a torch.compile backend: {self.compile!r}; known: {torch._dynamo.list_backends()} "
+                    "and debug ones such as 'aot_eager' (\"\" = no compiling)")
 
 
 def _chemgpt() -> TaskKind:
@@ -108,6 +117,8 @@ def complete_config(config: dict, source: str = "<config>") -> dict:
     full = {k: v for k, v in config.items() if k != "meta"}
     full["seed"] = config.get("seed", 0)
     full["train"] = _plain(parse_train_config(config, source))
+    if not full["train"]["compile"]:
+        del full["train"]["compile"]  # off: written nowhere, so the ids of runs from before the switch stay
     for section, cls in task.SECTIONS.items():
         full[section] = _plain(from_dict(cls, config.get(section, {}), f"{source} [{section}]"))
     return full

@@ -249,3 +249,50 @@ def test_more_test_molecules_than_the_split_holds_is_a_config_error(tmp_path):
     lm_task.validate(config, "t", data=True)
     with pytest.raises(ConfigError, match="key 'n_test_molecules'"):
         lm_task.LMDataConfig(n_test_molecules=0)
+
+
+# --- train.compile: torch.compile of the transformer blocks ------------------------------------------
+
+def test_a_compiled_run_trains_as_the_eager_one_and_saves_the_same_keys(runs_root):
+    """train.compile through the runner, with "aot_eager" (dynamo tracing and AOT autograd, no code generated:
+    seconds; inductor, the backend to use, takes minutes to compile here): the same losses to float rounding,
+    and best.pt under the parameter names of an eager run, so checkpoints and export read it as one."""
+    import csv
+
+    from conftest import tiny_lm_config
+
+    from chemscale import runs, train
+    from chemscale.task import BEST
+
+    def run(**compile):
+        config = tiny_lm_config(max_steps=6, val_every_steps=3, **compile)
+        config["model"].update(depth=2, attention_layers="global_local")  # both kinds of block are compiled
+        run_dir = runs.create("t", config, runs_root)
+        result = train.train(run_dir)
+        with open(run_dir / runs.METRICS) as f:
+            rows = list(csv.DictReader(f))
+        return result, rows, torch.load(run_dir / BEST, weights_only=True)
+
+    eager, compiled = run(), run(compile="aot_eager")
+    for key in ("best_val_loss", "test_loss"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-5), key
+    losses = [[float(r["train_loss"] or r["val_loss"]) for r in rows] for rows in (eager[1], compiled[1])]
+    assert len(losses[0]) >= 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert list(compiled[2]) == list(eager[2])
+
+
+def test_compile_off_leaves_run_ids_alone_and_an_unknown_backend_is_refused():
+    from conftest import tiny_lm_config
+
+    from chemscale import run_config, runs
+    from chemscale.config import ConfigError
+
+    off = {"task": "chemgpt", "train": {"compile": ""}}
+    assert runs.run_id(off) == runs.run_id({"task": "chemgpt"}) == "553b20b635f2"  # the pinned id above
+    assert "compile" not in run_config.complete_config(off)["train"]  # nor in config.json
+    on = tiny_lm_config(compile="inductor")
+    assert run_config.complete_config(on)["train"]["compile"] == "inductor"
+    assert runs.run_id(on) != runs.run_id(tiny_lm_config())
+    with pytest.raises(ConfigError, match=r"\[train\]: key 'compile' is not a torch.compile backend: 'inducter'.*"
+                                          r"'inductor'"):
+        runs.run_id(tiny_lm_config(compile="inducter"))
