@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from chemscale.config import from_dict, require
+from chemscale.config import ConfigError, from_dict, require
 from chemscale.ff import data as ffdata
 from chemscale.ff import models
 from chemscale.ff.card import write_model_card
@@ -243,6 +243,8 @@ def _require_held_out(data_source: str, sizes: dict[str, int], source: str) -> N
 
 def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     """Build the force-field task of a run config (sections `model`, `data`)."""
+    if tcfg.compile:  # a setting the task would ignore is refused, not silently dropped
+        raise ConfigError(f"{source} [train]: key 'compile' is for ChemGPT runs only; force-field runs train eagerly")
     mcfg = from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
     dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
     seed = int(config.get("seed", 0))
