@@ -249,6 +249,12 @@ def run_dirs(configs: list[dict], root: Path | None = None) -> list[Path]:
     return [runs.create(c["study"], c, root) for c in configs]
 
 
+def finished(configs: list[dict], root: Path | None = None) -> list[bool]:
+    """Whether each config's run has finished, without creating its folder (`run_dirs` does): a notebook counts the
+    runs it reuses before `run` checks the executor's parameters, and a refused params file must leave no folder."""
+    return [runs.is_finished(Path(root or paths.RUNS) / c["study"] / runs.run_id(c)) for c in configs]
+
+
 def _train_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "chemscale.train", str(run_dir)]
 
@@ -372,7 +378,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
     if executor != "local" and importlib.util.find_spec("submitit") is None:  # before data checks and run folders
         raise ConfigError(f"executor {executor!r} needs submitit, which is not installed: pip install submitit "
                           "(or pip install 'chemscale[slurm]'), or use executor 'local'")
-    unfinished = [c for c in configs if not runs.is_finished(Path(root or paths.RUNS) / c["study"] / runs.run_id(c))]
+    unfinished = [c for c, done in zip(configs, finished(configs, root)) if not done]
     if executor != "local" and unfinished:  # a finished sweep's results are read anywhere, a laptop included
         _check_submitit(unfinished, executor, slurm or {}, max_resubmits, root)
     check_data(unfinished, progress)  # before any run folder is made

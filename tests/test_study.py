@@ -5,6 +5,7 @@ stop and resume, the chemscale kernel and Lab settings, and the notebooks' closi
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import signal
 import subprocess
@@ -88,6 +89,19 @@ def test_missing_data_path_is_refused_before_the_notebook_starts(tmp_path):
     assert "'data_source'" in line and "no such file" in line and "mine.yaml" in line
     assert not (tmp_path / "out").exists()
 
+
+def test_a_slurm_option_submitit_refuses_fails_the_notebook_before_any_run_folder(tmp_path):
+    """The executor's parameters are checked in the notebook, by sweep.run: nothing the notebook does before that
+    call may create the run folders of a sweep that is then refused (notebook 03 counted its reused runs with
+    sweep.run_dirs, which made every folder)."""
+    pytest.importorskip("submitit")
+    bad = _params(tmp_path, "executor: submitit-local\nslurm: {timeout_mn: 10}\n")
+    env = {**os.environ, "CHEMSCALE_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run([sys.executable, "-m", "chemscale.study", "--params", str(bad), "03_tpe", "--output-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=paths.ROOT, env=env, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert "submitit refuses {'timeout_mn': 10}" in _one_error_line(proc)
+    assert [p.name for p in (tmp_path / "runs").glob("*/*") if p.parent.name != "notebooks"] == []
 
 def test_named_sources_are_not_paths(tmp_path):
     params = {"data_source": "md:ethanol", "run_name": "x", "precision": "bf16-mixed"}
