@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -569,7 +570,7 @@ def _run_submitit(todo: list[Path], executor: str, slurm: dict, max_resubmits: i
                 job.result()
                 continue
             except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
-                error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                error = _job_error(job, e)
             deadline = time.monotonic() + GRACE_S  # a killed job's training process exits a moment after it
             while held_elsewhere(d) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -580,6 +581,17 @@ def _run_submitit(todo: list[Path], executor: str, slurm: dict, max_resubmits: i
                              "checkpoint\n" if again else f"Traceback: not submitted again ({resubmits} resubmits)\n"))
             if again:
                 jobs[d] = (submit(d), resubmits + 1)
+
+
+def _job_error(job, error: Exception) -> str:
+    """Why a submitit job failed, in one line for train.log: the last line of what the job raised, or for a job that
+    left no result (killed, out of memory, node lost, cancelled) the state submitit gives it and its log; the last
+    line of that message is a line of the job's own log ('Loading pickle'), which says nothing of why it went."""
+    text = str(error).strip()
+    state = re.search(r"has not produced any output \(state: ([^)]*)\)", text)
+    if state:
+        return f"it ended without a result (state: {state[1]}); its log: {job.paths.stderr}"
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def _flatten(config: dict) -> dict:

@@ -342,7 +342,9 @@ def test_a_killed_submitit_job_is_submitted_again_and_ends_as_an_uninterrupted_r
     assert out["df"]["status"].tolist() == ["finished"]
     result = runs.read_result(run_dir)
     assert result["steps"] == 60 and result["resumed_from_step"] > 0
-    assert "submitted again (1 of 3)" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "submitted again (1 of 3)" in log
+    assert "failed: it ended without a result (state: " in log and "_log.err" in log, "why the job failed"
     alone = runs.create("t", config, tmp_path / "alone")
     assert train.train(alone)["best_val_loss"] == result["best_val_loss"]
     for resumed, uninterrupted in zip(train_rows(run_dir), train_rows(alone)):
