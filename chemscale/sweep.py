@@ -467,13 +467,34 @@ def _job_parameters(config: dict, executor: str, slurm: dict, root: Path | None)
         params.pop("nodes"), params.pop("tasks_per_node")
     params |= slurm
     limit = params.get("slurm_time", params["timeout_min"]) if executor == "slurm" else params["timeout_min"]
+    minutes = _minutes(limit)
     first_checkpoint_s = JOB_START_S + int(t.get("val_every_steps", 100)) * (step_s or 0.0)
-    if isinstance(limit, int | float) and 60 * limit < first_checkpoint_s:
-        raise ConfigError(f"notebook parameter 'slurm': a time limit of {limit} minutes is shorter than a job needs "
-                          f"to reach its first checkpoint (~{first_checkpoint_s / 60:.1f} minutes: {JOB_START_S:.0f} s "
-                          f"to start and val_every_steps = {t.get('val_every_steps', 100)} steps at the "
-                          f"{config['study']} runs' measured {step_s or 0.0:.3g} s per step); raise timeout_min")
+    if minutes is not None and 60 * minutes < first_checkpoint_s:
+        steps = (f"val_every_steps = {t.get('val_every_steps', 100)} steps at the {config['study']} runs' measured "
+                 f"{step_s:.3g} s per step" if step_s is not None else "no run of the study has measured a step yet")
+        raise ConfigError(f"notebook parameter 'slurm': a time limit of {limit!r} ({minutes:g} minutes) is shorter "
+                          f"than a job needs to reach its first checkpoint (~{first_checkpoint_s / 60:.1f} minutes: "
+                          f"{JOB_START_S:.0f} s to start; {steps}); raise timeout_min")
     return params
+
+
+def _minutes(limit) -> float | None:
+    """A job's time limit in minutes: a number (timeout_min), or Slurm's text for slurm_time ('90', '1:30:00',
+    '2-12:00'; minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]), which submitit passes
+    to sbatch unchecked. None for text that is none of these ('UNLIMITED'): sbatch is left to judge it."""
+    if isinstance(limit, int | float) and not isinstance(limit, bool):
+        return float(limit)
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(limit).strip())
+    if not match:
+        return None
+    days, *fields = match.groups()
+    numbers = [int(f) for f in fields if f is not None]
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        hours, mins, secs = (numbers + [0, 0])[:3]
+        hours += 24 * int(days)
+    else:  # minutes, minutes:seconds or hours:minutes:seconds
+        hours, mins, secs = {1: [0, *numbers, 0], 2: [0, *numbers], 3: numbers}[len(numbers)]
+    return 60 * hours + mins + secs / 60
 
 
 def _executor(executor: str, folder: Path, max_resubmits: int):

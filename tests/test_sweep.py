@@ -112,7 +112,8 @@ def test_run_options_pass_the_slurm_dict_and_max_resubmits():
     ({"slurm": {"slurm_partion": "gpu"}}, "'slurm'.*slurm_partion"),
     ({"slurm": {"slurm_qos": "normal", "slurm_acount": "chem"}}, "'slurm'.*slurm_acount"),
     ({"slurm": {"timeout_min": "2h"}}, "'slurm'.*timeout_min"),
-    ({"slurm": {"timeout_min": 1}}, "'slurm'.*1 minutes is shorter than a job needs to reach its first checkpoint"),
+    ({"slurm": {"timeout_min": 1}}, "'slurm'.*1 minutes\\) is shorter than a job needs to reach its first "
+                                    "checkpoint.*no run of the study has measured a step yet"),
     ({"max_resubmits": -1}, "'max_resubmits'")])
 def test_bad_submitit_options_are_named_before_any_run_folder(runs_root, options, match):
     configs = sweep.grid("s", tiny_lm_config(), seed=[0])
@@ -143,6 +144,12 @@ def test_job_time_limit_follows_the_measured_budget_and_the_params(runs_root):
         sweep._job_parameters(config, "slurm", {"timeout_min": 6}, runs_root)
     with pytest.raises(ConfigError, match="first checkpoint"):  # Slurm's own key wins on Slurm
         sweep._job_parameters(config, "slurm", {"timeout_min": 600, "slurm_time": 6}, runs_root)
+    for text in ("6", "6:00", "0:06:00", "0-0:06"):  # sbatch --time's text, passed by submitit unchecked
+        with pytest.raises(ConfigError, match=f"'{text}' \\(6 minutes\\) is shorter.*first checkpoint"):
+            sweep._job_parameters(config, "slurm", {"slurm_time": text}, runs_root)
+    for text in ("1-00:00", "12:00:00", "UNLIMITED"):  # a day, 12 hours, and what only sbatch can judge
+        assert sweep._job_parameters(config, "slurm", {"slurm_time": text}, runs_root)["slurm_time"] == text
+    assert sweep._minutes("2-03:04:30") == 2 * 1440 + 3 * 60 + 4.5 and sweep._minutes("7:30") == 7.5
 
 
 def test_grid_rejects_unknown_axis_and_bad_values():
