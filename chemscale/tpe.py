@@ -605,6 +605,26 @@ def validate_every_window(configs: Sequence[dict], windows: int) -> list[dict]:
     return out
 
 
+def check_study(grids: dict[str, Sequence[dict]], fractions: Sequence[float], scatter_fraction: float, top_k: int,
+                eta: int, n_random: int) -> None:
+    """Notebook 03's analysis parameters, checked against its grids before any run trains: the analysis reads them
+    only once every run has finished, so `fractions: [1.5]` or `eta: 1` would otherwise fail hours into a study.
+    Each family needs 3 configurations (a rank agreement of fewer means nothing) and at least top_k."""
+    bad = [f for f in [*fractions, scatter_fraction] if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"parameters fractions and scatter_fraction are budget fractions in (0, 1], got {bad}")
+    if eta < 2:
+        raise ConfigError(f"parameter eta (successive halving keeps 1/eta of the configurations) must be >= 2, "
+                          f"got {eta}")
+    if n_random < 1:
+        raise ConfigError(f"parameter n_random (random searches drawn at each compute) must be >= 1, got {n_random}")
+    for family, configs in grids.items():
+        if len(configs) < max(3, top_k):
+            raise ConfigError(f"the {family} grid has {len(configs)} configuration(s): the study ranks at least 3 "
+                              f"and top_k = {top_k}; widen its axes")
+    if top_k < 1:
+        raise ConfigError(f"parameter top_k (configurations a search trains to the end) must be >= 1, got {top_k}")
+
 def study_window(curves: Sequence[Curve], windows: int) -> int:
     """The window W in examples when the runs' common budget is cut into `windows` windows (5% each for 20)."""
     whole = budget(curves, fraction=1.0)

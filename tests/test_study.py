@@ -90,17 +90,20 @@ def test_missing_data_path_is_refused_before_the_notebook_starts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_slurm_option_submitit_refuses_fails_the_notebook_before_any_run_folder(tmp_path):
-    """The executor's parameters are checked in the notebook, by sweep.run: nothing the notebook does before that
-    call may create the run folders of a sweep that is then refused (notebook 03 counted its reused runs with
-    sweep.run_dirs, which made every folder)."""
+@pytest.mark.parametrize("text, message", [
+    ("executor: submitit-local\nslurm: {timeout_mn: 10}\n", "submitit refuses {'timeout_mn': 10}"),
+    ("fractions: [0.1, 1.5]\n", "fractions and scatter_fraction are budget fractions in (0, 1], got [1.5]")])
+def test_values_checked_in_notebook_03_fail_it_before_any_run_folder(tmp_path, text, message):
+    """The executor's parameters are checked by sweep.run and the analysis's by tpe.check_study, in the notebook:
+    either fails before any run trains (the analysis reads its parameters only once every run has finished), and
+    leaves no run folder (notebook 03 counted its reused runs with sweep.run_dirs, which made every folder)."""
     pytest.importorskip("submitit")
-    bad = _params(tmp_path, "executor: submitit-local\nslurm: {timeout_mn: 10}\n")
+    bad = _params(tmp_path, text)
     env = {**os.environ, "CHEMSCALE_RUNS": str(tmp_path / "runs")}
     proc = subprocess.run([sys.executable, "-m", "chemscale.study", "--params", str(bad), "03_tpe", "--output-dir",
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=paths.ROOT, env=env, timeout=600)
     assert proc.returncode == 1, proc.stderr
-    assert "submitit refuses {'timeout_mn': 10}" in _one_error_line(proc)
+    assert message in _one_error_line(proc)
     assert [p.name for p in (tmp_path / "runs").glob("*/*") if p.parent.name != "notebooks"] == []
 
 def test_named_sources_are_not_paths(tmp_path):

@@ -528,3 +528,20 @@ def test_a_config_finished_under_a_study_is_not_trained_again(runs_root, monkeyp
     assert result.read_bytes() == before
     with pytest.raises(sweep.SweepFailed):  # the same settings in another study folder are another run
         sweep.run(sweep.grid("another_study", base, lr=[3e-3]), progress=False, root=runs_root)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fractions": [0.0]}, r"budget fractions in \(0, 1\], got \[0.0\]"),
+    ({"scatter_fraction": 1.2}, r"budget fractions in \(0, 1\], got \[1.2\]"),
+    ({"eta": 1}, "eta .* must be >= 2, got 1"),
+    ({"n_random": 0}, "n_random .* must be >= 1, got 0"),
+    ({"top_k": 0}, "top_k .* must be >= 1, got 0"),
+    ({"top_k": 5}, "ChemGPT grid has 4 configuration.*top_k = 5"),
+    ({"grids": {"ChemGPT": [{}] * 4, "force field": [{}] * 2}}, "force field grid has 2 configuration.*at least 3")])
+def test_check_study_refuses_analysis_parameters_before_any_run_trains(kwargs, message):
+    """Notebook 03 reads these only after the whole grid has trained: each is refused from the grids alone."""
+    args = {"grids": {"ChemGPT": [{}] * 4, "force field": [{}] * 4}, "fractions": [0.05, 1.0], "scatter_fraction": 0.2,
+            "top_k": 1, "eta": 3, "n_random": 200}
+    tpe.check_study(**args)
+    with pytest.raises(ConfigError, match=message):
+        tpe.check_study(**{**args, **kwargs})
