@@ -214,6 +214,18 @@ def check_params(notebook: Path, params: dict, source: str) -> None:
             _check_run_name(source, value)
         if key == "accelerator":
             _check_accelerator(source, value)
+        if key == "executor":
+            _check_executor(source, value)
+
+
+def _check_executor(source: str, executor) -> None:
+    """`executor: slrum` fails here, with exit status 2, not as a failed notebook once its kernel has started."""
+    from chemscale.sweep import EXECUTORS
+
+    if isinstance(executor, str) and executor not in EXECUTORS:
+        close = difflib.get_close_matches(executor, EXECUTORS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: parameter 'executor' = {executor!r} is not one of {', '.join(EXECUTORS)}{hint}")
 
 
 def _item_type(default) -> str | None:

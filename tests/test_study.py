@@ -167,6 +167,15 @@ def test_accelerator_is_a_lightning_accelerator(tmp_path):
     assert _checked(tmp_path, "accelerator: cuda\n") == {"accelerator": "cuda"}
 
 
+def test_executor_is_one_sweep_run_takes(tmp_path):
+    """A misspelt executor stops the study before its kernel starts (it was a notebook failure, refused by sweep.run)."""
+    nb03 = paths.NOTEBOOKS / "03_tpe.ipynb"
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'executor' = 'slrum' is not one of local, slurm, "
+                                          r"submitit-local \(did you mean 'slurm'\?\)"):
+        _checked(tmp_path, "executor: slrum\n", nb03)
+    assert _checked(tmp_path, "executor: submitit-local\n", nb03) == {"executor": "submitit-local"}
+
+
 @pytest.mark.parametrize("notebook, old, new", [
     ("01_chemgpt_scaling", "device", "accelerator"), ("01_chemgpt_scaling", "widths", "width"),
     ("01_chemgpt_scaling", "n_molecules", "n_train_molecules"), ("02_gnn_scaling", "device", "accelerator"),
