@@ -137,7 +137,7 @@ def read_curve(run_dir: str | Path, metric: str = "best_val_loss") -> Curve:
         raise CurveError(f"{run_dir}: metrics.csv is truncated: result.json says {result['steps']} steps ran, "
                          f"the file holds {len(steps)}")
     val = [(int(r["step"]), _loss(r, "val_loss", run_dir)) for r in rows if r["val_loss"]]
-    logged = [(int(r["step"]), float(r["flops"])) for r in rows if r.get("flops")]
+    logged = [(int(r["step"]), _loss(r, "flops", run_dir)) for r in rows if r.get("flops")]
     tcfg = config.get("train", {})
     lacking = [k for k in ("batch_size", "devices", "num_nodes", "max_steps") if k not in tcfg]
     if lacking:
@@ -185,7 +185,10 @@ def _metrics_rows(path: Path) -> list[dict]:
 
 
 def _loss(row: dict, key: str, run_dir: Path) -> float:
-    value = float(row[key])
+    try:
+        value = float(row[key])
+    except ValueError:  # a garbled cell: name the run and the row, not only the text float() saw
+        raise CurveError(f"{run_dir}: {key} is {row[key]!r} at step {row['step']}, not a number") from None
     if not math.isfinite(value):
         raise CurveError(f"{run_dir}: {key} is {value} at step {row['step']}; a curve with a non-finite loss "
                          "cannot be ranked (did the run diverge?)")

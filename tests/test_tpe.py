@@ -271,6 +271,8 @@ def test_read_curve_from_a_run_folder(tmp_path):
     (good_lines() + ["6,2,,,1.0,,"], None, "twice"),
     ([line.replace("3.0,", "nan,") for line in good_lines()], 6, "train_loss is nan at step 2"),
     (good_lines()[:-1] + ["6,2,60,600,,inf,"], 6, "val_loss is inf"),
+    ([line.replace("3.0,", "3.O,") for line in good_lines()], 6, "train_loss is '3.O' at step 2, not a number"),
+    (good_lines()[:-1] + ["6,2,60,6e,,1.5,"], 6, "flops is '6e' at step 6"),
 ])
 def test_read_curve_refuses_a_damaged_metrics_file_naming_the_run(tmp_path, lines, steps, match):
     folder = write_run(tmp_path / "damaged_run", lines, steps=steps)
