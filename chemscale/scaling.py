@@ -351,6 +351,7 @@ class JointFit:
     n_dropped: int = 0
     ci_level: float = 0.95
     constrained: dict[str, bool] = field(default_factory=dict)  # parameter -> False where the grid does not pin it
+    n_values: dict[str, int] = field(default_factory=dict)  # alpha/beta -> distinct N/D values, for `limits`
 
     def predict(self, N, D) -> np.ndarray:
         """The fitted loss of N parameters trained on D samples."""
@@ -380,10 +381,15 @@ class JointFit:
         out = []
         for symbol, name, axis in (("α", "alpha", "parameters N"), ("β", "beta", "training data D")):
             lo, hi = self.ci[name]
-            value = getattr(self, name)
-            if not self.constrained.get(name, True):
-                out.append(f"{symbol} = {value:.2f} is {NOT_CONSTRAINED}: its bootstrap interval [{lo:.2f}, {hi:.2f}] "
-                           f"spans flat to steep curves, or the grid has too few {axis} values to shape the term")
+            value, distinct = getattr(self, name), self.n_values.get(name, MIN_DISTINCT_VALUES)
+            if np.isnan(lo):  # said as such, not as an interval "nan wide"
+                out.append(f"{symbol} = {value:.2f} has no interval: the fit ran without a bootstrap")
+            elif not self.constrained.get(name, True):
+                why = (f"the grid has {distinct} distinct {axis} value{'s' * (distinct != 1)}, fewer than the "
+                       f"{MIN_DISTINCT_VALUES} a term needs to be shaped" if distinct < MIN_DISTINCT_VALUES else
+                       f"its bootstrap interval [{lo:.2f}, {hi:.2f}] is wider than {MAX_EXPONENT_WIDTH:g}, flat to "
+                       "steep curves")
+                out.append(f"{symbol} = {value:.2f} is {NOT_CONSTRAINED}: {why}")
             elif not hi - lo < width:
                 why = ("the floor E is not constrained and trades off against it (a lower floor with a flatter term "
                        "fits the same points)" if not self.constrained.get("E", True) else
@@ -417,7 +423,8 @@ def fit_joint(N, D, L, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.
     best = map(float, _joint_params(theta[None], centres)[0])
     intervals = {name: _interval(samples[:, i], ci) for i, name in enumerate(JOINT_PARAMS)}
     return JointFit(*best, ci=intervals, n_points=len(L), samples=samples, n_dropped=n_dropped, ci_level=ci,
-                    constrained=_constrained(intervals, len(np.unique(N)), len(np.unique(D))))
+                    constrained=_constrained(intervals, len(np.unique(N)), len(np.unique(D))),
+                    n_values={"alpha": len(np.unique(N)), "beta": len(np.unique(D))})
 
 
 def _constrained(intervals: dict, n_sizes: int, n_data: int) -> dict[str, bool]:

@@ -71,7 +71,11 @@ def test_joint_fit_marks_what_the_grid_does_not_constrain():
     assert full.limits(width=hi - lo + 0.01) == [] or "β" in full.limits(width=hi - lo + 0.01)[0]
     assert full.limits(width=(hi - lo) / 2)[0].startswith(f"α = {full.alpha:.2f} [{lo:.2f}, {hi:.2f}] is ")
     why = part.limits(width=10.0)  # α narrower than 10; β not constrained, said whatever the width
-    assert len(why) == 1 and why[0].startswith(f"β = {part.beta:.2f} is not constrained by this grid")
+    assert why == [f"β = {part.beta:.2f} is not constrained by this grid: the grid has 1 distinct training data D "
+                   "value, fewer than the 3 a term needs to be shaped"]
+    unbooted = scaling.fit_joint(N, D, L, n_bootstrap=0)
+    assert unbooted.limits() == [f"α = {unbooted.alpha:.2f} has no interval: the fit ran without a bootstrap",
+                                 f"β = {unbooted.beta:.2f} has no interval: the fit ran without a bootstrap"]
 
 
 def test_confidence_intervals_cover_the_truth_and_shrink_with_noise():
