@@ -191,17 +191,34 @@ def budget(configs: list[dict], epochs: float, min_steps: int = 0) -> list[dict]
     out = []
     for config in configs:
         config = copy.deepcopy(config)
-        train, key = config.setdefault("train", {}), TRAIN_SIZE[config["task"]]
+        train = config.setdefault("train", {})
+        if config.get("task") not in TRAIN_SIZE:
+            raise ConfigError(f"sweep.budget: task {config.get('task')!r} of {config.get('study')!r}: expected one of "
+                              f"{list(TRAIN_SIZE)} (its training-set size gives the budget)")
+        key = TRAIN_SIZE[config["task"]]
         # examples per optimizer step: batch_size is per device, and DDP runs devices x num_nodes of them
-        n_train = int(config["data"][key])
-        batch = int(train.get("batch_size", 64)) * int(train.get("devices", 1)) * int(train.get("num_nodes", 1))
-        cap = int(train.get("max_steps", 1000))
+        n_train = _positive(config.get("data", {}).get(key), f"data {key}", config)
+        batch = math.prod(_positive(train.get(k, default), f"train {k}", config)
+                          for k, default in (("batch_size", 64), ("devices", 1), ("num_nodes", 1)))
+        cap = _positive(train.get("max_steps", 1000), "train max_steps", config)
         if min_steps > cap:
             raise ConfigError(f"sweep.budget: min_steps = {min_steps} is above the cap max_steps = {cap} of "
                               f"{config.get('study')!r} {key} = {n_train}: lower min_steps or raise max_steps")
         train["max_steps"] = max(1, min(cap, max(int(min_steps), math.ceil(epochs * n_train / batch))))
         out.append(config)
     return out
+
+
+def _positive(value, key: str, config: dict) -> int:
+    """`value` as an int >= 1, or a ConfigError naming `key` and the config's study (a bare KeyError, a
+    ZeroDivisionError for batch_size 0 or int()'s ValueError would say neither)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number >= 1 and number == int(number)):
+        raise ConfigError(f"sweep.budget: {key} of {config.get('study')!r} must be a whole number >= 1, got {value!r}")
+    return int(number)
 
 
 def longer(config: dict, factor: float = 3.0) -> dict:

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -521,6 +522,29 @@ def test_budget_refuses_epochs_and_floors_it_cannot_mean(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         sweep.budget([tiny_lm_config(max_steps=1500)], **kwargs)
+
+
+@pytest.mark.parametrize("data, train, message", [
+    ({"n_train_molecules": None}, {}, "data n_train_molecules of 't' must be a whole number >= 1, got None"),
+    ({"n_train_molecules": "1e3x"}, {}, "data n_train_molecules .* got '1e3x'"),
+    ({}, {"batch_size": 0}, "train batch_size of 't' must be a whole number >= 1, got 0"),
+    ({}, {"devices": 1.5}, "train devices"),
+    ({}, {"max_steps": None}, "train max_steps"),
+])
+def test_budget_names_the_key_of_a_config_it_cannot_read(data, train, message):
+    """A config without its training-set size, or with a batch of 0, is a ConfigError naming the key and the study,
+    not a bare KeyError or ZeroDivisionError; sizes from a numpy grid or YAML floats such as 1e3 are whole numbers."""
+    from conftest import tiny_lm_config
+
+    config = tiny_lm_config(**train)
+    config["data"].update(data)
+    with pytest.raises(ConfigError, match=message):
+        sweep.budget([config], epochs=2)
+    with pytest.raises(ConfigError, match="task 'smiles' of 't'"):
+        sweep.budget([{**tiny_lm_config(), "task": "smiles"}], epochs=2)
+    config = tiny_lm_config(batch_size=np.int64(10))
+    config["data"]["n_train_molecules"] = 1e3
+    assert sweep.budget([config], epochs=2)[0]["train"]["max_steps"] == 20  # the cap: 200 steps asked
 
 
 def test_longer_refuses_a_factor_that_does_not_lengthen_and_a_config_without_a_budget():
