@@ -141,15 +141,26 @@ def _points(ax, x, y, capped: np.ndarray, color, label, linestyle="-", **kw) -> 
         ax.plot(x[capped], y[capped], marker="o", linestyle="none", color=color, markerfacecolor="white", **kw)
 
 
-def _capped_note(ax, capped: np.ndarray, known: bool = True) -> None:
-    """A legend line saying how many of the drawn points are capped, or, when none is and the runs said how they
-    stopped (`known`), that all converged: every figure says which of its points mean what their axis says."""
-    if known and len(capped) and not capped.any():
-        ax.plot([], [], "o", linestyle="none", color="0.35", label=f"all {len(capped)} points converged (filled)")
-    if capped.any():
+def _capped_note(ax, drawn: pd.DataFrame) -> None:
+    """Legend lines saying how many of the `drawn` points (rows with a finite x and y) are capped, or, when the runs
+    said how they stopped (a `convergence` column), that all converged, or how many did where some runs said neither
+    (diverged, unfinished): every figure says which of its points mean what their axis says."""
+    if "convergence" not in drawn.columns or not len(drawn):
+        return
+    n, state = len(drawn), drawn["convergence"]
+    converged, capped = int((state == "converged").sum()), int((state == "capped").sum())
+    if converged == n:
+        ax.plot([], [], "o", linestyle="none", color="0.35", label=f"all {n} points converged (filled)")
+    elif converged + capped < n:
+        ax.plot([], [], "o", linestyle="none", color="0.35", label=f"{converged} of {n} points converged")
+    if capped:
         ax.plot([], [], "o", linestyle="none", color="0.35", markerfacecolor="white",
-                label=f"{int(capped.sum())} of {len(capped)} points capped (hollow):\ntheir loss is the step "
-                      "budget's, not converged")
+                label=f"{capped} of {n} points capped (hollow):\ntheir loss is the step budget's, not converged")
+
+
+def _drawn(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The rows a plot shows: a NaN loss (a diverged run) or a missing x is no point, and is not counted as one."""
+    return df[np.isfinite(df[x].astype(float)) & np.isfinite(df[y].astype(float))]
 
 
 class _LogMinorLocator(ticker.LogLocator):
@@ -268,7 +279,7 @@ def loglog(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, fits=Non
                 ms=5, lw=0.9)
     if isinstance(fits, scaling.PowerLawFit):
         _draw_fit(ax, fits, FIT_COLOR, label=f"fit: {_fit_label(fits, symbol)}")
-    _capped_note(ax, _capped(df), "convergence" in df.columns)
+    _capped_note(ax, _drawn(df, x, y))
     _finish(ax, x, y, xlabel, ylabel, title, legend_title=column_label(hue), data=df)
     return fig
 
@@ -294,7 +305,7 @@ def frontier_plot(df: pd.DataFrame, compute: str, loss: str, hue: str | None = N
         ax.plot([], [], "-", color=colors[level], label=_fmt(level))
     _points(ax, frontier[compute], frontier[loss], _capped(frontier), "black", "compute-optimal frontier",
             linestyle="none", ms=5, zorder=3)
-    _capped_note(ax, _capped(frontier), "convergence" in frontier.columns)
+    _capped_note(ax, _drawn(frontier, compute, loss))
     if fit is not None:
         _draw_fit(ax, fit, FIT_COLOR, label=f"frontier fit: {fit.label()}")
     _finish(ax, compute, loss, xlabel, ylabel, title, legend_title=column_label(hue), data=df)

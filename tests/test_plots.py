@@ -348,4 +348,7 @@ def test_a_figure_whose_points_all_converged_says_so():
     assert "all 6 points converged (filled)" in legend_texts(plots.loglog(df, "x", "y", hue="g"))
     assert not any("converged" in t for t in legend_texts(plots.loglog(df.drop(columns="convergence"), "x", "y",
                                                                         hue="g"))), "unknown: nothing claimed"
+    df.loc[2, "y"], df.loc[5, "convergence"] = np.nan, None  # a diverged run (no point) and one that said nothing
+    texts = legend_texts(plots.loglog(df, "x", "y", hue="g"))
+    assert "4 of 5 points converged" in texts and not any(t.startswith("all") for t in texts)
 
