@@ -533,6 +533,7 @@ def _pruner_class():
             self.window, self.estimator, self.options = window, estimator, options
             self.top_k, self.percentile = top_k, percentile
             self.min_windows, self.min_trials = min_windows, min_trials
+            self._values = {}  # (study, trial, start, t) -> estimator over windows 1 … t: fixed once t is reached
 
         def prune(self, study, trial) -> bool:
             values = trial.intermediate_values
@@ -541,18 +542,28 @@ def _pruner_class():
             if any(math.isnan(v) for v in values.values()):
                 return True
             t = int(max(values) // self.window)
-            mine = self._value(values, t) if t >= self.min_windows else None
+            mine = self._reached(study, trial, t) if t >= self.min_windows else None
             if mine is None:
                 return False
             states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-            reached = [o.intermediate_values for o in study.get_trials(deepcopy=False, states=states)
-                       if o.number != trial.number and max(o.intermediate_values, default=0) >= t * self.window]
-            others = [v for v in map(lambda values: self._value(values, t), reached) if v is not None]
+            others = [v for o in study.get_trials(deepcopy=False, states=states)
+                      if o.number != trial.number and (v := self._reached(study, o, t)) is not None]
             if len(others) < self.min_trials:
                 return False
             if self.top_k is not None:
                 return sum(v < mine for v in others) >= self.top_k
             return bool(mine > np.percentile(others, self.percentile))
+
+        def _reached(self, study, trial, t: int) -> float | None:
+            """`_value` of a trial that reported up to window t, else None; kept, as windows 1 … t of a trial
+            that got past them do not change: without it every report re-read every trial's reports, and a
+            search of n trials of S reports each spent time in n·S² (12 trials of 2,000 steps: 54 s)."""
+            key = (study.study_name, trial.number, trial.datetime_start, t)
+            if key not in self._values:
+                if max(trial.intermediate_values, default=0) < t * self.window:
+                    return None
+                self._values[key] = self._value(trial.intermediate_values, t)
+            return self._values[key]
 
         def _value(self, values: dict, t: int) -> float | None:
             """The estimator over windows 1 … t of one trial's reports; None if a window has no report."""

@@ -381,9 +381,13 @@ def test_pruner_in_a_real_study_never_prunes_a_trial_fewer_than_top_k_beat():
                 raise optuna.TrialPruned()
         return loss
 
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0),
-                                pruner=tpe.tse_pruner(window=8, top_k=3))
+    pruner = tpe.tse_pruner(window=8, top_k=3)
+    computed, estimate = [], pruner._value
+    pruner._value = lambda values, t: computed.append(t) or estimate(values, t)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), pruner=pruner)
     study.optimize(objective, n_trials=25)
+    # each trial's estimator once per window it completed, not all trials' at every report (n·S² in time)
+    assert len(computed) <= 25 * steps // 8
     trials = study.get_trials(deepcopy=False)
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     xs = sorted(t.params["x"] for t in trials)
