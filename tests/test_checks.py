@@ -31,6 +31,7 @@ def test_a_fixed_budget_grid_counts_the_runs_that_trained_their_whole_budget_not
     summary = checks.verify(_results("capped", "capped", "converged"), {}, fixed_budget=True)
     assert summary.splitlines()[1].startswith("all runs: 2 of 3 trained their whole fixed budget (early stopping off")
     assert "converged (" not in summary
+    assert summary.splitlines()[2:] == ["  r2 did not (converged), see /runs/s/r2/train.log"]
 
 
 def test_convergence_report_of_no_points_says_so():
