@@ -211,8 +211,8 @@ def budget(curves: Sequence[Curve], fraction: float | None = None, examples: flo
         raise ConfigError("give the budget as either fraction= (of the runs' common budget) or examples=, not "
                           f"{'both' if fraction is not None else 'neither'}")
     if examples is not None:
-        if not examples > 0:
-            raise ConfigError(f"examples budget must be > 0, got {examples}")
+        if not (examples > 0 and math.isfinite(examples)):
+            raise ConfigError(f"examples budget must be a finite number > 0, got {examples}")
         return float(examples)
     if not 0 < fraction <= 1:
         raise ConfigError(f"budget fraction must be in (0, 1], got {fraction}")
@@ -352,6 +352,8 @@ def rank_agreement(predicted: Sequence[float], truth: Sequence[float], n_boot: i
     """
     from scipy import stats
 
+    if n_boot < 1 or not 0 < level < 1:
+        raise ConfigError(f"rank agreement needs n_boot >= 1 and level in (0, 1), got {n_boot} and {level}")
     p, t = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
     if p.shape != t.shape or p.ndim != 1 or len(p) < 3:
         raise ConfigError(f"rank agreement needs two equal-length lists of >= 3 values, got {p.shape} and {t.shape}")
@@ -455,8 +457,10 @@ def successive_halving(curves: Sequence[Curve], *, eta: int = 3, min_fraction: f
     min_fraction defaults to η^-⌊log_η N⌋ (N = 9, η = 3: rungs 1/9, 1/3, 1; 9·1/9 + 2·1/3 + 1·1 =
     7/3 of 9 runs' worth spent). The full budget is `examples`, or the runs' common one.
     """
-    if eta < 2:
-        raise ConfigError(f"eta must be >= 2, got {eta}")
+    if not (isinstance(eta, (int, np.integer)) and eta >= 2):
+        raise ConfigError(f"eta must be a whole number >= 2 (survivors are a 1/eta share), got {eta!r}")
+    if min_fraction is not None and not 0 < min_fraction <= 1:
+        raise ConfigError(f"min_fraction must be in (0, 1], got {min_fraction}")
     n = len(curves)
     rungs = int(math.floor(math.log(n, eta) + 1e-9))
     min_fraction = eta ** -rungs if min_fraction is None else min_fraction
@@ -641,6 +645,8 @@ def check_study(grids: dict[str, Sequence[dict]], fractions: Sequence[float], sc
 
 def study_window(curves: Sequence[Curve], windows: int) -> int:
     """The window W in examples when the runs' common budget is cut into `windows` windows (5% each for 20)."""
+    if windows < 1:
+        raise ConfigError(f"windows must be >= 1, got {windows}")
     whole = budget(curves, fraction=1.0)
     if whole % windows:
         raise ConfigError(f"a budget of {whole:g} examples is not a whole number of {windows} windows")

@@ -153,6 +153,19 @@ def test_rank_agreement_refuses_what_has_no_ranking(predicted, truth):
 
 # ---- searches ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("call, message", [
+    (lambda c: tpe.rank_agreement([1, 2, 3], [3, 2, 1], n_boot=0), "n_boot"),
+    (lambda c: tpe.successive_halving(c, eta=2.5), "eta"),
+    (lambda c: tpe.successive_halving(c, min_fraction=2), "min_fraction"),
+    (lambda c: tpe.study_window(c, 0), "windows"),
+    (lambda c: tpe.estimates(c, examples=float("inf")), "examples budget"),
+])
+def test_search_arguments_that_mean_nothing_are_refused_naming_them(call, message):
+    """Not an IndexError, an OverflowError or a NotEnoughData about a run that is not the problem."""
+    with pytest.raises(ConfigError, match=message):
+        call([curve(np.linspace(3, 1, 100)) for _ in range(3)])
+
+
 def test_regret_hand_worked():
     assert tpe.regret([1.00, 1.02, 1.10], 1) == pytest.approx(0.02)
     assert tpe.regret([1.00, 1.02, 1.10], 0) == 0
