@@ -74,12 +74,14 @@ def convergence_report(results: pd.DataFrame, used: dict[str, pd.DataFrame], fix
     instead of reporting "0 converged" as if it were a shortfall.
     """
     if fixed_budget:
-        short = results[results["convergence"] != "capped"] if "convergence" in results.columns else results
+        state = results["convergence"] if "convergence" in results.columns else pd.Series("unknown", results.index)
+        short = results[state != "capped"]
         line = (f"all runs: {len(results) - len(short)} of {len(results)} trained their whole fixed budget (early "
-                "stopping off by design: the ground truth is the metric at the end of the budget, not a converged loss)")
+                "stopping off by design: the ground truth is the metric at the end of the budget, not a converged "
+                "loss)")
         # named, as the figures' note (tpe.FIXED_BUDGET) says every run did: these are the ones it is wrong about
-        return line + "".join(f"\n  {r.run_id} did not ({r.convergence}), see {Path(r.run_dir) / 'train.log'}"
-                              for r in short.itertuples())
+        return line + "".join(f"\n  {r.run_id} did not ({state[i]}), see {Path(r.run_dir) / 'train.log'}"
+                              for i, r in zip(short.index, short.itertuples()))
     lines = [f"all runs: {_converged(results, 'runs')}"]
     lines += [f"{name}: {_converged(rows, 'points')}" for name, rows in used.items()]
     return "\n".join(lines)
