@@ -192,6 +192,12 @@ class Task:
                 "n_test_structures": len(self.test_set)}
 
 
+def _refuse_compile(config: dict, source: str) -> None:
+    """train.compile is ChemGPT's: a force-field run that asks for it is refused, not trained eagerly in silence."""
+    if config.get("train", {}).get("compile"):
+        raise ConfigError(f"{source} [train]: key 'compile' is for ChemGPT runs only; force-field runs train eagerly")
+
+
 def validate(config: dict, source: str, *, data: bool = False, progress: bool = False) -> None:
     """Check the `model` and `data` sections of a force-field run config.
 
@@ -204,6 +210,7 @@ def validate(config: dict, source: str, *, data: bool = False, progress: bool = 
     from chemscale.config import ConfigError
     from chemscale.ff import store
 
+    _refuse_compile(config, source)
     from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
     dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
     if not data:
@@ -243,8 +250,7 @@ def _require_held_out(data_source: str, sizes: dict[str, int], source: str) -> N
 
 def build(config: dict, tcfg, run_dir: Path, source: str) -> Task:
     """Build the force-field task of a run config (sections `model`, `data`)."""
-    if tcfg.compile:  # a setting the task would ignore is refused, not silently dropped
-        raise ConfigError(f"{source} [train]: key 'compile' is for ChemGPT runs only; force-field runs train eagerly")
+    _refuse_compile(config, source)
     mcfg = from_dict(FFModelConfig, config.get("model", {}), f"{source} [model]")
     dcfg = from_dict(FFDataConfig, config.get("data", {}), f"{source} [data]")
     seed = int(config.get("seed", 0))
