@@ -827,12 +827,16 @@ def _panels(families: Sequence, sharey: bool = False):
                         squeeze=False, sharey=sharey)
 
 
-FIXED_BUDGET = "every configuration trained its whole fixed budget, no early stopping (none converged, by design)"
+FIXED_BUDGET = "every run trained its whole fixed budget, no early stopping (none converged, by design)"
 
 
 def _title(fig, title: str, note: str | None) -> None:
     """The figure's title, with `note` under it: which runs converged, as every figure of the study says."""
-    fig.suptitle(f"{title}\n{note}" if note else title)
+    import textwrap
+
+    # the note wrapped to the figure's width (~14 characters an inch at this size), so no panel count clips it
+    width = max(40, int(14 * fig.get_size_inches()[0]))
+    fig.suptitle("\n".join([title, *textwrap.wrap(note, width)]) if note else title)
 
 
 def _family_legend(fig) -> None:
