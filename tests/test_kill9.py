@@ -62,8 +62,9 @@ def _trainer_pid(run_dir: Path) -> int | None:
 
 
 def _kill_mid_sweep(configs: list[dict], root: Path) -> tuple[Path, Path]:
-    """Start the sweep in its own process group; once the first run finished and the second trains past a
-    checkpoint, SIGKILL both process groups (the sweep's and its child's); returns (finished run, killed run)."""
+    """Start the sweep in its own process group; once the second run trains past a checkpoint (it is stopped there)
+    and the first run finished, SIGKILL both process groups (the sweep's and the child's); returns (finished run,
+    killed run)."""
     done, killed = (root / c["study"] / runs.run_id(c) for c in configs)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.ROOT), os.environ.get("PYTHONPATH")]))}
     log = root.parent / f"{root.name}.sweep.log"
@@ -73,17 +74,23 @@ def _kill_mid_sweep(configs: list[dict], root: Path) -> tuple[Path, Path]:
     groups = [process.pid]
     try:
         deadline = time.monotonic() + 300  # a guard against a hang, not a timing: the runs take seconds
-        while not (runs.is_finished(done) and (killed / runs.CHECKPOINT).exists()
-                   and (child := _trainer_pid(killed)) is not None):
+        # First the long run: stopped (SIGSTOP to its own process group) as soon as it has trained past a
+        # checkpoint, so that it cannot finish however long the short run takes to finish (a CI machine once let
+        # it run to its last step while this loop waited for the short one).
+        while not ((killed / runs.CHECKPOINT).exists() and (child := _trainer_pid(killed)) is not None):
             assert process.poll() is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, "the sweep never reached its second run's first checkpoint"
             time.sleep(0.01)
         groups.append(os.getpgid(child))  # each run is a session of its own (sweep._Children)
         assert groups[1] != groups[0], "the training child is not in the sweep's process group"
-        # Stop both groups first, so that neither sees the other die (the child's parent-death signal, the sweep's
-        # exit mark or next run), then SIGKILL: the whole tree dies at one instant, as when its node is lost.
-        for group in groups:
-            os.killpg(group, signal.SIGSTOP)
+        os.killpg(groups[1], signal.SIGSTOP)
+        while not runs.is_finished(done):
+            assert process.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the sweep's first run never finished"
+            time.sleep(0.01)
+        # Then the sweep's group, so that neither sees the other die (the child's parent-death signal, the sweep's
+        # exit mark or next run), then SIGKILL both: the whole tree dies at one instant, as when its node is lost.
+        os.killpg(groups[0], signal.SIGSTOP)
         assert not runs.is_finished(killed), "the second run finished before it could be killed"
     except BaseException:  # a failed assertion must not leave a sweep or a run training (or stopped)
         for group in groups:
@@ -95,8 +102,11 @@ def _kill_mid_sweep(configs: list[dict], root: Path) -> tuple[Path, Path]:
         os.killpg(group, signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 30
-    while _alive(child):
-        assert time.monotonic() < deadline, f"the SIGKILLed training process {child} is still alive"
+    # The lock dies with the process: once its last thread exits, which can be a moment after its main thread shows
+    # as a zombie (torch's threads hold the open files until then).
+    while _alive(child) or train.held_elsewhere(killed):
+        assert time.monotonic() < deadline, (f"the SIGKILLed training process {child} is still alive, or its run's "
+                                             f"{train.LOCK} is still held 30 s after the kill")
         time.sleep(0.05)
     return done, killed
 
@@ -118,7 +128,6 @@ def test_a_sweep_killed_with_its_children_resumes_to_the_uninterrupted_table(tmp
     done, killed = _kill_mid_sweep(configs, root)
     step = train._checkpoint_step(killed / runs.CHECKPOINT, killed)
     assert 10 <= step < 200 and step % 10 == 0
-    assert not train.held_elsewhere(killed), "a SIGKILLed run leaves no lock behind"
     assert sweep.collect("k", root).set_index("run_id")["status"].to_dict() == {
         done.name: "finished", killed.name: "pending"}, "a kill -9 is not a crash: no traceback, no exit mark"
     finished_files = _files(done)
