@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -579,3 +580,77 @@ def compare_exponents(table: pd.DataFrame, group: str, better: str, than: str, v
     else:
         verdict = f"no: the {better} exponents are not larger here"
     return f"Do {better} models scale better with data than {than} ones? {verdict} ({better}: {fmt(a)}; {than}: {fmt(b)})"
+
+
+EXPONENTS_FILE = "exponents.csv"  # runs/<study>/exponents.csv: a study's exponents, for `against` in a later one
+
+
+def save_exponents(table: pd.DataFrame, study: str, root=None) -> Path:
+    """Write an `exponents_table` to RUNS/<study>/exponents.csv (atomically), for another study to compare with."""
+    from chemscale import paths
+    from chemscale.config import atomic_write_text
+
+    path = Path(root or paths.RUNS) / study / EXPONENTS_FILE
+    atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
+    return path
+
+
+def read_exponents(study: str, root=None) -> pd.DataFrame:
+    """The exponents table that `save_exponents` wrote for `study`; a clear error if it is missing or not one."""
+    from chemscale import paths
+    from chemscale.config import ConfigError
+
+    path = Path(root or paths.RUNS) / study / EXPONENTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file. The study {study!r} has not been run to its exponents with this "
+                          f"runs folder; run its notebook first (e.g. python -m chemscale.study --profile cpu "
+                          f"01_chemgpt_scaling for cpu_chemgpt), or set compare_with to a study that has")
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ConfigError(f"{path}: not an exponents table ({str(e).splitlines()[0]})") from None
+    missing = {"fit", "alpha", "alpha_lo", "alpha_hi"} - set(table.columns)
+    if missing:
+        raise ConfigError(f"{path}: not an exponents table, it lacks the column(s) {sorted(missing)}")
+    return table
+
+
+def _fit_name(name: str) -> str:
+    """A fit's name without the joint fit's 'not constrained' note, so the same exponent matches across studies."""
+    return name.replace(f" ({NOT_CONSTRAINED})", "")
+
+
+def against(table: pd.DataFrame, other: pd.DataFrame, other_name: str) -> pd.DataFrame:
+    """Each exponent of `table` beside the same fit's exponent in `other` (e.g. a bf16 study against its fp32 twin),
+    with a verdict: 'inside' or 'outside' the other's 95% interval, 'no interval in OTHER' where the other fit's
+    exponent is not constrained, 'not fitted in OTHER' where the other study has no such fit."""
+    other = other.assign(key=other["fit"].map(_fit_name)).set_index("key")
+    rows = []
+    for _, r in table.iterrows():
+        key = _fit_name(r["fit"])
+        row = {"fit": key, "alpha": r["alpha"], f"alpha_{other_name}": np.nan,
+               f"lo_{other_name}": np.nan, f"hi_{other_name}": np.nan}
+        if key not in other.index:
+            verdict = f"not fitted in {other_name}"
+        else:
+            o = other.loc[key]
+            row.update({f"alpha_{other_name}": o["alpha"], f"lo_{other_name}": o["alpha_lo"],
+                        f"hi_{other_name}": o["alpha_hi"]})
+            if not (np.isfinite(o["alpha_lo"]) and np.isfinite(o["alpha_hi"])):
+                verdict = f"no interval in {other_name}"
+            else:
+                verdict = "inside" if o["alpha_lo"] <= r["alpha"] <= o["alpha_hi"] else "outside"
+        rows.append({**row, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def against_summary(comparison: pd.DataFrame, other_name: str) -> str:
+    """One sentence from an `against` table: how many exponents lie inside the other study's intervals."""
+    judged = comparison[comparison["verdict"].isin(["inside", "outside"])]
+    outside = judged[judged["verdict"] == "outside"]
+    text = f"{len(judged) - len(outside)} of {len(judged)} exponents lie inside {other_name}'s 95% intervals"
+    if len(outside):
+        text += "; outside: " + ", ".join(f"{r.fit} {r.alpha:.3f}" for r in outside.itertuples())
+    if len(judged) < len(comparison):
+        text += f" ({len(comparison) - len(judged)} not judged: no interval or no such fit in {other_name})"
+    return text

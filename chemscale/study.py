@@ -216,6 +216,8 @@ def check_params(notebook: Path, params: dict, source: str) -> None:
             _check_accelerator(source, value)
         if key == "executor":
             _check_executor(source, value)
+        if key == "compare_with" and value:
+            _check_compare_with(source, value, params.get("run_name"))
 
 
 def _check_executor(source: str, executor) -> None:
@@ -277,6 +279,22 @@ def _check_run_name(source: str, name) -> None:
     if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or os.sep in name:
         raise ConfigError(f"{source}: parameter 'run_name' = {name!r} must be a plain folder name "
                           f"(no '/', not '..'): the study's one folder under runs/")
+
+
+def _check_compare_with(source: str, name, run_name) -> None:
+    """compare_with names an earlier study whose exponents.csv exists now, not at the end of an hour's training."""
+    from chemscale import scaling
+
+    if not isinstance(name, str) or name in (".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"{source}: parameter 'compare_with' = {name!r} must be another study's run_name, a plain "
+                          f"folder name under runs/ (no '/', not '..')")
+    if name == run_name:
+        raise ConfigError(f"{source}: parameter 'compare_with' = {name!r} is this study's own run_name; name the "
+                          f"study to compare with (e.g. cpu_chemgpt, the fp32 study)")
+    path = paths.RUNS / name / scaling.EXPONENTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{source}: parameter 'compare_with' = {name!r}: {path} does not exist; run that study "
+                          f"first (its notebook writes the file), or set compare_with to \"\"")
 
 
 def _is_path(value) -> bool:

@@ -265,3 +265,33 @@ def test_exponents_table_has_a_row_per_exponent():
 def test_frontier_of_no_points_is_empty():
     empty = hand_made_curves().iloc[:0]
     assert scaling.compute_optimal_frontier(empty, n_bins=3).empty
+
+
+def test_exponents_of_two_studies_are_put_side_by_side_with_a_verdict(tmp_path):
+    """A bf16 study against its fp32 twin (notebook 01's compare_with): inside, outside, unconstrained, missing."""
+    from chemscale.config import ConfigError
+
+    other = pd.DataFrame({"fit": ["L(N) at D = 10000", "joint L(N, D): α (not constrained by this grid)",
+                                  "joint L(N, D): β", "L(D) at N = 6528"],
+                          "alpha": [0.08, 0.5, 0.28, 0.10], "alpha_lo": [0.06, np.nan, 0.17, 0.05],
+                          "alpha_hi": [0.11, np.nan, 0.56, 0.15]})
+    path = scaling.save_exponents(other, "fp32", tmp_path)
+    assert path == tmp_path / "fp32" / scaling.EXPONENTS_FILE
+    read = scaling.read_exponents("fp32", tmp_path)
+    pd.testing.assert_frame_equal(read, other)
+    mine = pd.DataFrame({"fit": ["L(N) at D = 10000", "joint L(N, D): α", "joint L(N, D): β", "L(D) at N = 6528",
+                                 "compute frontier L(C)"],
+                         "alpha": [0.09, 0.6, 0.60, 0.149, 0.1], "alpha_lo": [0.0] * 5, "alpha_hi": [1.0] * 5})
+    table = scaling.against(mine, read, "fp32")
+    assert table["verdict"].tolist() == ["inside", "no interval in fp32", "outside", "inside", "not fitted in fp32"]
+    assert table.loc[2, "lo_fp32"] == 0.17 and table.loc[2, "hi_fp32"] == 0.56
+    assert scaling.against_summary(table, "fp32") == (
+        "2 of 3 exponents lie inside fp32's 95% intervals; outside: joint L(N, D): β 0.600 "
+        "(2 not judged: no interval or no such fit in fp32)")
+    with pytest.raises(ConfigError, match=r"nope/exponents.csv: no such file"):
+        scaling.read_exponents("nope", tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / scaling.EXPONENTS_FILE).write_text("fit,alpha\nx,1\n")
+    with pytest.raises(ConfigError, match=r"bad/exponents.csv: not an exponents table, it lacks the column\(s\) "
+                                          r"\['alpha_hi', 'alpha_lo'\]"):
+        scaling.read_exponents("bad", tmp_path)

@@ -622,3 +622,25 @@ def test_checks_accept_a_fit_skipped_for_too_few_points():
     assert skipped is None
     summary = checks.verify(_results("finished"), {"data": {16: _fit()}, "joint": skipped})
     assert summary == "checks passed: 1 of 1 runs finished; 1 fits, all finite"
+
+
+def test_compare_with_needs_an_earlier_studys_exponents_before_anything_runs(tmp_path, monkeypatch):
+    """compare_with (cpu_bf16.yaml: the fp32 study) is checked up front, naming the missing file and the key."""
+    from chemscale import scaling
+
+    monkeypatch.setattr(paths, "RUNS", tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"mine.yaml: parameter 'compare_with' = 'cpu_chemgpt': .*exponents.csv "
+                                          r"does not exist; run that study first"):
+        _checked(tmp_path, "run_name: cpu_chemgpt_bf16\ncompare_with: cpu_chemgpt\n")
+    with pytest.raises(ConfigError, match=r"'compare_with' = 'x' is this study's own run_name"):
+        _checked(tmp_path, "run_name: x\ncompare_with: x\n")
+    with pytest.raises(ConfigError, match=r"'compare_with' = '../elsewhere' must be another study's run_name"):
+        _checked(tmp_path, "compare_with: ../elsewhere\n")
+    table = scaling.exponents_table({})
+    scaling.save_exponents(table, "cpu_chemgpt", tmp_path / "runs")
+    assert _checked(tmp_path, "compare_with: cpu_chemgpt\n") == {"compare_with": "cpu_chemgpt"}
+    bf16 = study.load_checked(NB01, paths.PARAMS / "01_chemgpt_scaling" / "cpu_bf16.yaml")
+    cpu = study.read_params(study.params_path(NB01, "cpu"))
+    differ = {k: (cpu[k], v) for k, v in bf16.items() if cpu[k] != v}
+    assert differ == {"run_name": ("cpu_chemgpt", "cpu_chemgpt_bf16"), "precision": ("32-true", "bf16-mixed"),
+                      "save_figures": (True, False), "compare_with": ("", "cpu_chemgpt")}, "only the precision differs"
