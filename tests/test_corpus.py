@@ -19,6 +19,7 @@ import selfies as sf
 
 from chemscale.lm import cache, corpus, loader
 from chemscale.lm import encode
+from chemscale.lm import read as read_module
 from chemscale.lm.corpus import describe, load
 from chemscale.lm.encode import encode_smiles
 from chemscale.lm.loader import pad_batch
@@ -414,10 +415,11 @@ def test_a_user_files_held_out_splits_drop_the_molecules_on_training_lines(tmp_p
 def test_moses_held_out_splits_are_read_as_before(monkeypatch):
     """MOSES's test file shares no molecule with its training file (checked above): its held-out splits are read
     as before, without a pass over the training file, and drop nothing."""
-    passes, real = [], cache._pick
-    monkeypatch.setattr(cache, "_pick", lambda *args, **kwargs: passes.append(args[3:]) or real(*args, **kwargs))
+    passes, real = [], cache._read_records
+    monkeypatch.setattr(cache, "_read_records",
+                        lambda *args, **kwargs: passes.append(kwargs.get("training")) or real(*args, **kwargs))
     test = quiet_load("moses", "test", 50, workers=1)
-    assert passes == [(None,)] and test.report.dropped == {}
+    assert passes == [None] and test.report.dropped == {}
 
 def test_nested_subsets_equal_fresh_smaller_loads(tmp_path, monkeypatch):
     big = quiet_load("moses", "val", 300)
@@ -608,19 +610,25 @@ def test_cli_with_n_reports_that_prefix_of_a_split(tmp_path, capsys):
     assert "line 2: 'cc(' (invalid_smiles)" in out and "vocabulary:" in out and "max" in out
 
 
-def test_a_big_encode_writes_rounds_and_resumes_after_an_interruption(monkeypatch):
-    whole = quiet_load(str(FIXTURE), n_molecules=100)
-    monkeypatch.setattr(cache, "CACHE_DIR", cache.CACHE_DIR.parent / "another_cache")
-    monkeypatch.setattr(cache, "ROUND_MOLECULES", 30)
+def interrupt_encoder(monkeypatch, at_call: int) -> list[int]:
+    """Ctrl-C at the `at_call`-th call of the encoder (a round of an encode); the list of the molecules each call got."""
     calls, real = [], cache.encode_smiles
 
     def interrupted(smiles, *args, **kwargs):
         calls.append(len(smiles))
-        if len(calls) == 3:
+        if len(calls) == at_call:
             raise KeyboardInterrupt
         return real(smiles, *args, **kwargs)
 
     monkeypatch.setattr(cache, "encode_smiles", interrupted)
+    return calls
+
+
+def test_a_big_encode_writes_rounds_and_resumes_after_an_interruption(monkeypatch):
+    whole = quiet_load(str(FIXTURE), n_molecules=100)
+    monkeypatch.setattr(cache, "CACHE_DIR", cache.CACHE_DIR.parent / "another_cache")
+    monkeypatch.setattr(cache, "ROUND_MOLECULES", 30)
+    calls = interrupt_encoder(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         quiet_load(str(FIXTURE), n_molecules=100)
     assert calls == [30, 30, 30]
@@ -892,3 +900,72 @@ def test_the_cache_folder_name_is_cut_and_a_leading_dash_dropped(tmp_path):
     source = open_smiles_file(write(tmp_path / ("-" + "b" * 100 + ".smi"), "CCO\n"))
     folder = cache._cache_folder(source, False, "train", 0, {"sha256": "0" * 64}, 1)
     assert folder.name.startswith("b" * (cache.STEM_CHARS - 1) + "-smi-train-") and len(folder.name) < 80
+
+
+# --- picking lines in one read (issue 12, item 5: 10^7 PubChem molecules) ------------------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    ("plain.smi", "".join(f"{'C' * (1 + i % 7)}O line{i}\n" for i in range(60))),
+    ("no_last_lf.smi", "".join(f"C{'C' * (i % 5)}N\n" for i in range(40)) + "CCO"),
+    ("header.csv", "smiles,name\n" + "".join(f"{'C' * (1 + i % 9)}O,m{i}\n" for i in range(50))),
+    ("long_line.smi", "CCO\n" + "C" * 300 + "\n" + "".join(f"C{'N' * (i % 3)}\n" for i in range(30))),
+    ("gzipped.smi.gz", "".join(f"{'C' * (1 + i % 4)}Cl\n" for i in range(45))),
+    ("crlf.smi", "".join(f"C{'O' * (i % 4)}\r\n" for i in range(35)))])
+def test_picking_lines_in_one_read_gives_what_reading_every_line_gives(tmp_path, monkeypatch, name, text):
+    """Blocks far smaller than a line, so that lines are cut by every block end, and a line longer than a block."""
+    monkeypatch.setattr(read_module, "READ_BLOCK", 7)
+    source = open_smiles_file(write(tmp_path / name, text))
+    every = list(source.data_lines())
+    rng = np.random.default_rng(0)
+    for picked in ([0], [len(every) - 1], sorted(rng.choice(len(every), 12, replace=False).tolist()),
+                   list(range(len(every)))):
+        counted = []
+        assert list(source.data_lines_at(picked, counted.append)) == [every[i] for i in picked]
+        assert sum(counted) <= len(every) + source.header_lines
+
+
+def test_a_truncated_gz_is_named_when_picking_lines(tmp_path):
+    data = gzip.compress("".join(f"C{'C' * (i % 6)}O\n" for i in range(20_000)).encode())
+    path = tmp_path / "cut.smi.gz"
+    path.write_bytes(data[: len(data) // 2])
+    source = open_smiles_file(path)
+    with pytest.raises(CorpusError, match=r"cut\.smi\.gz: line \d+: cannot read past line \d+ .*truncated or corrupt"):
+        list(source.data_lines_at([19_999]))
+
+
+def spools(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*/spool"))
+
+
+def test_an_encode_of_many_rounds_reads_the_file_once_and_resumes_from_its_spool(cache_dir, monkeypatch):
+    """Each round used to read the whole file for its lines (20 reads of PubChem for 10^7 molecules); one read now
+    spools every line the encode takes, an interrupted encode resumes from the spool without reading the file, and
+    the spool goes once the encode is done."""
+    whole = quiet_load(str(FIXTURE), n_molecules=100)
+    monkeypatch.setattr(cache, "CACHE_DIR", cache_dir.parent / "rounds")
+    monkeypatch.setattr(cache, "ROUND_MOLECULES", 30)
+    reads, real_read = [], cache._read_records
+    monkeypatch.setattr(cache, "_read_records", lambda *a, **k: reads.append(a[2]) or real_read(*a, **k))
+    interrupt_encoder(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_load(str(FIXTURE), n_molecules=100)
+    assert len(reads) == 1 and reads[0] >= 100, "one read of the file for every round"
+    assert len(spools(cache.CACHE_DIR)) == 1
+    resumed = quiet_load(str(FIXTURE), n_molecules=100)
+    assert len(reads) == 1, "the resumed encode took its lines from the spool"
+    assert np.array_equal(resumed.tokens, whole.tokens) and resumed.smiles() == whole.smiles()
+    assert spools(cache.CACHE_DIR) == [], "the spool is removed once its encode is done"
+
+
+def test_a_damaged_spool_is_read_again_with_a_warning(cache_dir, monkeypatch):
+    whole = quiet_load(str(FIXTURE), n_molecules=100)
+    monkeypatch.setattr(cache, "CACHE_DIR", cache_dir.parent / "damaged")
+    monkeypatch.setattr(cache, "ROUND_MOLECULES", 30)
+    interrupt_encoder(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_load(str(FIXTURE), n_molecules=100)
+    [spool] = spools(cache.CACHE_DIR)
+    flip_one_byte(spool / "smiles.bin")
+    with pytest.warns(UserWarning, match="damaged spool"):
+        resumed = quiet_load(str(FIXTURE), n_molecules=100)
+    assert np.array_equal(resumed.tokens, whole.tokens) and resumed.smiles() == whole.smiles()

@@ -4,7 +4,7 @@ The lines of a file are visited in one fixed permutation (by `seed`) and each sp
 stretch of it (`split_range`): MOSES's train.csv.gz is the training split, its test.csv.gz gives
 the validation split and, from its last MAX_HELD_OUT lines, the test split; a user file gives
 training, test and validation splits, in that order, and its test and validation splits drop
-every line whose SMILES is also on a training line ('in_training_split', see `_pick`). The
+every line whose SMILES is also on a training line ('in_training_split', see `_read_records`). The
 molecules of a split are visited in that order; a cache holds the molecules kept so far along it
 (token ids back to back, offsets, positions, the SMILES) and what was dropped, by reason.
 `encoded(..., target)` encodes only what the cache lacks: a larger request encodes just the
@@ -27,8 +27,10 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import mmap
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -58,6 +60,10 @@ REASONS = ("empty", "malformed", "invalid_smiles", "valence", "selfies_error", "
 N_EXAMPLES = 20  # offending lines kept per cache, for the report
 ROUND_MOLECULES = 500_000  # molecules encoded between cache writes (bounds memory; a big encode resumes)
 CACHE_FORMAT = 4  # bump when the cache layout or its meaning changes
+SPOOL_FORMAT = 1  # of the records picked for an encode (`_Spool`)
+SPOOL_MARGIN = 1.125  # a spool holds the lines for the molecules asked plus this much for drops
+SPOOL_MAX_RECORDS = 1 << 24  # lines a spool holds at most: its index takes 13 bytes a line (220 MB at this)
+PROBLEMS = (None, "empty", "malformed", "too_long", "in_training_split")  # a spooled record's, by code
 TRANSIENT = ("timeout", "crash")  # drops that depend on the machine's load: retried on every load
 HASH_ALWAYS_BYTES = 64 << 20  # files up to this size are hashed on every load (~50 ms), bigger ones memoised
 STEM_CHARS = 40  # of a file's name in its cache folder's name
@@ -150,7 +156,7 @@ def split_range(n_lines: int, whole_file: bool, split: str) -> tuple[int, int]:
     A user file: its last min(10%, MAX_HELD_OUT) lines are the validation split (as before the
     test split existed), the as many before them the test split, and the rest the training split.
     A line is in one split only, but a molecule may be on several lines: the held-out splits of a user
-    file drop the lines whose SMILES is also on a training line (`_pick`), so they are held out."""
+    file drop the lines whose SMILES is also on a training line (`_read_records`), so they are held out."""
     if whole_file:
         n_test = min(n_lines, MAX_HELD_OUT)
         return {"train": (0, n_lines), "val": (0, n_lines - n_test), "test": (n_lines - n_test, n_lines)}[split]
@@ -180,57 +186,217 @@ def _training_lines(n_lines: int, seed: int) -> np.ndarray:
     return mask
 
 
-def _pick(source: SmilesFile, records: np.ndarray, progress: bool,
-          training: np.ndarray | None = None) -> list[tuple[int, str, str | None]]:
-    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order.
-
-    With `training` (`_training_lines`: the records are of a held-out split), the pass reads the whole
-    file and a record whose SMILES is also on a training line gets the problem 'in_training_split': a
-    molecule on several lines of a file would otherwise be in training and in the held-out loss. The
-    SMILES are compared as written, after the layout's parsing (PubChem's are canonical already):
-    a molecule written two ways is not caught, as canonicalising 10^7 molecules with RDKit costs more
-    than encoding them. The training lines are kept as 8-byte blake2b digests (a stable hash: the
-    drops are the same in every process), sorted, 80 MB at 10^7 lines; a collision can only drop a
-    held-out line whose molecule is not in training, never keep one that is."""
-    slot = {int(r): k for k, r in enumerate(records)}
+def _pick(source: SmilesFile, records: np.ndarray, progress: bool) -> list[tuple[int, str, str | None]]:
+    """(line number, SMILES or text, problem) of the data lines at indices `records`, in that order: one
+    read of the file, in memory (for a few records: the molecules of an encode come from a `_Spool`)."""
+    in_file_order = np.argsort(records, kind="stable")
     out: list = [None] * len(records)
+    picked = _read_records(source, _in_order(records, in_file_order), len(records), progress)
+    for k, record in zip(in_file_order.tolist(), picked, strict=False):
+        out[k] = record
+    for _ in picked:  # there is none left: this runs the check that the file had them all
+        pass
+    return out
+
+
+def _in_order(lines: np.ndarray, order: np.ndarray, chunk: int = 1 << 16) -> Iterator[int]:
+    """lines[order] as Python ints, a chunk at a time (no second array of the whole stretch)."""
+    for i in range(0, len(order), chunk):
+        yield from lines[order[i: i + chunk]].tolist()
+
+
+def _read_records(source: SmilesFile, lines: Iterator[int], n: int, progress: bool,
+                  training: np.ndarray | None = None, digests: bytearray | None = None
+                  ) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, SMILES or text, problem) of the `n` data lines at the ascending indices `lines`, in file
+    order: one read of the file (up to the last of them, or all of it with `training`).
+
+    With `training` (`_training_lines`: the lines are of a held-out split), the read goes through the whole
+    file and appends to `digests` the 8-byte blake2b digest of every training line's SMILES: a held-out
+    record whose SMILES is among them gets the problem 'in_training_split' (`_in_training`), as a molecule
+    on several lines of a file would otherwise be in training and in the held-out loss. The SMILES are
+    compared as written, after the layout's parsing (PubChem's are canonical already): a molecule written two
+    ways is not caught, as canonicalising 10^7 molecules with RDKit costs more than encoding them. The
+    digests are a stable hash (the drops are the same in every process), 80 MB at 10^7 training lines; a
+    collision can only drop a held-out line whose molecule is not in training, never keep one that is."""
     found = 0
-    digests = bytearray()  # 8 bytes a training line: a list of bytes objects would take 6x that
-    for r, (line_no, text) in enumerate(tqdm(source.data_lines(), desc=f"reading {source.path.name}",
-                                             unit=" lines", disable=not progress, leave=False, mininterval=0.5)):
-        if training is not None and r < len(training) and training[r]:  # lines appended since: not training
-            smiles, problem = source.smiles_of(text)
-            if problem is None:
-                digests += _digest(smiles)
-            continue
-        k = slot.get(r)
-        if k is not None:
+    with tqdm(desc=f"reading {source.path.name}", unit=" lines", disable=not progress, leave=False,
+              mininterval=0.5) as bar:
+        if training is None:
+            picked = source.data_lines_at(lines, bar.update)
+        else:
+            picked = _held_out_lines(source, lines, training, digests, bar.update)
+        for line_no, text in picked:
             smiles, problem = source.smiles_of(text)
             if problem is None and len(smiles) > SMILES_CHARS_PER_SYMBOL * MAX_SYMBOLS:
                 problem = "too_long"  # not worth the encoder's time
-            out[k] = (line_no, smiles, problem)
             found += 1
-            if found == len(records) and training is None:
-                break
-    if found < len(records):
+            yield line_no, smiles, problem
+    if found < n:
         raise CorpusError(f"{source.path}: the file changed while being read (expected more lines)")
-    if training is not None:
-        seen = np.frombuffer(digests, "<u8")
-        seen.sort()  # in place: no second copy
-        for k, (line_no, smiles, problem) in enumerate(out):
-            if problem is None and _in_sorted(seen, _digest(smiles)):
-                out[k] = (line_no, smiles, "in_training_split")
-    return out
+
+
+def _held_out_lines(source: SmilesFile, lines: Iterator[int], training: np.ndarray, digests: bytearray,
+                    counted) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the data lines `lines` (ascending); every training line's digest goes to `digests`."""
+    target = next(lines, None)
+    r = -1
+    for r, (line_no, text) in enumerate(source.data_lines()):
+        if r < len(training) and training[r]:  # lines appended since: not training
+            smiles, problem = source.smiles_of(text)
+            if problem is None:
+                digests += _digest(smiles)
+        elif r == target:
+            yield line_no, text
+            target = next(lines, None)
+        if r & 0xFFFF == 0xFFFF:
+            counted(0x10000)
+    counted((r + 1) & 0xFFFF)
 
 
 def _digest(smiles: str) -> bytes:
     return hashlib.blake2b(smiles.encode(), digest_size=8).digest()
 
 
-def _in_sorted(sorted_digests: np.ndarray, digest: bytes) -> bool:
-    value = np.frombuffer(digest, "<u8")[0]
-    i = int(np.searchsorted(sorted_digests, value))
-    return i < len(sorted_digests) and sorted_digests[i] == value
+def _in_training(training_digests: bytearray, candidates: bytes) -> np.ndarray:
+    """A mask over `candidates` (8-byte digests back to back): True where one is a training line's digest."""
+    seen = np.frombuffer(training_digests, "<u8")
+    seen.sort()  # in place: no second copy
+    wanted = np.frombuffer(candidates, "<u8")
+    if not len(seen):
+        return np.zeros(len(wanted), bool)
+    i = np.minimum(np.searchsorted(seen, wanted), len(seen) - 1)
+    return seen[i] == wanted
+
+
+class _Spool:
+    """The records (SMILES or text, problem) of a stretch of a split's permutation, picked from the file in
+    one read and kept on disk next to the cache until the encode that needs them is done.
+
+    Why: a split's lines are visited in a random permutation, so every round of an encode takes lines from
+    all over the file; picking each round's lines from the file read the whole file a round: 20 reads of
+    PubChem's 10^8 lines for 10^7 molecules, hours. One read now picks every line the encode will take (with
+    a margin for drops, SPOOL_MARGIN) in file order into `smiles.bin`, and each round takes its records by
+    position. On disk, not in memory: 10^7 Python strings take over 1 GB, while the spool's index takes 13
+    bytes a record (`rank`, int32 by position: the record's place in file order; `ends`, int64, and
+    `problems`, uint8, in file order), memory-mapped like the SMILES, so a round holds only its own strings.
+    Line numbers are not stored: a position's line is its index in the permutation. The files are written,
+    then `spool.json` with their sizes and checksums: a spool without it (an interrupted read) is read
+    again, and an encode interrupted after some rounds resumes from its spool without reading the file."""
+
+    FILES = ("smiles.bin", "rank.npy", "ends.npy", "problems.npy")
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.start = self.stop = 0  # the stretch of positions held; empty until opened or built
+        self._opened = False
+        self._blob, self._rank, self._ends, self._problems = b"", None, None, None
+
+    def covers(self, start: int, stop: int, n_lines: int) -> bool:
+        """True if the spool holds positions start..stop-1 of a split of `n_lines` lines (opened on first use)."""
+        if not self._opened:
+            self._opened = True
+            if problem := self._open(n_lines):
+                warnings.warn(f"{self.folder}: damaged spool ({problem}); reading the file again", stacklevel=4)
+        return self.start <= start and stop <= self.stop
+
+    def _open(self, n_lines: int, verify: bool = True) -> str | None:
+        """Map a whole spool of this split; what is wrong with it, None if it is whole or absent.
+        `verify`: check the files' checksums too (not right after writing them)."""
+        try:
+            meta = json.loads((self.folder / "spool.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return f"spool.json unreadable ({e})"
+        try:
+            if meta["checksum"] != _manifest_checksum(meta):
+                return "spool.json does not match its checksum"
+            if (meta["format"], meta["n_lines"], meta["too_long_chars"]) != (
+                    SPOOL_FORMAT, n_lines, SMILES_CHARS_PER_SYMBOL * MAX_SYMBOLS):
+                return None  # another split size or rule: stale, not damaged
+            if verify and (problem := _Cache(self.folder)._check_files(meta["files"])):
+                return problem
+            rank, ends, problems = (np.load(self.folder / f"{a}.npy", mmap_mode="r")
+                                    for a in ("rank", "ends", "problems"))
+            start, stop = int(meta["start"]), int(meta["stop"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"unreadable ({e})"
+        if not (0 <= start < stop <= n_lines and len(rank) == len(ends) == len(problems) == stop - start
+                and (ends[-1] if len(ends) else 0) == meta["files"]["smiles.bin"][0]):
+            return "its index disagrees with spool.json"
+        self.start, self.stop, self._rank, self._ends, self._problems = start, stop, rank, ends, problems
+        self._blob = self._map(self.folder / "smiles.bin")
+        return None
+
+    @staticmethod
+    def _map(path: Path):
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+    def build(self, source: SmilesFile, order: np.ndarray, start: int, stop: int, progress: bool,
+              training: np.ndarray | None) -> None:
+        """Read the records at positions start..stop-1 of `order` from the file, in one read."""
+        self.remove()
+        self.folder.mkdir(parents=True)
+        lines = order[start:stop]
+        in_file_order = np.argsort(lines, kind="stable")  # j-th record read -> its position - start
+        ends, problems, size = array.array("q"), bytearray(), 0
+        digests = bytearray() if training is not None else None
+        candidates = bytearray()  # with `training`: each record's digest (zeros if it has a problem already)
+        records = _read_records(source, _in_order(lines, in_file_order), len(lines), progress, training=training,
+                                 digests=digests)
+        with open(self.folder / "smiles.bin", "wb", buffering=1 << 20) as f:
+            for _, smiles, problem in records:
+                size += f.write(smiles.encode("utf-8", "surrogatepass"))
+                ends.append(size)
+                problems.append(PROBLEMS.index(problem))
+                if training is not None:
+                    candidates += _digest(smiles) if problem is None else bytes(8)
+        codes = np.frombuffer(problems, np.uint8)  # a view: writes go to `problems`
+        if training is not None:
+            codes[(codes == 0) & _in_training(digests, candidates)] = PROBLEMS.index("in_training_split")
+            del digests
+        rank = np.empty(len(lines), np.int32)
+        rank[in_file_order] = np.arange(len(lines), dtype=np.int32)
+        del in_file_order
+        for name, values in (("rank", rank), ("ends", np.frombuffer(ends, np.int64)), ("problems", codes)):
+            np.save(self.folder / f"{name}.npy", values)
+        del rank, ends, problems, codes
+        meta = {"format": SPOOL_FORMAT, "n_lines": len(order), "start": start, "stop": stop,
+                "too_long_chars": SMILES_CHARS_PER_SYMBOL * MAX_SYMBOLS,
+                "files": {f: [(self.folder / f).stat().st_size, _crc32(self.folder / f)] for f in self.FILES}}
+        atomic_write_json(self.folder / "spool.json", {**meta, "checksum": _manifest_checksum(meta)})
+        self._opened = True
+        if problem := self._open(len(order), verify=False):
+            raise CorpusError(f"{self.folder}: the spool just written does not read back ({problem})")
+
+    def records(self, order: np.ndarray, start: int, stop: int, header_lines: int) -> list[tuple[int, str, str | None]]:
+        """(line number, SMILES or text, problem) at positions start..stop-1, in that order (`covers` them)."""
+        j = np.asarray(self._rank[start - self.start: stop - self.start], np.int64)
+        ends = self._ends[j]
+        begins = np.where(j > 0, self._ends[j - 1], 0)
+        line_nos = order[start:stop] + 1 + header_lines
+        blob = self._blob
+        return [(line_no, blob[a:b].decode("utf-8", "surrogatepass"), PROBLEMS[code])
+                for line_no, a, b, code in zip(line_nos.tolist(), begins.tolist(), ends.tolist(),
+                                               self._problems[j].tolist(), strict=True)]
+
+    def remove(self) -> None:
+        """Delete the spool (its spool.json first: a half-deleted spool is never taken as whole)."""
+        self._blob, self._rank, self._ends, self._problems = b"", None, None, None
+        self.start = self.stop = 0
+        (self.folder / "spool.json").unlink(missing_ok=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _spool_stop(state: State, missing: int, n_take: int, n_order: int) -> int:
+    """Where a spool starting at state.consumed ends: `missing` molecules, at the rate of molecules kept so far
+    (1 if none read), with a margin (SPOOL_MARGIN and 1,024), at most SPOOL_MAX_RECORDS (rarely reached: an
+    encode of more molecules, or of a file with a lot to drop, reads the file once per spool)."""
+    kept_rate = max(state.n_kept / state.consumed if state.consumed else 1.0, 1 / 64)
+    want = max(int(missing / kept_rate * SPOOL_MARGIN) + 1024, n_take)
+    return min(state.consumed + min(want, max(SPOOL_MAX_RECORDS, n_take)), n_order)
 
 # --- the cache -----------------------------------------------------------------------------------
 
@@ -457,10 +623,12 @@ def _fill(cache: _Cache, state: State, order: np.ndarray, source: SmilesFile, ta
           timeout_s: float, progress: bool, training: np.ndarray | None) -> None:
     """Encode further along `order` until `target` molecules are kept or the split runs out.
 
-    With `training` (a held-out split of a user file), each round drops the lines whose SMILES is on a
-    training line (`_pick`: a pass over the whole file a round; a held-out split is one round).
+    The records come from a `_Spool`: one read of the file for the whole request (more only if drops
+    outrun its margin), not one a round. With `training` (a held-out split of a user file), that read
+    also drops the lines whose SMILES is on a training line (`_read_records`).
     Works in rounds of at most ROUND_MOLECULES, writing the cache after each: memory stays
-    bounded and an interrupted encode of a big file resumes from its last round."""
+    bounded and an interrupted encode of a big file resumes from its last round, and from its spool."""
+    spool = _Spool(cache.folder / "spool")
     n_encoded, seconds = 0, 0.0  # encoding alone, file reading excluded
     if progress and min(target, state.n_lines) - state.n_kept > BIG_ENCODE:
         n = min(target, state.n_lines) - state.n_kept
@@ -469,10 +637,14 @@ def _fill(cache: _Cache, state: State, order: np.ndarray, source: SmilesFile, ta
     while state.n_kept < target and not state.exhausted:
         missing = target - state.n_kept
         n_take = min(missing + missing // 20 + 16, ROUND_MOLECULES)  # a margin of 5% + 16 for drops
-        records = _pick(source, order[state.consumed: state.consumed + n_take], progress, training)
-        if not records:  # a consistent cache never gets here: never loop forever on one that is not
+        stop = min(state.consumed + n_take, len(order))
+        if stop <= state.consumed:  # a consistent cache never gets here: never loop forever on one that is not
             raise CorpusError(f"{cache.folder}: nothing left to read at position {state.consumed:,} of "
                               f"{state.n_lines:,}; delete the folder to rebuild it")
+        if not spool.covers(state.consumed, stop, len(order)):
+            spool.build(source, order, state.consumed, _spool_stop(state, missing, n_take, len(order)), progress,
+                        training)
+        records = spool.records(order, state.consumed, stop, source.header_lines)
         to_encode = [s for _, s, problem in records if problem is None]
         t0 = time.perf_counter()
         encoded = encode_smiles(to_encode, workers, timeout_s, progress)
@@ -480,6 +652,7 @@ def _fill(cache: _Cache, state: State, order: np.ndarray, source: SmilesFile, ta
         new_smiles = _append(state, records, iter(encoded), source.path)
         state.encode_mol_per_s = n_encoded / seconds if n_encoded else state.encode_mol_per_s
         cache.write(state, new_smiles)
+    spool.remove()
     if progress and n_encoded:
         print(f"{source.path.name}: encoded {n_encoded:,} molecules in {seconds:.1f} s "
               f"({n_encoded / seconds:,.0f} molecules/s)", file=sys.stderr)
