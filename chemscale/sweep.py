@@ -34,11 +34,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from chemscale import paths, runs
-from chemscale.config import ConfigError, from_dict
+from chemscale.config import ConfigError, atomic_write_json, from_dict
 
 SECTIONS = ("model", "data", "train")
 EXIT_MARK = "chemscale.sweep: the run's process exited with code"  # appended to train.log on failure
-STOP_MARK = "chemscale.sweep: stopped by an interrupt; the run resumes from its last checkpoint next time"
+STOP_MARK = "chemscale.sweep: stopped by the sweep"  # appended to train.log, with when, why and the checkpoint's step
 ELSEWHERE_MARK = "chemscale.sweep: left to the other process that trains this run"
 PARENT_ENV = "CHEMSCALE_SWEEP_PARENT"  # pid of the sweep; its child dies with it (chemscale.train.die_with_parent)
 GRACE_S = 10.0  # seconds an interrupted run gets to exit after SIGTERM before SIGKILL
@@ -47,10 +47,20 @@ MAX_RESUBMITS = 3  # times a failed or timed-out submitit job is submitted again
 JOB_START_S = 120.0  # estimate of a job's start before its first step: Python, torch, data (a shared file system)
 DEFAULT_TIMEOUT_MIN = 24 * 60  # a job's time limit when neither the params nor a measured step time give one
 POLL_S = 1.0  # seconds between looks at the submitted jobs
+JOB_RECORD = "submitit.json"  # in a run folder: its last submitit job (id, executor, folder), for a restarted sweep
+# Slurm states of a job that has not ended: what submitit's own Job.done() waits on, less UNKNOWN (a job that sacct
+# cannot tell of any more, or cannot be asked about, is taken as ended). A restarted sweep waits on a recorded job
+# in one of these states instead of submitting the run again.
+LIVE_STATES = ("READY", "PENDING", "RUNNING", "REQUEUED", "COMPLETING", "PREEMPTED")
 
 
 class SweepFailed(RuntimeError):
     """No run of a sweep finished; the message lists each run's train.log."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM reached a sweep (`kill`, a batch system's time limit, `chemscale.study` stopped): handled as Ctrl-C
+    is (the sweep's runs are stopped, its submitit jobs cancelled), then the process ends as SIGTERM ends it."""
 
 
 def _section_fields(task: str) -> dict[str, set[str]]:
@@ -278,15 +288,16 @@ def _train_command(run_dir: Path) -> list[str]:
 
 
 class _Children:
-    """The training processes this sweep started, so an interrupt (Ctrl-C, Jupyter's stop) can end them.
+    """The training processes this sweep started, so an interrupt (Ctrl-C, Jupyter's stop, SIGTERM) can end them.
 
     Each child runs in its own session: a terminal's Ctrl-C reaches the sweep only, which
     stops the children itself (SIGTERM to each child's process group, so DDP ranks go too;
     SIGKILL after `GRACE_S`) and then re-raises. Once stopping, no new child is started.
+    `reason` says why they were stopped, for the line each stopped run gets in its train.log.
     """
 
     def __init__(self):
-        self.lock, self.live, self.stopping = threading.Lock(), set(), False
+        self.lock, self.live, self.stopping, self.reason = threading.Lock(), set(), False, ""
 
     def start(self, command, **kwargs) -> subprocess.Popen | None:
         with self.lock:
@@ -300,10 +311,11 @@ class _Children:
         with self.lock:
             self.live.discard(process)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "interrupted") -> None:
         """SIGTERM to every child's process group, SIGKILL to those still alive after GRACE_S; wait for all."""
         with self.lock:
-            self.stopping = True
+            if not self.stopping:
+                self.stopping, self.reason = True, reason
             live = list(self.live)
         _signal_groups(live, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
@@ -320,6 +332,32 @@ def _signal_groups(processes: list[subprocess.Popen], sig: int) -> None:
             os.killpg(p.pid, sig)
 
 
+def _why(error: BaseException) -> str:
+    """What stopped a sweep, in a few words: 'KeyboardInterrupt' (Ctrl-C, Jupyter's stop) or 'SIGTERM'."""
+    return str(error) if isinstance(error, Stopped) else type(error).__name__
+
+
+def _checkpoint_note(run_dir: Path) -> str:
+    """'its last checkpoint (step 40)', or without the step when there is no readable checkpoint. Read without the
+    sha256 check that resuming makes (seconds for a large checkpoint, while the sweep is being stopped)."""
+    ckpt = Path(run_dir) / runs.CHECKPOINT
+    if not ckpt.exists():
+        return "the start (no checkpoint yet)"
+    try:
+        import torch
+
+        step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception:  # a checkpoint being replaced, or damaged: resuming checks it and says so
+        return "its last checkpoint"
+    return f"its last checkpoint (step {step})"
+
+
+def _stop_line(run_dir: Path, why: str) -> str:
+    """The line a run stopped by its sweep gets in train.log: when, why, and what the next sweep does with it."""
+    return (f"{STOP_MARK} at {time.strftime('%Y-%m-%d %H:%M:%S')} ({why}); run the sweep again to resume this run "
+            f"from {_checkpoint_note(run_dir)}")
+
+
 def _run_local(run_dir: Path, threads: int, children: _Children | None = None) -> int | None:
     """Train one run in a child process, its output in RUN_DIR/train.log; returns the exit code (None if
     the sweep was interrupted before it started)."""
@@ -333,12 +371,10 @@ def _run_local(run_dir: Path, threads: int, children: _Children | None = None) -
                                  cwd=paths.ROOT)
         if process is None:
             return None
-        try:
-            code = process.wait()
-        finally:
-            children.done(process)
+        code = process.wait()  # an interrupt raised here leaves the process in `children`, for its `stop`
+        children.done(process)
         if children.stopping:
-            log.write(f"\n{STOP_MARK}\n".encode())
+            log.write(f"\n{_stop_line(run_dir, children.reason)}\n".encode())
         elif code and held_elsewhere(run_dir):  # refused: another process trains it (not a crash of this run)
             log.write(f"\n{ELSEWHERE_MARK}\n".encode())
         elif code:  # also for a run killed without a traceback (e.g. out of memory): it is marked crashed
@@ -353,11 +389,39 @@ def _run_all_local(todo: list[Path], parallel: int, threads: int, bar) -> None:
     try:
         for _ in pool.map(lambda d: _run_local(d, threads, children), todo):
             bar.update(1)
-    except BaseException:  # KeyboardInterrupt above all: the children must not train on unseen
-        children.stop()
+    except BaseException as e:  # KeyboardInterrupt above all: the children must not train on unseen
+        children.stop(_why(e))
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a sweep trains, SIGTERM raises `Stopped` (a KeyboardInterrupt), so the sweep stops its runs and cancels
+    its jobs as for Ctrl-C, each run's train.log saying so; then the process ends by SIGTERM, as it would have.
+
+    `chemscale.study` stops a notebook's kernel with SIGTERM; without this, the kernel died at once and its runs
+    were ended by the study or with it, and said nothing. Only where SIGTERM has its default action, in the main
+    thread: a handler someone else installed is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stopping short
+        raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise  # not reached where SIGTERM ends the process; reached if it is blocked
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _default_parallel() -> tuple[int, int]:
@@ -369,6 +433,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         progress: bool = True, root: Path | None = None, slurm: dict | None = None,
         max_resubmits: int = MAX_RESUBMITS) -> pd.DataFrame:
     """Run every unfinished config; returns `collect`-style rows for these configs.
+
 
     Before any run starts, training-set sizes that the data cannot give are refused
     (`check_data`). Runs that fail are listed with their train.log and the sweep goes on; if no
@@ -402,16 +467,17 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
     check_data(unfinished, progress)  # before any run folder is made
     dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run
     todo = [d for d in dirs if not runs.is_finished(d)]
-    if executor == "local":
-        default_parallel, default_threads = _default_parallel()
-        parallel, threads = parallel or default_parallel, threads or max(1, default_threads // (parallel or 1))
-        bar = tqdm(total=len(dirs), initial=len(dirs) - len(todo), desc="runs", disable=not progress)
-        try:
-            _run_all_local(todo, parallel, threads, bar)
-        finally:
-            bar.close()
-    else:
-        _run_submitit(todo, executor, slurm or {}, max_resubmits, root)
+    with _sigterm_as_interrupt():
+        if executor == "local":
+            default_parallel, default_threads = _default_parallel()
+            parallel, threads = parallel or default_parallel, threads or max(1, default_threads // (parallel or 1))
+            bar = tqdm(total=len(dirs), initial=len(dirs) - len(todo), desc="runs", disable=not progress)
+            try:
+                _run_all_local(todo, parallel, threads, bar)
+            finally:
+                bar.close()
+        else:
+            _run_submitit(todo, executor, slurm or {}, max_resubmits, root)
     df = collect_dirs(dirs)
     running = df[df["status"] == "running"]
     if len(running):
@@ -539,6 +605,8 @@ def _check_submitit(configs: list[dict], executor: str, slurm: dict, max_resubmi
     bad = [k for k in slurm if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"notebook parameter 'slurm': keys must be submitit parameter names, got {bad}")
+    for key, value in slurm.items():
+        _check_amount(key, value)
     with tempfile.TemporaryDirectory() as folder:
         # the local executor checks every executor's parameter names and the shared ones' types; on a
         # cluster, Slurm's own executor also checks the values as it writes the sbatch script
@@ -554,7 +622,54 @@ def _check_submitit(configs: list[dict], executor: str, slurm: dict, max_resubmi
                     if checker.cluster == "local" and executor == "slurm" and isinstance(e, ValueError):
                         continue  # the local executor's own limits (one node) are not Slurm's
                     raise ConfigError(f"notebook parameter 'slurm' (the params file's key slurm): submitit "
-                                      f"refuses {slurm}: {str(e).splitlines()[0]}") from None
+                                      f"refuses {slurm}: {str(e).splitlines()[0]}{_close_names(slurm)}") from None
+
+
+# submitit parameters that are amounts, and what each must be: submitit passes them on unchecked (to sbatch, or to
+# its local executor), so a negative memory or zero CPUs failed in the queue, or meant something else there.
+_POSITIVE, _COUNT, _NATURAL = "a number > 0", "an integer >= 1", "an integer >= 0"
+_AMOUNTS = {"timeout_min": _POSITIVE, "slurm_time": _POSITIVE, "mem_gb": _POSITIVE,
+            **dict.fromkeys(("nodes", "tasks_per_node", "cpus_per_task", "slurm_nodes", "slurm_ntasks_per_node",
+                             "slurm_cpus_per_task", "slurm_cpus_per_gpu", "slurm_array_parallelism"), _COUNT),
+            **dict.fromkeys(("gpus_per_node", "slurm_gpus_per_node", "slurm_gpus_per_task", "slurm_num_gpus",
+                             "slurm_signal_delay_s"), _NATURAL)}
+
+
+def _check_amount(key: str, value) -> None:
+    """Refuse an amount in `_AMOUNTS` that no job can have (negative, zero where it must be positive, not finite, a
+    fraction of a count), naming the params key; text (slurm_time: '1:00:00') is left to submitit and sbatch, except
+    a negative one."""
+    rule = _AMOUNTS.get(key)
+    if rule is None:
+        return
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        ok = math.isfinite(value) and (value > 0 if rule == _POSITIVE else
+                                       float(value).is_integer() and value >= (1 if rule == _COUNT else 0))
+    else:
+        ok = not str(value).strip().startswith("-")
+    if not ok:
+        raise ConfigError(f"notebook parameter 'slurm' (the params file's key slurm): {key} must be {rule}, got "
+                          f"{value!r}")
+
+
+def _close_names(slurm: dict) -> str:
+    """The hint " (did you mean 'slurm_partition' for 'partiton'?)" for the keys of `slurm` that submitit knows no
+    parameter by, from the names it accepts: its shared ones (timeout_min, mem_gb, ...) and each executor's, prefixed
+    (slurm_qos) or bare (qos, which submitit takes for slurm_qos)."""
+    import difflib
+
+    from submitit.auto.auto import AutoExecutor
+    from submitit.core import plugins
+
+    names = {name: name for name in AutoExecutor._typed_parameters()}
+    executors = plugins.get_executors()
+    for ex in sorted(executors, key=lambda ex: ex != "slurm"):  # Slurm's names first: a bare name is taken for it
+        for arg in sorted(executors[ex]._valid_parameters()):
+            names.setdefault(f"{ex}_{arg}", f"{ex}_{arg}")
+            names.setdefault(arg, f"{ex}_{arg}")
+    hints = [f"{names[close[0]]!r} for {key!r}" for key in slurm if key not in names
+             for close in [difflib.get_close_matches(key, names, n=1)] if close]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 class _TrainJob:
@@ -563,14 +678,29 @@ class _TrainJob:
     submitit calls `checkpoint` when Slurm times the job out or preempts it, and requeues what it returns:
     the same job, which resumes from the run's last checkpoint (submitit.helpers.Checkpointable's
     behaviour; submitit only looks for the method, so this module needs no submitit to import).
+
+    `sweep_pid` is set for submitit's local executor, whose jobs are processes of the sweep's machine: such a job
+    stops its run when that sweep is gone (killed with -9, say), as a local run does (`train.die_with_parent`), so
+    that nothing trains on unwatched. A Slurm job outlives its sweep, which a restarted sweep waits on again.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, sweep_pid: int | None = None):
         self.run_dir = Path(run_dir)
+        self.sweep_pid = sweep_pid
 
     def __call__(self) -> None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        code = _run_local(self.run_dir, threads)
+        children = _Children()
+        sweep_pid = getattr(self, "sweep_pid", None)  # a job pickled before the attribute has none
+        if sweep_pid is not None and sys.platform.startswith("linux"):
+            threading.Thread(target=_stop_when_gone, args=(sweep_pid, children), daemon=True).start()
+        try:
+            code = _run_local(self.run_dir, threads, children)
+        except BaseException as e:  # cancelled (submitit's local executor interrupts the job): the run stops too
+            children.stop(f"its submitit job was stopped ({_why(e)})")
+            raise
+        if children.stopping:
+            raise RuntimeError(f"python -m chemscale.train {self.run_dir} was stopped: {children.reason}")
         if code:
             raise RuntimeError(f"python -m chemscale.train {self.run_dir} exited with code {code}; see its train.log")
 
@@ -580,12 +710,93 @@ class _TrainJob:
         return DelayedSubmission(self)
 
 
+def _ancestors(pid: int) -> set[int]:
+    """The pids above `pid` up to init, from /proc (Linux): a process re-parented when its parent died no longer has
+    that parent among them, whatever pid the kernel gives out later."""
+    seen: set[int] = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return seen - {os.getpid()}
+
+
+def _stop_when_gone(sweep_pid: int, children: _Children, every_s: float = 1.0) -> None:
+    """In a submitit-local job: stop its run once the sweep that submitted it is no longer above this process (the
+    sweep was killed, or the job's controller was, when a cancel had to force it)."""
+    while sweep_pid in _ancestors(os.getpid()):
+        time.sleep(every_s)
+    children.stop(f"the sweep that submitted this submitit job (pid {sweep_pid}) is gone")
+
+
+def _write_job_record(run_dir: Path, job, executor: str, folder: Path, resubmits: int, cancelled: bool = False) -> None:
+    """RUN_DIR/submitit.json, atomically: the run's last submitted job, for a sweep restarted after this one died."""
+    atomic_write_json(run_dir / JOB_RECORD, {"job_id": str(job.job_id), "executor": executor, "folder": str(folder),
+                                             "tasks": job.num_tasks, "resubmits": resubmits, "cancelled": cancelled,
+                                             "written": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _read_job_record(run_dir: Path) -> dict | None:
+    """The run's submitit.json, or None when there is none; a damaged one is named in train.log and not used."""
+    path = Path(run_dir) / JOB_RECORD
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        record["job_id"], record["folder"], record["tasks"] = str(record["job_id"]), str(record["folder"]), \
+            int(record.get("tasks", 1))
+        return record
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        _log(run_dir, f"chemscale.sweep: {path} cannot be read ({type(e).__name__}: {e}); its job is not waited on")
+        return None
+
+
+def _log(run_dir: Path, line: str) -> None:
+    with open(Path(run_dir) / "train.log", "a") as log:
+        log.write(f"{line}\n")
+
+
+def _reattach(run_dir: Path, executor: str):
+    """The Slurm job an earlier sweep submitted for this run and recorded, if Slurm still has it pending or running
+    (`LIVE_STATES`, asked of sacct now): (job, resubmits so far). None for no record, a job cancelled by its sweep,
+    one that ended or that sacct cannot tell of, and a job of submitit's local executor: that one was a process of
+    the earlier sweep and stopped with it (`_TrainJob`)."""
+    record = _read_job_record(run_dir)
+    if record is None or record.get("cancelled") or executor != "slurm" or record.get("executor") != "slurm":
+        return None
+    import submitit
+
+    job = submitit.SlurmJob(record["folder"], record["job_id"], tasks=tuple(range(max(1, record["tasks"]))))
+    state = job.watcher.get_state(job.job_id, mode="force")
+    if (state.split() or ["UNKNOWN"])[0].upper() not in LIVE_STATES:
+        return None
+    _log(run_dir, f"chemscale.sweep: submitit job {job.job_id}, submitted by an earlier sweep, is {state}: "
+                  f"this sweep waits for it instead of submitting the run again")
+    return job, int(record.get("resubmits", 0))
+
+
+def _submit(ex, run_dir: Path, executor: str, slurm: dict, root: Path | None, resubmits: int, jobs: dict | None = None):
+    """Submit one run's job through submitit's executor `ex`, add it to `jobs` (the ones an interrupt cancels) at
+    once, then record it in the run folder; returns the job."""
+    ex.update_parameters(**_job_parameters(runs.read_config(run_dir), executor, slurm, root))
+    job = ex.submit(_TrainJob(run_dir, os.getpid() if executor == "submitit-local" else None))
+    if jobs is not None:
+        jobs[run_dir] = (job, resubmits)
+    _write_job_record(run_dir, job, executor, ex.folder, resubmits)
+    return job
+
+
 def _run_submitit(todo: list[Path], executor: str, slurm: dict, max_resubmits: int, root: Path | None) -> None:
     """Submit one job per run folder with submitit and wait; a failed job is submitted again, `max_resubmits` times.
 
     The wait loop is no scheduler: Slurm (or submitit's local executor) runs the jobs; the loop only
     submits a failed run's same job again, through submitit, and it resumes from its last checkpoint. A
-    run that another process trains (its lock held) is left to it, as a local sweep does.
+    run that another process trains (its lock held) is left to it, as a local sweep does. Each job is
+    recorded in its run folder (`JOB_RECORD`): a sweep restarted after this one was killed waits on a Slurm job
+    still pending or running instead of submitting it twice (`_reattach`). An interrupt (Ctrl-C, SIGTERM) cancels
+    every job not yet seen to end, says so in each run's train.log, and is re-raised (`_cancel`).
     """
     from chemscale.train import held_elsewhere
 
@@ -593,32 +804,70 @@ def _run_submitit(todo: list[Path], executor: str, slurm: dict, max_resubmits: i
         return
     ex = _executor(executor, Path(root or paths.RUNS) / "_submitit", max_resubmits)
 
-    def submit(d: Path):
-        ex.update_parameters(**_job_parameters(runs.read_config(d), executor, slurm, root))
-        return ex.submit(_TrainJob(d))
+    jobs: dict = {}  # run folder: (job, resubmits so far), for the jobs not yet seen to end
+    try:
+        for d in todo:
+            attached = _reattach(d, executor)
+            if attached is not None:
+                jobs[d] = attached
+            elif held_elsewhere(d):  # another sweep's job or a local run trains it
+                _log(d, ELSEWHERE_MARK)
+            else:
+                _submit(ex, d, executor, slurm, root, 0, jobs)
+        while jobs:
+            time.sleep(POLL_S)
+            for d, (job, resubmits) in list(jobs.items()):
+                if not job.done():
+                    continue
+                del jobs[d]
+                try:
+                    job.results()  # one result per task: a DDP job has a task per device
+                    continue
+                except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
+                    error = _job_error(job, e)
+                deadline = time.monotonic() + GRACE_S  # a killed job's training process exits a moment after it
+                while held_elsewhere(d) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                again = resubmits < max_resubmits and not runs.is_finished(d) and not held_elsewhere(d)
+                _log(d, f"submitit job {job.job_id} failed: {error}\n"
+                     + (f"submitted again ({resubmits + 1} of {max_resubmits}); it resumes from its last checkpoint"
+                        if again else f"Traceback: not submitted again ({resubmits} resubmits)"))
+                if again:
+                    _submit(ex, d, executor, slurm, root, resubmits + 1, jobs)
+    except BaseException as e:  # KeyboardInterrupt, Stopped (SIGTERM): no job may train on unwatched
+        _cancel(jobs, executor, ex.folder, e)
+        raise
 
-    jobs = {d: (submit(d), 0) for d in todo}
-    while jobs:
-        time.sleep(POLL_S)
-        for d, (job, resubmits) in list(jobs.items()):
-            if not job.done():
-                continue
-            del jobs[d]
-            try:
-                job.result()
-                continue
-            except Exception as e:  # one failed job must not stop the sweep; its folder says what happened
-                error = _job_error(job, e)
-            deadline = time.monotonic() + GRACE_S  # a killed job's training process exits a moment after it
-            while held_elsewhere(d) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            again = resubmits < max_resubmits and not runs.is_finished(d) and not held_elsewhere(d)
-            with (d / "train.log").open("a") as log:
-                log.write(f"submitit job {job.job_id} failed: {error}\n"
-                          + (f"submitted again ({resubmits + 1} of {max_resubmits}); it resumes from its last "
-                             "checkpoint\n" if again else f"Traceback: not submitted again ({resubmits} resubmits)\n"))
-            if again:
-                jobs[d] = (submit(d), resubmits + 1)
+
+def _cancel(jobs: dict, executor: str, folder: Path, error: BaseException) -> None:
+    """Cancel each job (submitit's `cancel`: scancel on Slurm), record it as cancelled, and say so in its run's
+    train.log; for submitit's local executor, wait (GRACE_S at most) for the jobs and their training to end."""
+    from chemscale.train import held_elsewhere
+
+    why = _why(error)
+    for d, (job, resubmits) in jobs.items():
+        try:
+            job.cancel(check=True)
+            what = f"cancelled at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        except (subprocess.CalledProcessError, OSError) as e:
+            what = f"could not be cancelled ({e}): cancel it yourself (scancel {job.job_id}) before the next sweep"
+        with contextlib.suppress(OSError):
+            _write_job_record(d, job, executor, folder, resubmits, cancelled=True)
+        _log(d, f"submitit job {job.job_id} {what}: the sweep was stopped ({why}); run the sweep again to resume "
+                f"this run from {_checkpoint_note(d)}")
+    if executor != "submitit-local":
+        return  # Slurm ends the jobs on its own nodes; the next sweep does not wait on a cancelled one
+    deadline = time.monotonic() + GRACE_S
+    while any(not job.done() for job, _ in jobs.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for job, _ in jobs.values():  # a job that ignored the cancel (SIGINT ignored, as in a background shell's)
+        process = getattr(job, "_process", None)
+        if process is not None and process.poll() is None:
+            process.kill()  # its training stops by itself: the sweep is no longer above it (_stop_when_gone)
+            process.wait()
+    deadline = time.monotonic() + GRACE_S
+    while any(held_elsewhere(d) for d in jobs) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _job_error(job, error: Exception) -> str:
