@@ -431,9 +431,13 @@ def _default_parallel() -> tuple[int, int]:
 
 def run(configs: list[dict], executor: str = "local", *, parallel: int | None = None, threads: int | None = None,
         progress: bool = True, root: Path | None = None, slurm: dict | None = None,
-        max_resubmits: int = MAX_RESUBMITS) -> pd.DataFrame:
+        max_resubmits: int = MAX_RESUBMITS, also: list[dict] = ()) -> pd.DataFrame:
     """Run every unfinished config; returns `collect`-style rows for these configs.
 
+    `also`: configs trained in the same sweep whose rows are not returned (a notebook's 3x-budget
+    checks, read by a later `run` of them that finds them finished): they fill the cores that the
+    grid's last, longest runs leave idle instead of training alone after it. Local runs start
+    longest first (`_cost`).
 
     Before any run starts, training-set sizes that the data cannot give are refused
     (`check_data`). Runs that fail are listed with their train.log and the sweep goes on; if no
@@ -455,6 +459,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
     """
     if not configs:
         raise ConfigError("sweep.run: no run configs given (is a sweep axis an empty list?)")
+    shown, configs = len(configs), list(configs) + list(also)
     if executor not in EXECUTORS:
         raise ConfigError(f"notebook parameter 'executor' (the params file's key executor) must be one of "
                           f"{', '.join(EXECUTORS)}, got {executor!r}")
@@ -467,6 +472,8 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
     check_data(unfinished, progress)  # before any run folder is made
     dirs = list(dict.fromkeys(run_dirs(configs, root)))  # sweeps that share a point share its run
     todo = [d for d in dirs if not runs.is_finished(d)]
+    if executor == "local":
+        todo.sort(key=_cost, reverse=True)
     with _sigterm_as_interrupt():
         if executor == "local":
             default_parallel, default_threads = _default_parallel()
@@ -478,7 +485,7 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
                 bar.close()
         else:
             _run_submitit(todo, executor, slurm or {}, max_resubmits, root)
-    df = collect_dirs(dirs)
+    df = collect_dirs(list(dict.fromkeys(run_dirs(configs[:shown], root))))
     running = df[df["status"] == "running"]
     if len(running):
         print(f"{len(running)} of {len(df)} runs are being trained by another process (a second sweep or notebook); "
@@ -492,6 +499,22 @@ def run(configs: list[dict], executor: str = "local", *, parallel: int | None = 
         print(f"{len(failed)} of {len(df)} runs did not finish ({_counts(failed)}); see:\n{_log_lines(failed)}",
               file=sys.stderr)
     return df
+
+
+def _cost(run_dir: Path) -> float:
+    """A run's cost, for the order in which a local sweep starts its runs: step cap x batch x width^2 x depth.
+
+    Ordering, not scheduling: the thread pool still takes the runs one after another. Started in grid order,
+    the largest model at the largest data size (a sweep's longest run, 30% of notebook 01's) came last and
+    trained alone while the other core idled; longest first, the short runs fill in beside it. Only the order
+    matters, so the estimate ignores what differs between model families and early stopping."""
+    try:
+        config = runs.read_config(run_dir)
+        model, train = config.get("model", {}), config.get("train", {})
+        return (float(train.get("max_steps", 1)) * float(train.get("batch_size", 1))
+                * float(model.get("width", 1)) ** 2 * float(model.get("depth", 1)))
+    except (OSError, ValueError, TypeError, AttributeError):  # a damaged folder: its run says why, in its turn
+        return 0.0
 
 
 def _counts(failed: pd.DataFrame) -> str:
