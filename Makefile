@@ -36,7 +36,7 @@ smoke: setup
 # The per-cell timeout leaves room for a busy machine: notebook 01's sweep cell took 31 min at load 9 on 2 cores.
 test: setup  ## notebooks stripped, unit tests, then every notebook under nbmake (defaults = smoke profile)
 	$(BIN)/nbstripout --verify --keep-id notebooks/*.ipynb
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 	tmp=$$(mktemp -d) && CHEMSCALE_RUNS=$$tmp/runs CHEMSCALE_FIGURES=$$tmp/figures \
 	  $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=3600 notebooks; rc=$$?; rm -rf $$tmp; exit $$rc
 

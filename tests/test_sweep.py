@@ -317,15 +317,13 @@ def test_two_runs_at_once_give_the_results_of_one_at_a_time(tmp_path):
 
 
 def test_also_trains_the_checks_beside_the_grid_longest_first_and_returns_only_the_grids_rows(runs_root, monkeypatch):
-    configs = sweep.grid("s", tiny_lm_config(max_steps=4, val_every_steps=2), width=[16, 32])
-    checks = [sweep.longer(c, 3) for c in sweep.select(configs, width=16)]
+    configs = sweep.grid("s", tiny_lm_config(max_steps=4, val_every_steps=2), width=[16])
+    checks = [sweep.longer(c, 3) for c in configs]
     started, real = [], sweep._run_local
     monkeypatch.setattr(sweep, "_run_local", lambda d, *a, **k: started.append(Path(d).name) or real(d, *a, **k))
     df = sweep.run(configs, also=checks, progress=False, root=runs_root)
-    assert df["run_id"].tolist() == [runs.run_id(c) for c in configs], "the grid's rows, in grid order"
-    assert df["status"].tolist() == ["finished"] * 2
-    # longest first (steps x batch x width^2 x depth): width 32 (65,536), the 3x check (49,152), width 16 (16,384)
-    assert started == [runs.run_id(c) for c in (configs[1], checks[0], configs[0])]
+    assert df["run_id"].tolist() == [runs.run_id(configs[0])] and df["status"].tolist() == ["finished"]
+    assert started == [runs.run_id(checks[0]), runs.run_id(configs[0])], "longest first: the 3x check (12 steps)"
     started.clear()
     longer = sweep.run(checks, progress=False, root=runs_root)
     assert started == [] and longer["status"].tolist() == ["finished"], "the checks were trained with the grid"
