@@ -478,7 +478,8 @@ _SWEEP_BODY = (
 def test_a_study_stopped_mid_sweep_prints_its_runs_and_a_restart_reuses_the_finished_ones(tmp_path):
     """Lines for the runs of a sweep while the notebook runs; SIGTERM stops the study (143, summary), and the
     same command again trains only what had not finished."""
-    name, config, steps = f"study-{tmp_path.name}", tiny_lm_config(val_every_steps=2), [2, 40]
+    # a local sweep starts its longest run first: the first run (60 steps) ends before the second (40) starts
+    name, config, steps = f"study-{tmp_path.name}", tiny_lm_config(val_every_steps=2), [60, 40]
     nb = _tiny_notebook(tmp_path, _SWEEP_BODY.format(study=name, config=config, steps=steps), name="00_sweep")
     _profile(tmp_path, nb, "n_molecules: 1\n")
     first, second = (paths.RUNS / name / runs.run_id(c) for c in sweep.grid(name, config, max_steps=steps))
